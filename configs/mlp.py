@@ -1,0 +1,15 @@
+"""A two-hidden-layer MLP on the flattened image."""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+    """Returns the MLP config: what differs from the defaults, nothing more."""
+    config = default.get_config(arg)
+    config.model.name = "mlp"
+    del config.model.conv_features
+    del config.model.conv_impl
+    config.model.dense_features = (512, 256)
+    config.model.dropout_rate = 0.2
+    config.num_epochs = 5
+    return config

@@ -1,0 +1,122 @@
+"""Orbax checkpoints: save asynchronously, keep the last N and the best, resume.
+
+A checkpoint step directory holds two items: "state" (the TrainState pytree:
+params, optimizer state, step, RNG) and "meta" (JSON: epoch, metrics, config,
+git commit). Orbax writes each step to a temporary directory and renames it
+when complete, so a step that `all_steps()` lists is always whole.
+"""
+
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from mnist_flax.errors import CheckpointError
+
+BEST_METRIC = "val_accuracy"
+
+
+def _best_metric(metrics: dict) -> float:
+    return float(metrics[BEST_METRIC])
+
+
+class Checkpoints:
+    """A run's checkpoint directory: `workdir/checkpoints/<step>/{state,meta}`."""
+
+    def __init__(self, directory: str, checkpoint_config: ml_collections.ConfigDict):
+        self.directory = os.path.abspath(directory)
+        latest = ocp.checkpoint_managers.LatestN(n=checkpoint_config.max_to_keep)
+        if checkpoint_config.keep_best:
+            policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+                [latest, ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1)]
+            )
+        else:
+            policy = latest
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy,
+            enable_async_checkpointing=checkpoint_config.async_save,
+            create=True,
+        )
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        except OSError as e:
+            raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {e}") from None
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def best_step(self) -> int | None:
+        """The kept step with the highest validation accuracy, or None."""
+        scored = []
+        for step in self.manager.all_steps():
+            metrics = self.manager.metrics(step)
+            if metrics and BEST_METRIC in metrics:
+                scored.append((_best_metric(metrics), step))
+        return max(scored)[1] if scored else None
+
+    def save(self, step: int, state, meta: dict, metrics: dict | None = None, force: bool = False) -> bool:
+        """Starts an (asynchronous) save; returns whether one was started."""
+        try:
+            return self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                metrics=metrics,
+                force=force,
+            )
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"saving checkpoint {step} to {self.directory} failed: {e}") from None
+
+    def restore(self, step: int, target_state):
+        """Restores (state, meta) at `step` into the structure of `target_state`."""
+        return restore_from_directory(self.directory, target_state, step=step, manager=self.manager)
+
+    def wait(self) -> None:
+        """Blocks until every started save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_from_directory(directory: str, target_state, step: int | None = None, manager=None):
+    """Restores (state, meta) from a checkpoint directory (latest step if none given).
+
+    `directory` may be a run's workdir, its `checkpoints/` folder, or one step's
+    folder. Raises CheckpointError if nothing is there or it does not fit.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.exists(directory):
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    if manager is None:
+        if os.path.isdir(os.path.join(directory, "checkpoints")):
+            directory = os.path.join(directory, "checkpoints")
+        elif os.path.isdir(os.path.join(directory, "state")) and os.path.basename(directory).isdigit():
+            step = int(os.path.basename(directory)) if step is None else step
+            directory = os.path.dirname(directory)
+        manager = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "meta")
+        )
+        if step is None:
+            step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {directory}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {directory} step {step} does not match the model: {first_line[:300]}"
+        ) from None
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {directory} step {step} is incomplete: {e}") from None
+    return restored["state"], restored["meta"]

@@ -1,0 +1,107 @@
+"""What `main.py` needs beyond flags: one-line errors, override diagnosis, the call."""
+
+import sys
+
+import ml_collections
+from absl import flags, logging
+
+from mnist_flax import config_utils
+from mnist_flax.errors import MnistFlaxError
+
+USAGE_EXIT = 2
+
+
+def fail(message: str, code: int = USAGE_EXIT):
+    """Prints one line to stderr and exits."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def config_overrides(argv: list[str]) -> dict[str, str]:
+    """The `--config.FIELD=VALUE` arguments, as given on the command line."""
+    overrides = {}
+    for arg in argv[1:]:
+        if arg.startswith("--config.") and "=" in arg:
+            name, _, value = arg[len("--config.") :].partition("=")
+            overrides[name] = value
+    return overrides
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def diagnose(argv: list[str]) -> str | None:
+    """Explains a failed flag parse in one line: unknown field (with nearest names) or bad value."""
+    spec = _config_spec(argv)
+    if spec is None:
+        return "--config is required, e.g. --config=configs/cnn.py"
+    config = config_utils.load_config_file(spec)  # raises ConfigError for a bad file
+    flat = config_utils.flatten(config)
+    for name, value in config_overrides(argv).items():
+        if name not in flat:
+            children = [k for k in flat if k.startswith(name + ".")]
+            if children:
+                return f"config field {name!r} is a group; set one of its fields, e.g. --config.{children[0]}"
+            return config_utils.unknown_field_message(name, config)
+        expected = flat[name]
+        kind = type(expected).__name__ if expected is not None else "a value"
+        try:
+            _parse_like(value, expected)
+        except ValueError:
+            return f"config field {name!r} expects {kind}, got {value!r}"
+    return None
+
+
+def _parse_like(text: str, example) -> None:
+    if isinstance(example, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+    elif isinstance(example, int):
+        int(text)
+    elif isinstance(example, float):
+        float(text)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every failure turned into one line and exit status 2."""
+    try:
+        remaining = flags.FLAGS(argv)
+        # config_flags defers a bad file's error to first use; surface it here.
+        if not isinstance(flags.FLAGS.config, ml_collections.ConfigDict):
+            raise flags.Error("config file failed to load")
+        return remaining
+    except (flags.Error, MnistFlaxError, Exception) as e:
+        try:
+            message = diagnose(argv)
+        except MnistFlaxError as diag:
+            message = str(diag)
+        if message is None:
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            message = lines[-1] if lines else type(e).__name__
+        fail(message)
+
+
+def train(config, workdir: str, config_file: str, argv: list[str]) -> None:
+    """Validates, then trains; imported lazily so that `--help` stays fast."""
+    from mnist_flax import train as train_lib
+
+    config_utils.validate(config)
+    train_lib.train_and_evaluate(config, workdir, overrides=config_overrides(argv))
+
+
+def run_main(fn) -> int:
+    """Runs fn; known errors become one line, preemption its own exit status."""
+    logging.set_verbosity(logging.WARNING)
+    try:
+        fn()
+    except MnistFlaxError as e:
+        fail(str(e), getattr(e, "exit_code", USAGE_EXIT))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    return 0

@@ -1,0 +1,29 @@
+"""The exceptions a user can act on.
+
+`main.py` turns each of them into one line on stderr and exit status 2; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class MnistFlaxError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+
+class ConfigError(MnistFlaxError):
+    """A config field is unknown, of the wrong type, or out of range."""
+
+
+class DataError(MnistFlaxError):
+    """A data set is missing, unreadable or corrupt."""
+
+
+class WorkdirError(MnistFlaxError):
+    """The workdir cannot be created or written, or is in use by another run."""
+
+
+class CheckpointError(MnistFlaxError):
+    """A checkpoint cannot be found, read, or does not fit the model."""
+
+
+class TrackingError(MnistFlaxError):
+    """Experiment tracking refused to start (dirty tree, rejected token, ...)."""

@@ -1,0 +1,67 @@
+"""What the terminal shows while a run trains: a progress bar on a terminal, plain lines in logs."""
+
+import sys
+import time
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Progress:
+    """Shows epoch and step of the total, loss, accuracy, images/s and time left."""
+
+    def __init__(self, total_steps: int, steps_per_epoch: int, start_step: int, batch_size: int, stream=None):
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_size = batch_size
+        self.stream = stream or sys.stdout
+        self._bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream, dynamic_ncols=True)
+        self._last_step = start_step
+
+    def update(self, step: int, loss: float, accuracy: float, images_per_second: float) -> None:
+        epoch = min(step // self.steps_per_epoch + 1, self.total_steps // self.steps_per_epoch)
+        left = (self.total_steps - step) * self.batch_size / max(images_per_second, 1e-9)
+        if self._bar is not None:
+            self._bar.set_description(f"epoch {epoch}/{self.total_steps // self.steps_per_epoch}")
+            self._bar.set_postfix_str(
+                f"loss {loss:.4f} acc {accuracy:.4f} {images_per_second:,.0f} img/s", refresh=False
+            )
+            self._bar.update(step - self._last_step)
+        else:
+            print(
+                f"epoch {epoch}/{self.total_steps // self.steps_per_epoch} step {step}/{self.total_steps} "
+                f"loss {loss:.4f} acc {accuracy:.4f} {images_per_second:,.0f} img/s left {_duration(left)}",
+                file=self.stream,
+                flush=True,
+            )
+        self._last_step = step
+
+    def message(self, text: str) -> None:
+        """A line that does not disturb the bar."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class Stopwatch:
+    """Wall time since start or since the last lap."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed

@@ -1,0 +1,217 @@
+"""Experiment tracking: the W&B run, the git state, and the token.
+
+The token is read from the environment only (WANDB_API_KEY, or WANDB_TOKEN as
+an `.env` file names it) and never written anywhere: not to the config, the
+workdir, the log, or a command line. Online runs need a clean git tree, so the
+logged commit reproduces them; offline runs record the dirty flag, and `sync`
+refuses to upload a dirty run unless forced.
+"""
+
+import os
+import secrets
+import string
+import subprocess
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mnist_flax import config_utils
+from mnist_flax.errors import TrackingError
+
+TOKEN_VARIABLES = ("WANDB_API_KEY", "WANDB_TOKEN")
+GIT_ENV = {"commit": "MNIST_FLAX_GIT_COMMIT", "branch": "MNIST_FLAX_GIT_BRANCH", "dirty": "MNIST_FLAX_GIT_DIRTY"}
+RUN_ID_FILE = "wandb_run_id"
+
+
+def new_run_id() -> str:
+    """A fresh W&B run id (8 lowercase letters and digits)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def read_token() -> str | None:
+    """The W&B token from the environment; WANDB_TOKEN is exported as WANDB_API_KEY."""
+    for name in TOKEN_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            os.environ["WANDB_API_KEY"] = value
+            return value
+    return None
+
+
+def git_info(repo_dir: str = config_utils.REPO_ROOT) -> dict:
+    """Commit, branch and dirty flag of the code; from the environment inside a container."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", repo_dir, *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+        # Tracked files only: an untracked scratch file does not change what the commit reproduces.
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return {"commit": commit, "branch": branch, "dirty": dirty, "source": "git"}
+    except (OSError, subprocess.SubprocessError):
+        commit = os.environ.get(GIT_ENV["commit"], "")
+        return {
+            "commit": commit or "unknown",
+            "branch": os.environ.get(GIT_ENV["branch"], "unknown"),
+            "dirty": os.environ.get(GIT_ENV["dirty"], "false").lower() in ("1", "true", "yes"),
+            "source": "environment" if commit else "unknown",
+        }
+
+
+def resolve_mode(mode: str, token: str | None) -> str:
+    """ "auto" is online with a token and offline without one."""
+    if mode == "auto":
+        return "online" if token else "offline"
+    return mode
+
+
+def check_dirty(git: dict, mode: str, allow_dirty: bool) -> None:
+    """Refuses an online run from a tree with uncommitted changes to tracked files."""
+    if mode == "online" and git["dirty"] and not allow_dirty:
+        raise TrackingError(
+            "tracked files have uncommitted changes, so the logged commit would not reproduce this run; "
+            "commit them, or pass --config.wandb.mode=offline or --config.wandb.allow_dirty=True"
+        )
+
+
+class Tracker:
+    """One W&B run (or none, when disabled): config, artifacts, tables, summary.
+
+    Metrics go through writers.WandbWriter; this class does what has no place
+    in the MetricWriter interface.
+    """
+
+    def __init__(self, run, mode: str, git: dict):
+        self.run = run
+        self.mode = mode
+        self.git = git
+
+    @classmethod
+    def start(cls, config: ml_collections.ConfigDict, workdir: str, overrides: dict, is_primary: bool = True):
+        """Starts (or resumes, with the workdir's run id) the run."""
+        git = git_info()
+        token = read_token()
+        mode = resolve_mode(config.wandb.mode, token)
+        check_dirty(git, mode, config.wandb.allow_dirty)
+        if mode == "disabled" or not is_primary:
+            return cls(None, "disabled", git)
+        import wandb
+
+        id_path = os.path.join(workdir, RUN_ID_FILE)
+        run_id = open(id_path).read().strip() if os.path.exists(id_path) else new_run_id()
+        run_config = {
+            **config_utils.flatten(config),
+            **{f"git.{k}": v for k, v in git.items()},
+            "overrides": overrides,
+        }
+        init_kwargs = dict(
+            project=config.wandb.project,
+            entity=config.wandb.entity or None,
+            name=config.wandb.name or None,
+            group=config.wandb.group or None,
+            tags=list(config.wandb.tags) or None,
+            notes=config.wandb.notes or None,
+            dir=workdir,
+            id=run_id,
+            resume="allow",
+            config=run_config,
+            settings=wandb.Settings(
+                silent=True, save_code=False, disable_git=True, git_commit=git["commit"], init_timeout=60
+            ),
+        )
+        try:
+            run = wandb.init(mode=mode, **init_kwargs)
+        except Exception as e:  # no network, rejected token, server error: keep the run offline
+            if mode != "online":
+                raise TrackingError(f"W&B could not start an {mode} run: {e}") from None
+            if "401" in str(e) or "invalid" in str(e).lower() and "key" in str(e).lower():
+                raise TrackingError("the W&B token was rejected (401); check WANDB_API_KEY in your .env") from None
+            logging.warning("W&B is unreachable (%s); this run is kept offline", str(e).splitlines()[0][:200])
+            mode = "offline"
+            run = wandb.init(mode=mode, **init_kwargs)
+        with open(id_path, "w") as f:
+            f.write(run_id)
+        return cls(run, mode, git)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run else None
+
+    def sync_hint(self) -> str | None:
+        """How to upload this run later, for offline runs."""
+        if self.run is None or self.mode != "offline":
+            return None
+        return f"python -m mnist_flax.sync {os.path.dirname(self.run.dir)}"
+
+    def log_checkpoint(self, step_dir: str, step: int, aliases: list[str], metadata: dict) -> None:
+        """Uploads one checkpoint step directory as a `model` artifact."""
+        if self.run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata=metadata)
+        artifact.add_dir(step_dir)
+        self.run.log_artifact(artifact, aliases=aliases)
+
+    def log_results(
+        self,
+        test_report: dict,
+        log_probs: np.ndarray,
+        labels: np.ndarray,
+        images: np.ndarray,
+        predictions_path: str,
+        num_misclassified: int,
+        class_names: list[str],
+    ) -> None:
+        """Confusion matrix, ROC and PR curves, predictions (file and table), misclassified images."""
+        if self.run is None:
+            return
+        import wandb
+
+        probs = np.exp(log_probs)
+        predicted = probs.argmax(axis=1)
+        self.run.log(
+            {
+                "test/confusion_matrix": wandb.plot.confusion_matrix(
+                    y_true=labels.tolist(), preds=predicted.tolist(), class_names=class_names
+                ),
+                "test/roc": wandb.plot.roc_curve(labels, probs, labels=class_names),
+                "test/pr": wandb.plot.pr_curve(labels, probs, labels=class_names),
+            }
+        )
+        columns = ["index", "label", "predicted", "confidence"] + [f"prob_{c}" for c in range(probs.shape[1])]
+        rows = [
+            [i, int(labels[i]), int(predicted[i]), float(probs[i].max()), *map(float, probs[i])]
+            for i in range(len(labels))
+        ]
+        self.run.log({"test/predictions": wandb.Table(columns=columns, data=rows)})
+        wrong = np.flatnonzero(predicted != labels)[:num_misclassified]
+        table = wandb.Table(columns=["index", "image", "label", "predicted", "confidence"])
+        for i in wrong:
+            table.add_data(
+                int(i),
+                wandb.Image(images[i, :, :, 0]),
+                class_names[labels[i]],
+                class_names[predicted[i]],
+                float(probs[i].max()),
+            )
+        self.run.log({"test/misclassified": table})
+        artifact = wandb.Artifact(f"predictions-{self.run.id}", type="predictions")
+        artifact.add_file(predictions_path)
+        self.run.log_artifact(artifact)
+
+    def set_summary(self, values: dict) -> None:
+        if self.run is not None:
+            for key, value in values.items():
+                self.run.summary[key] = value
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None

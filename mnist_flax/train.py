@@ -1,0 +1,540 @@
+"""Training: state, optimizer, loss, the compiled train step, evaluation, the loop.
+
+The numerics are pure functions (`make_train_step`, `make_predict`) compiled
+once per run. `train_and_evaluate` reads top to bottom: config -> data ->
+model + optimizer -> resume -> epochs (train, evaluate, checkpoint) -> test
+report. It writes through clu's MetricWriter interface and never knows which
+sinks (log, JSON lines, TensorBoard, W&B) are attached.
+"""
+
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from mnist_flax import checkpoints as checkpoints_lib
+from mnist_flax import config_utils, input_pipeline, metrics, models, progress
+from mnist_flax import workdir as workdir_lib
+from mnist_flax.errors import ConfigError, MnistFlaxError
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimizer state and step, plus the run's base PRNG key.
+
+    Dropout keys are fold_in(rng, step), so a resumed run draws the same keys.
+    """
+
+    rng: jax.Array
+
+
+class NonFiniteLossError(MnistFlaxError):
+    """The loss became NaN or infinite (and train.on_nonfinite is "stop")."""
+
+
+class Preempted(MnistFlaxError):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can resume."""
+
+    exit_code = 3
+
+
+# ---------------------------------------------------------------- setup
+
+
+def make_schedule(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int):
+    """The learning-rate schedule: constant, cosine, or linear warmup then cosine."""
+    peak = optimizer_config.learning_rate
+    total_steps = max(1, steps_per_epoch * num_epochs)
+    name = optimizer_config.schedule
+    if name == "constant":
+        return optax.constant_schedule(peak)
+    if name == "cosine":
+        return optax.cosine_decay_schedule(peak, decay_steps=total_steps)
+    if name == "warmup_cosine":
+        warmup = min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps - 1)
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total_steps
+        )
+    raise ConfigError(f"optimizer.schedule: unknown schedule {name!r}")
+
+
+def make_optimizer(optimizer_config: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
+    """sgd, momentum, adam or adamw on the schedule, with optional clipping and L2."""
+    name, decay = optimizer_config.name, optimizer_config.weight_decay
+    if name == "adamw":
+        tx = optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2, weight_decay=decay)
+    else:
+        if name == "sgd":
+            base = optax.sgd(schedule)
+        elif name == "momentum":
+            base = optax.sgd(schedule, momentum=optimizer_config.momentum)
+        elif name == "adam":
+            base = optax.adam(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2)
+        else:
+            raise ConfigError(f"optimizer.name: unknown optimizer {name!r}")
+        # Coupled L2 for the non-decoupled optimizers, so weight_decay means something for each.
+        tx = optax.chain(optax.add_decayed_weights(decay), base) if decay else base
+    if optimizer_config.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), tx)
+    return tx
+
+
+def compute_loss(logits: jax.Array, labels: jax.Array, loss_config: ml_collections.ConfigDict) -> jax.Array:
+    """Mean loss over the batch: cross-entropy (with label smoothing) or focal loss."""
+    num_classes = logits.shape[-1]
+    if loss_config.name == "cross_entropy":
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), loss_config.label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+    if loss_config.name == "focal":
+        # Focal loss (Lin et al. 2017): down-weights examples already classified well.
+        log_p = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+        return (-((1.0 - jnp.exp(log_p)) ** loss_config.focal_gamma) * log_p).mean()
+    raise ConfigError(f"loss.name: unknown loss {loss_config.name!r}")
+
+
+def preprocess(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] images to float32 [0, 1]."""
+    return images.astype(jnp.float32) / 255.0
+
+
+def create_train_state(model, tx, seed: int) -> TrainState:
+    """Initialises parameters and optimizer state from the seed."""
+    rng = jax.random.PRNGKey(seed)
+    init_rng, state_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, *input_pipeline.IMAGE_SHAPE), jnp.float32)
+    params = jax.jit(lambda key: model.init(key, dummy, train=False)["params"])(init_rng)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
+
+
+def resolve_steps_per_call(train_config: ml_collections.ConfigDict, backend: str | None = None) -> int:
+    """Steps fused per compiled call: 1 on CPU (jax#12868), 50 on accelerators."""
+    value = train_config.steps_per_call
+    if value == "auto":
+        return 1 if (backend or jax.default_backend()) == "cpu" else 50
+    return int(value)
+
+
+# ---------------------------------------------------------------- compiled steps
+
+
+def empty_guard() -> dict:
+    """Device-side record of non-finite losses: how many, and the first step."""
+    return {"count": jnp.zeros((), jnp.int32), "first_step": jnp.full((), -1, jnp.int32)}
+
+
+def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1):
+    """Returns a jitted fn(carry, images, labels, order) -> carry.
+
+    carry = (state, train_metrics, guard). Each step gathers its batch on the
+    device from the resident `images`/`labels` by the epoch's `order`, at row
+    `state.step % steps_per_epoch`. A step whose loss or gradients are not finite
+    leaves params and optimizer state unchanged and is counted in `guard`; the
+    host decides at the next log point whether to stop. With steps_per_call > 1
+    the steps are fused with lax.scan; steps past the end of the epoch are
+    masked out, so a call never crosses an epoch and nothing recompiles.
+    """
+
+    def one_step(carry, images, labels, order):
+        state, train_metrics, guard = carry
+        batch_idx = order[state.step % steps_per_epoch]
+        batch_images, batch_labels = preprocess(images[batch_idx]), labels[batch_idx]
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            logits = state.apply_fn({"params": params}, batch_images, train=True, rngs={"dropout": dropout_rng})
+            return compute_loss(logits, batch_labels, loss_config), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        updated = state.apply_gradients(grads=grads)
+        state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        state = state.replace(step=updated.step)
+        step_metrics = metrics.TrainMetrics.single_from_model_output(loss=loss, logits=logits, labels=batch_labels)
+        merged = train_metrics.merge(step_metrics)
+        train_metrics = jax.tree.map(lambda m, t: jnp.where(finite, m, t), merged, train_metrics)
+        guard = {
+            "count": guard["count"] + (~finite).astype(jnp.int32),
+            "first_step": jnp.where((guard["first_step"] < 0) & ~finite, updated.step - 1, guard["first_step"]).astype(
+                jnp.int32
+            ),
+        }
+        return state, train_metrics, guard
+
+    if steps_per_call == 1:
+        return jax.jit(one_step, donate_argnums=(0,))
+
+    def fused_steps(carry, images, labels, order):
+        remaining = steps_per_epoch - carry[0].step % steps_per_epoch
+
+        def body(carry, i):
+            carry = jax.lax.cond(i < remaining, lambda c: one_step(c, images, labels, order), lambda c: c, carry)
+            return carry, None
+
+        carry, _ = jax.lax.scan(body, carry, jnp.arange(steps_per_call), unroll=unroll)
+        return carry
+
+    return jax.jit(fused_steps, donate_argnums=(0,))
+
+
+def make_predict(apply_fn, batch_size: int):
+    """Returns a jitted fn(params, images, start) -> log-probabilities of one batch."""
+
+    @jax.jit
+    def predict(params, images, start):
+        batch = jax.lax.dynamic_slice_in_dim(images, start, batch_size)
+        return jax.nn.log_softmax(apply_fn({"params": params}, preprocess(batch), train=False))
+
+    return predict
+
+
+def evaluate(predict, params, split: input_pipeline.DeviceSplit, batch_size: int) -> tuple[np.ndarray, dict]:
+    """Log-probabilities of every example of a (padded) split and its classification report."""
+    outputs = [predict(params, split.images, start) for start in range(0, split.images.shape[0], batch_size)]
+    log_probs = np.asarray(jnp.concatenate(outputs))[: split.num_valid]
+    labels = np.asarray(split.labels)[: split.num_valid]
+    return log_probs, metrics.classification_metrics(log_probs, labels)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, datasets: input_pipeline.Datasets) -> None:
+    """Batch size must fit the training split (checked before compiling)."""
+    if config.batch_size > len(datasets.train):
+        raise ConfigError(
+            f"batch_size: {config.batch_size} is larger than the training split ({len(datasets.train)} examples)"
+        )
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active (for tests and reports)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+
+    def _listener(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+            self.seconds += duration
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+CLASS_NAMES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion_mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
+}
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _init_params_from(init_from: str, state: TrainState) -> TrainState:
+    """Params from a checkpoint directory/workdir or a W&B `model` artifact."""
+    path = init_from
+    if not os.path.exists(init_from) and ":" in init_from and "/" in init_from:
+        path = _download_artifact(init_from)
+    restored, _ = checkpoints_lib.restore_from_directory(path, state)
+    return state.replace(params=restored.params)
+
+
+def _download_artifact(reference: str) -> str:
+    from mnist_flax.errors import CheckpointError
+
+    try:
+        import wandb
+
+        return wandb.Api().artifact(reference, type="model").download()
+    except Exception as e:
+        raise CheckpointError(
+            f"init_from: cannot fetch W&B artifact {reference}: {str(e).splitlines()[0][:200]}"
+        ) from None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overrides: dict | None = None) -> dict:
+    """Trains and evaluates; resumes from the workdir's latest checkpoint if there is one.
+
+    Returns:
+      The final report: best validation metrics, test metrics and file paths.
+    """
+    config_utils.validate(config)
+    workdir = workdir_lib.prepare_workdir(workdir)
+    with workdir_lib.WorkdirLock(workdir), _StopSignal() as stop:
+        return _run(config, workdir, overrides or {}, stop)
+
+
+def _run(config, workdir, overrides, stop) -> dict:
+    from mnist_flax import tracking, writers  # TensorFlow (clu writers) and W&B: loaded for the loop only
+
+    clock = progress.Stopwatch()
+    datasets = input_pipeline.load_datasets(config.data)
+    check_batch_sizes(config, datasets)
+    steps_per_epoch = len(datasets.train) // config.batch_size
+    total_steps = steps_per_epoch * config.num_epochs
+    steps_per_call = resolve_steps_per_call(config.train)
+
+    model = models.create_model(config.model)
+    schedule = make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
+    state = create_train_state(model, make_optimizer(config.optimizer, schedule), config.seed)
+
+    checkpoints = None
+    if config.checkpoint.enabled:
+        checkpoints = checkpoints_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint)
+    resumed_from = checkpoints.latest_step() if checkpoints else None
+    best = {"val_accuracy": -1.0, "step": None}
+    if resumed_from is not None:
+        state, meta = checkpoints.restore(resumed_from, state)
+        best = meta.get("best", best)
+    elif config.init_from:
+        state = _init_params_from(config.init_from, state)
+
+    workdir_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    tracker = tracking.Tracker.start(config, workdir, overrides)
+    writer = writers.create_writer(workdir, tensorboard=config.tensorboard, wandb_run=tracker.run)
+    if resumed_from is None:
+        writer.write_hparams(config_utils.flatten(config))
+
+    train = input_pipeline.to_device(datasets.train)
+    validation = input_pipeline.to_device(datasets.validation, config.eval_batch_size)
+    test = input_pipeline.to_device(datasets.test, config.eval_batch_size)
+    data_key = jax.random.PRNGKey(config.seed + 1)
+    train_step = make_train_step(config.loss, steps_per_epoch, steps_per_call, config.train.scan_unroll)
+    predict = make_predict(state.apply_fn, config.eval_batch_size)
+    order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3))
+
+    step = int(state.step)
+    best_params = state.params
+    if best["step"] is not None and checkpoints and best["step"] != step and best["step"] in checkpoints.all_steps():
+        best_params = checkpoints.restore(best["step"], state)[0].params
+    print(
+        f"{datasets.name} from {datasets.source}: train {len(datasets.train)}, validation "
+        f"{len(datasets.validation)}, test {len(datasets.test)}; {config.model.name} with "
+        f"{models.count_params(state.params):,} parameters; {jax.default_backend()} x{jax.device_count()}; "
+        f"{steps_per_epoch} steps/epoch (last partial batch dropped), {steps_per_call} step(s) per call"
+        + (f"; resumed at step {step}" if resumed_from is not None else ""),
+        flush=True,
+    )
+
+    # Compile ahead of time, so compile time is reported apart from step time.
+    with CompileCounter() as compiles:
+        carry = (state, metrics.TrainMetrics.empty(), empty_guard())
+        order = order_fn(data_key, 0, len(datasets.train), config.batch_size)
+        train_step = train_step.lower(carry, train.images, train.labels, order).compile()
+        predict_val = predict.lower(state.params, validation.images, 0).compile()
+        predict_test = predict.lower(state.params, test.images, 0).compile()
+    compile_seconds = compiles.seconds
+    writer.write_scalars(step, {"compile_seconds": compile_seconds})
+    print(f"compiled in {compile_seconds:.1f} s", flush=True)
+
+    bar = progress.Progress(total_steps, steps_per_epoch, step, config.batch_size)
+    exit_code = 0
+    try:
+        lap, lap_step = progress.Stopwatch(), step
+        for epoch in range(step // steps_per_epoch, config.num_epochs):
+            order = order_fn(data_key, epoch, len(datasets.train), config.batch_size)
+            epoch_end = (epoch + 1) * steps_per_epoch
+            while step < epoch_end:
+                carry = train_step(carry, train.images, train.labels, order)
+                previous, step = step, min(step + steps_per_call, epoch_end)
+                if step // config.log_every_steps > previous // config.log_every_steps or step == epoch_end:
+                    carry = _log_train(carry, step, lap, lap_step, schedule, config, writer, bar)
+                    lap_step = step
+                if stop.received:
+                    raise Preempted(f"{stop.received} at step {step}")
+            state = carry[0]
+            epoch_metrics = {"epoch": epoch + 1}
+            if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
+                eval_start = time.perf_counter()
+                _, val_report = evaluate(predict_val, state.params, validation, config.eval_batch_size)
+                scalars = metrics.scalar_metrics(val_report, "val")
+                scalars["val/eval_seconds"] = time.perf_counter() - eval_start
+                writer.write_scalars(step, scalars)
+                epoch_metrics["val_accuracy"] = val_report["accuracy"]
+                if val_report["accuracy"] > best["val_accuracy"]:
+                    best = {"val_accuracy": val_report["accuracy"], "step": step, "report": val_report}
+                    best_params = jax.tree.map(jnp.copy, state.params)
+                bar.message(
+                    f"epoch {epoch + 1}: val loss {val_report['loss']:.4f} acc {val_report['accuracy']:.4f} "
+                    f"f1 {val_report['f1_macro']:.4f} auroc {val_report['auroc_macro']:.4f}"
+                )
+            if checkpoints and ((epoch + 1) % config.checkpoint.every_epochs == 0 or epoch + 1 == config.num_epochs):
+                _save(checkpoints, state, step, epoch + 1, best, epoch_metrics, config, tracker)
+            lap, lap_step = progress.Stopwatch(), step
+    except (Preempted, NonFiniteLossError) as e:
+        state = carry[0]
+        if checkpoints and isinstance(e, Preempted):
+            _save(checkpoints, state, step, step // steps_per_epoch, best, None, config, tracker)
+            checkpoints.wait()
+        bar.close()
+        writer.write_texts(step, {"stopped": str(e)})
+        writer.flush()
+        if checkpoints:
+            checkpoints.close()
+        tracker.set_summary({"stopped": str(e)})
+        tracker.finish(exit_code=getattr(e, "exit_code", 1))
+        raise
+    bar.close()
+    train_seconds = clock.lap()
+
+    # The final report is for the model selected on validation accuracy.
+    test_log_probs, test_report = evaluate(predict_test, best_params, test, config.eval_batch_size)
+    test_labels = np.asarray(datasets.test.labels)
+    writer.write_scalars(step, metrics.scalar_metrics(test_report, "test"))
+    predictions_path = os.path.join(workdir, "predictions.csv")
+    workdir_lib.write_predictions(predictions_path, test_log_probs, test_labels)
+    report = {
+        "best_validation": {k: v for k, v in best.items() if k != "report"},
+        "validation": best.get("report"),
+        "test": test_report,
+        "steps": step,
+        "compile_seconds": compile_seconds,
+        "seconds": train_seconds,
+        "data": {"name": datasets.name, "source": datasets.source},
+        "git": tracker.git,
+        "wandb": {"mode": tracker.mode, "run_id": tracker.run_id},
+    }
+    workdir_lib.write_json(os.path.join(workdir, "final_metrics.json"), report)
+    tracker.log_results(
+        test_report,
+        test_log_probs,
+        test_labels,
+        datasets.test.images,
+        predictions_path,
+        config.wandb.log_misclassified,
+        CLASS_NAMES[datasets.name],
+    )
+    tracker.set_summary(
+        {
+            "best_val_accuracy": best["val_accuracy"],
+            "test_accuracy": test_report["accuracy"],
+            "test_f1_macro": test_report["f1_macro"],
+            "test_auroc_macro": test_report["auroc_macro"],
+        }
+    )
+    writer.flush()
+    writer.close()
+    if checkpoints:
+        checkpoints.close()
+    sync_hint = tracker.sync_hint()
+    tracker.finish(exit_code=exit_code)
+    _print_summary(report, workdir, sync_hint)
+    return report
+
+
+def _log_train(carry, step, lap, lap_step, schedule, config, writer, bar):
+    """Pulls the train metrics off the device (one sync), writes them, resets them."""
+    state, train_metrics, guard = carry
+    computed = train_metrics.compute()
+    count, first = int(guard["count"]), int(guard["first_step"])
+    if count and config.train.on_nonfinite == "stop":
+        raise NonFiniteLossError(
+            f"loss became non-finite at step {first}; the update was not applied and the run stopped "
+            "(lower optimizer.learning_rate, set optimizer.grad_clip_norm, or train.on_nonfinite=skip)"
+        )
+    seconds = lap.lap()
+    images_per_second = (step - lap_step) * config.batch_size / max(seconds, 1e-9)
+    scalars = {
+        "train/loss": float(computed["loss"]),
+        "train/accuracy": float(computed["accuracy"]),
+        "train/learning_rate": float(schedule(step)),
+        "train/images_per_second": images_per_second,
+        "train/nonfinite_steps": count,
+    }
+    writer.write_scalars(step, scalars)
+    bar.update(step, scalars["train/loss"], scalars["train/accuracy"], images_per_second)
+    return state, metrics.TrainMetrics.empty(), guard
+
+
+def _save(checkpoints, state, step, epoch, best, epoch_metrics, config, tracker):
+    best_meta = {k: v for k, v in best.items() if k != "report"}
+    meta = {
+        "step": step,
+        "epoch": epoch,
+        "best": best_meta,
+        "config": config.to_dict(),
+        "git": tracker.git,
+        "wandb_run_id": tracker.run_id,
+        "metrics": epoch_metrics,
+    }
+    has_val = bool(epoch_metrics and "val_accuracy" in epoch_metrics)
+    if step in checkpoints.all_steps():
+        return
+    checkpoints.save(
+        step, state, meta, metrics={"val_accuracy": epoch_metrics["val_accuracy"]} if has_val else None, force=True
+    )
+    if config.checkpoint.upload_to_wandb and tracker.run is not None:
+        checkpoints.wait()
+        aliases = ["latest"] + (["best"] if best.get("step") == step else [])
+        tracker.log_checkpoint(
+            os.path.join(checkpoints.directory, str(step)),
+            step,
+            aliases,
+            {
+                "step": step,
+                "epoch": epoch,
+                "metrics": epoch_metrics,
+                "git": tracker.git,
+                "config": config_utils.flatten(config),
+            },
+        )
+
+
+def _print_summary(report: dict, workdir: str, sync_hint: str | None) -> None:
+    test = report["test"]
+    lines = [
+        "",
+        "=" * 60,
+        f"done: {report['steps']} steps in {report['seconds']:.1f} s (compile {report['compile_seconds']:.1f} s)",
+        f"best validation accuracy {report['best_validation']['val_accuracy']:.4f} "
+        f"(step {report['best_validation']['step']})",
+        f"test: accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  f1 {test['f1_macro']:.4f}  "
+        f"precision {test['precision_macro']:.4f}  recall {test['recall_macro']:.4f}  auroc {test['auroc_macro']:.4f}",
+        f"workdir: {workdir}",
+        "  config.json, metrics.jsonl, final_metrics.json, predictions.csv, checkpoints/, tensorboard/",
+        f"W&B: {report['wandb']['mode']}" + (f" run {report['wandb']['run_id']}" if report["wandb"]["run_id"] else ""),
+    ]
+    if sync_hint:
+        lines.append(f"  upload later with: {sync_hint}")
+    lines.append("=" * 60)
+    print("\n".join(lines), flush=True)
