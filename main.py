@@ -25,7 +25,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
     workdir = FLAGS.workdir or os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    return cli.run_main(lambda: cli.train(FLAGS.config, workdir, FLAGS["config"].config_filename, sys.argv))
+    return cli.run_main(lambda: cli.train(FLAGS.config, workdir, sys.argv))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.wandb.notes = ""
     config.wandb.allow_dirty = False
     config.wandb.log_misclassified = 64
+    # Seconds to wait for the W&B server before keeping the run offline.
+    config.wandb.init_timeout = 60.0
 
     config.tensorboard = True
     return config

@@ -35,6 +35,10 @@ class Checkpoints:
             policy = latest
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy,
+            # best_fn is not used for retention here (the policy is), but without it orbax does
+            # not write the metrics to disk, and a restarted run could no longer tell the best.
+            best_fn=_best_metric,
+            best_mode="max",
             enable_async_checkpointing=checkpoint_config.async_save,
             create=True,
         )
@@ -51,13 +55,9 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def best_step(self) -> int | None:
-        """The kept step with the highest validation accuracy, or None."""
-        scored = []
-        for step in self.manager.all_steps():
-            metrics = self.manager.metrics(step)
-            if metrics and BEST_METRIC in metrics:
-                scored.append((_best_metric(metrics), step))
-        return max(scored)[1] if scored else None
+        """The kept step with the highest validation accuracy (None if none has metrics)."""
+        scored = [s for s in self.manager.all_steps() if self.manager.metrics(s)]
+        return self.manager.best_step() if scored else None
 
     def save(self, step: int, state, meta: dict, metrics: dict | None = None, force: bool = False) -> bool:
         """Starts an (asynchronous) save; returns whether one was started."""

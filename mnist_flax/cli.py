@@ -87,12 +87,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(message)
 
 
-def train(config, workdir: str, config_file: str, argv: list[str]) -> None:
-    """Validates, then trains; imported lazily so that `--help` stays fast."""
+def train(config, workdir: str, argv: list[str]) -> None:
+    """Validates, then trains; the training modules load only now, so `--help` stays fast."""
+    from mnist_flax import config_diff
     from mnist_flax import train as train_lib
 
     config_utils.validate(config)
-    train_lib.train_and_evaluate(config, workdir, overrides=config_overrides(argv))
+    file_config = config_utils.load_config_file(_config_spec(argv))
+    changes = config_diff.diff(config_utils.flatten(file_config), config_utils.flatten(config))
+    train_lib.train_and_evaluate(config, workdir, overrides=config_overrides(argv), config_changes=changes)
 
 
 def run_main(fn) -> int:

@@ -51,6 +51,7 @@ RANGES = {
     "checkpoint.every_epochs": (1, None, False),
     "checkpoint.max_to_keep": (1, None, False),
     "wandb.log_misclassified": (0, None, False),
+    "wandb.init_timeout": (0.0, None, True),
 }
 
 

@@ -11,10 +11,10 @@ import os
 import secrets
 import string
 import subprocess
+import sys
 
 import ml_collections
 import numpy as np
-from absl import logging
 
 from mnist_flax import config_utils
 from mnist_flax.errors import TrackingError
@@ -59,7 +59,8 @@ def git_info(repo_dir: str = config_utils.REPO_ROOT) -> dict:
         return {
             "commit": commit or "unknown",
             "branch": os.environ.get(GIT_ENV["branch"], "unknown"),
-            "dirty": os.environ.get(GIT_ENV["dirty"], "false").lower() in ("1", "true", "yes"),
+            # An unknown commit reproduces nothing: count it as dirty.
+            "dirty": not commit or os.environ.get(GIT_ENV["dirty"], "false").lower() in ("1", "true", "yes"),
             "source": "environment" if commit else "unknown",
         }
 
@@ -87,20 +88,28 @@ class Tracker:
     in the MetricWriter interface.
     """
 
-    def __init__(self, run, mode: str, git: dict):
+    def __init__(self, run, mode: str, git: dict, workdir: str = ""):
+        self.workdir = workdir
         self.run = run
         self.mode = mode
         self.git = git
 
     @classmethod
-    def start(cls, config: ml_collections.ConfigDict, workdir: str, overrides: dict, is_primary: bool = True):
+    def start(
+        cls,
+        config: ml_collections.ConfigDict,
+        workdir: str,
+        overrides: dict,
+        config_changes: dict | None = None,
+        is_primary: bool = True,
+    ):
         """Starts (or resumes, with the workdir's run id) the run."""
         git = git_info()
         token = read_token()
         mode = resolve_mode(config.wandb.mode, token)
         check_dirty(git, mode, config.wandb.allow_dirty)
         if mode == "disabled" or not is_primary:
-            return cls(None, "disabled", git)
+            return cls(None, "disabled", git, workdir)
         import wandb
 
         id_path = os.path.join(workdir, RUN_ID_FILE)
@@ -109,6 +118,7 @@ class Tracker:
             **config_utils.flatten(config),
             **{f"git.{k}": v for k, v in git.items()},
             "overrides": overrides,
+            "config_changes": config_changes or {},
         }
         init_kwargs = dict(
             project=config.wandb.project,
@@ -122,7 +132,11 @@ class Tracker:
             resume="allow",
             config=run_config,
             settings=wandb.Settings(
-                silent=True, save_code=False, disable_git=True, git_commit=git["commit"], init_timeout=60
+                silent=True,
+                save_code=False,
+                disable_git=True,
+                git_commit=git["commit"],
+                init_timeout=config.wandb.init_timeout,
             ),
         )
         try:
@@ -132,12 +146,18 @@ class Tracker:
                 raise TrackingError(f"W&B could not start an {mode} run: {e}") from None
             if "401" in str(e) or "invalid" in str(e).lower() and "key" in str(e).lower():
                 raise TrackingError("the W&B token was rejected (401); check WANDB_API_KEY in your .env") from None
-            logging.warning("W&B is unreachable (%s); this run is kept offline", str(e).splitlines()[0][:200])
             mode = "offline"
+            wandb.teardown()  # the failed online attempt still holds the run id in W&B's service
             run = wandb.init(mode=mode, **init_kwargs)
+            print(
+                f"W&B is unreachable ({str(e).splitlines()[0][:160]}); the run is kept offline. "
+                f"Upload it later with: python -m mnist_flax.sync {workdir}",
+                file=sys.stderr,
+                flush=True,
+            )
         with open(id_path, "w") as f:
             f.write(run_id)
-        return cls(run, mode, git)
+        return cls(run, mode, git, workdir)
 
     @property
     def run_id(self) -> str | None:
@@ -147,7 +167,7 @@ class Tracker:
         """How to upload this run later, for offline runs."""
         if self.run is None or self.mode != "offline":
             return None
-        return f"python -m mnist_flax.sync {os.path.dirname(self.run.dir)}"
+        return f"python -m mnist_flax.sync {self.workdir}"
 
     def log_checkpoint(self, step_dir: str, step: int, aliases: list[str], metadata: dict) -> None:
         """Uploads one checkpoint step directory as a `model` artifact."""

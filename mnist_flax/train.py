@@ -292,8 +292,16 @@ def _download_artifact(reference: str) -> str:
         ) from None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overrides: dict | None = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, overrides: dict | None = None, config_changes: dict | None = None
+) -> dict:
     """Trains and evaluates; resumes from the workdir's latest checkpoint if there is one.
+
+    Args:
+      config: the resolved config.
+      workdir: where the run writes (created if needed).
+      overrides: the command-line overrides, as given, for the record.
+      config_changes: how `config` differs from its config file (config_diff.diff), for the record.
 
     Returns:
       The final report: best validation metrics, test metrics and file paths.
@@ -301,10 +309,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, override
     config_utils.validate(config)
     workdir = workdir_lib.prepare_workdir(workdir)
     with workdir_lib.WorkdirLock(workdir), _StopSignal() as stop:
-        return _run(config, workdir, overrides or {}, stop)
+        return _run(config, workdir, overrides or {}, config_changes or {}, stop)
 
 
-def _run(config, workdir, overrides, stop) -> dict:
+def _run(config, workdir, overrides, config_changes, stop) -> dict:
     from mnist_flax import tracking, writers  # TensorFlow (clu writers) and W&B: loaded for the loop only
 
     clock = progress.Stopwatch()
@@ -328,9 +336,12 @@ def _run(config, workdir, overrides, stop) -> dict:
         best = meta.get("best", best)
     elif config.init_from:
         state = _init_params_from(config.init_from, state)
+    elif config.eval_only:
+        raise ConfigError("eval_only: set init_from to the checkpoint to evaluate")
 
     workdir_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    tracker = tracking.Tracker.start(config, workdir, overrides)
+    workdir_lib.write_json(os.path.join(workdir, "config_changes.json"), config_changes)
+    tracker = tracking.Tracker.start(config, workdir, overrides, config_changes)
     writer = writers.create_writer(workdir, tensorboard=config.tensorboard, wandb_run=tracker.run)
     if resumed_from is None:
         writer.write_hparams(config_utils.flatten(config))
@@ -369,9 +380,15 @@ def _run(config, workdir, overrides, stop) -> dict:
 
     bar = progress.Progress(total_steps, steps_per_epoch, step, config.batch_size)
     exit_code = 0
+    # Compilations during each epoch: the first may compile a few small eager ops, later ones none.
+    loop_compiles, compiles_per_epoch = CompileCounter().__enter__(), []
     try:
         lap, lap_step = progress.Stopwatch(), step
-        for epoch in range(step // steps_per_epoch, config.num_epochs):
+        first_epoch = config.num_epochs if config.eval_only else step // steps_per_epoch
+        if config.eval_only:
+            _, val_report = evaluate(predict_val, state.params, validation, config.eval_batch_size)
+            best = {"val_accuracy": val_report["accuracy"], "step": step, "report": val_report}
+        for epoch in range(first_epoch, config.num_epochs):
             order = order_fn(data_key, epoch, len(datasets.train), config.batch_size)
             epoch_end = (epoch + 1) * steps_per_epoch
             while step < epoch_end:
@@ -400,6 +417,7 @@ def _run(config, workdir, overrides, stop) -> dict:
                 )
             if checkpoints and ((epoch + 1) % config.checkpoint.every_epochs == 0 or epoch + 1 == config.num_epochs):
                 _save(checkpoints, state, step, epoch + 1, best, epoch_metrics, config, tracker)
+            compiles_per_epoch.append(loop_compiles.count - sum(compiles_per_epoch))
             lap, lap_step = progress.Stopwatch(), step
     except (Preempted, NonFiniteLossError) as e:
         state = carry[0]
@@ -414,6 +432,8 @@ def _run(config, workdir, overrides, stop) -> dict:
         tracker.set_summary({"stopped": str(e)})
         tracker.finish(exit_code=getattr(e, "exit_code", 1))
         raise
+    finally:
+        loop_compiles.__exit__()
     bar.close()
     train_seconds = clock.lap()
 
@@ -429,6 +449,7 @@ def _run(config, workdir, overrides, stop) -> dict:
         "test": test_report,
         "steps": step,
         "compile_seconds": compile_seconds,
+        "compilations": {"ahead_of_time": compiles.count, "per_epoch": compiles_per_epoch},
         "seconds": train_seconds,
         "data": {"name": datasets.name, "source": datasets.source},
         "git": tracker.git,

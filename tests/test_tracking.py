@@ -1,0 +1,270 @@
+"""Tracking end to end: the W&B run files, resume, checkpoints, init_from, the dirty-tree guard, the token."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
+
+from mnist_flax import checkpoints, config_utils, sync, tracking, wandb_files
+
+FAKE_TOKEN = "f" * 8 + "0123456789abcdef0123456789abcdef"
+
+
+def _wandb_summary(workdir) -> dict:
+    run_dir = sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*")))[-1]
+    return wandb_files.summarize(wandb_files.run_file(run_dir))
+
+
+@pytest.fixture(scope="module")
+def offline_run(tiny_data_dir, tmp_path_factory):
+    """One real offline run from main.py, with a planted token in the environment."""
+    workdir = tmp_path_factory.mktemp("offline_run")
+    result = run_main(
+        ["--config=configs/cnn.py", f"--workdir={workdir}", *tiny_overrides(tiny_data_dir, num_epochs=3)],
+        env={"WANDB_API_KEY": FAKE_TOKEN},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_history_has_falling_train_loss_and_accuracy(offline_run):
+    workdir, _ = offline_run
+    history = _wandb_summary(workdir)["history"]
+    losses = [row["train/loss"] for row in history if "train/loss" in row]
+    accuracies = [row["train/accuracy"] for row in history if "train/accuracy" in row]
+    assert len(losses) >= 10 and len(accuracies) == len(losses)
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
+    assert any("val/auroc_macro" in row for row in history)
+    assert any("test/accuracy" in row for row in history)
+    # The JSON-lines sink got the same train series.
+    jsonl = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["train/loss"] for r in jsonl if "train/loss" in r] == pytest.approx(losses)
+
+
+def test_config_matches_config_json_and_records_git(offline_run):
+    workdir, _ = offline_run
+    logged = wandb_files.config_values(_wandb_summary(workdir))
+    on_disk = config_utils.flatten(json.loads((workdir / "config.json").read_text()))
+    for key, value in on_disk.items():
+        assert logged[key] == value, key
+    commit = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert logged["git.commit"] == commit.stdout.strip()
+    assert isinstance(logged["git.dirty"], bool)
+    assert logged["overrides"]["num_epochs"] == "3"
+    assert logged["config_changes"]["changed"]["num_epochs"] == [10, 3]
+
+
+def test_checkpoint_and_prediction_artifacts_are_logged(offline_run):
+    workdir, _ = offline_run
+    summary = _wandb_summary(workdir)
+    models = [a for a in summary["artifacts"] if a["type"] == "model"]
+    assert len(models) == 3  # one per epoch
+    assert all("latest" in a["aliases"] for a in models)
+    assert any("best" in a["aliases"] for a in models)
+    assert all(a["metadata"]["git"]["commit"] and "step" in a["metadata"] for a in models)
+    assert any(f.startswith("state/") for f in models[-1]["files"])
+    predictions = [a for a in summary["artifacts"] if a["type"] == "predictions"]
+    assert predictions and predictions[0]["files"] == ["predictions.csv"]
+    tables = {a["name"].split("-")[2] for a in summary["artifacts"] if a["type"] == "run_table"}
+    assert {"testconfusion_matrix_table", "testroc_table", "testpr_table", "testmisclassified"} <= tables
+    assert (
+        summary["summary"]["test_accuracy"]
+        == json.loads((workdir / "final_metrics.json").read_text())["test"]["accuracy"]
+    )
+    assert summary["exit_code"] == 0
+
+
+def test_planted_token_is_nowhere(offline_run):
+    workdir, result = offline_run
+    assert FAKE_TOKEN not in result.stdout + result.stderr
+    for path in glob.glob(os.path.join(workdir, "**", "*"), recursive=True):
+        if os.path.isfile(path) and not os.path.islink(path):
+            with open(path, "rb") as f:
+                assert FAKE_TOKEN.encode() not in f.read(), path
+
+
+def test_resume_after_sigterm_ends_with_the_same_metrics(tiny_data_dir, tmp_path):
+    args = ["--config=configs/cnn.py", *tiny_overrides(tiny_data_dir, num_epochs=3, log_every_steps=1)]
+    straight = run_main([*args, f"--workdir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    workdir = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "main.py", *args, f"--workdir={workdir}"],
+        cwd=REPO_ROOT,
+        env={**os.environ, **SUBPROCESS_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:  # stop mid-way through the second epoch
+        if "step 30/" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 3, stderr[-2000:]
+    assert "SIGTERM" in stderr
+    saved = checkpoints.Checkpoints(
+        str(workdir / "checkpoints"),
+        ml_collections.ConfigDict({"max_to_keep": 3, "keep_best": True, "async_save": False}),
+    )
+    assert 30 <= saved.latest_step() < 60
+    resumed = run_main([*args, f"--workdir={workdir}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at step" in resumed.stdout
+    a = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
+    b = json.loads((workdir / "final_metrics.json").read_text())
+    # Same data order, dropout keys and optimizer state: the same numbers (tolerance 1e-6 for float noise).
+    assert b["test"]["accuracy"] == a["test"]["accuracy"]
+    assert b["test"]["loss"] == pytest.approx(a["test"]["loss"], rel=1e-6, abs=1e-7)
+    assert b["best_validation"] == a["best_validation"]
+    # The same W&B run continues: two offline folders of one run id.
+    run_ids = {os.path.basename(p).rsplit("-", 1)[1] for p in glob.glob(str(workdir / "wandb" / "offline-run-*"))}
+    assert len(run_ids) == 1 and len(glob.glob(str(workdir / "wandb" / "offline-run-*"))) == 2
+
+
+def test_retention_keeps_the_latest_and_the_best(tmp_path):
+    config = ml_collections.ConfigDict({"max_to_keep": 2, "keep_best": True, "async_save": True})
+    manager = checkpoints.Checkpoints(str(tmp_path), config)
+    accuracies = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7, 5: 0.65, 6: 0.8}
+    for step, accuracy in accuracies.items():
+        state = {"w": jnp.full((3,), float(step))}
+        manager.save(step, state, {"step": step}, metrics={"val_accuracy": accuracy}, force=True)
+    manager.wait()
+    assert manager.all_steps() == [2, 5, 6]
+    assert manager.best_step() == 2
+    restored, meta = manager.restore(2, {"w": jnp.zeros((3,))})
+    np.testing.assert_array_equal(restored["w"], [2.0, 2.0, 2.0])
+    assert meta == {"step": 2}
+    manager.close()
+
+
+def test_init_from_restores_exactly_the_saved_parameters(offline_run, tiny_data_dir, tmp_path):
+    workdir, _ = offline_run
+    # Evaluate the run's best checkpoint: the predictions equal the run's own final ones, to the byte.
+    best_step = json.loads((workdir / "final_metrics.json").read_text())["best_validation"]["step"]
+    result = run_main(
+        [
+            "--config=configs/cnn.py",
+            f"--workdir={tmp_path}",
+            f"--config.init_from={workdir}/checkpoints/{best_step}",
+            "--config.eval_only=True",
+            *tiny_overrides(tiny_data_dir, num_epochs=3),
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "predictions.csv").read_text() == (workdir / "predictions.csv").read_text()
+
+
+def _clone(tmp_path, name) -> str:
+    clone = str(tmp_path / name)
+    subprocess.run(["git", "clone", "-q", REPO_ROOT, clone], check=True)
+    return clone
+
+
+def test_dirty_tree_guard(tmp_path):
+    clone = _clone(tmp_path, "repo")
+    clean = tracking.git_info(clone)
+    assert clean["dirty"] is False and len(clean["commit"]) == 40
+    tracking.check_dirty(clean, "online", allow_dirty=False)  # clean: allowed
+    with open(os.path.join(clone, "configs", "default.py"), "a") as f:
+        f.write("\n# an uncommitted change\n")
+    dirty = tracking.git_info(clone)
+    assert dirty["dirty"] is True
+    with pytest.raises(tracking.TrackingError, match="uncommitted changes"):
+        tracking.check_dirty(dirty, "online", allow_dirty=False)
+    tracking.check_dirty(dirty, "online", allow_dirty=True)
+    tracking.check_dirty(dirty, "offline", allow_dirty=False)
+
+
+def test_online_run_from_dirty_tree_refuses_through_main(tiny_data_dir, tmp_path):
+    clone = _clone(tmp_path, "repo")
+    with open(os.path.join(clone, "configs", "default.py"), "a") as f:
+        f.write("\n# an uncommitted change\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            "--config=configs/mlp.py",
+            f"--workdir={tmp_path / 'run'}",
+            *tiny_overrides(tiny_data_dir),
+            "--config.wandb.mode=online",
+        ],
+        cwd=clone,
+        env={**os.environ, **SUBPROCESS_ENV, "WANDB_API_KEY": FAKE_TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: tracked files have uncommitted changes")
+    assert FAKE_TOKEN not in result.stdout + result.stderr
+
+
+def test_sync_refuses_dirty_runs_and_accepts_clean_ones(tiny_data_dir, tmp_path):
+    clone = _clone(tmp_path, "repo")
+    runs = {}
+    for name in ("clean", "dirty"):
+        if name == "dirty":
+            with open(os.path.join(clone, "configs", "default.py"), "a") as f:
+                f.write("\n# an uncommitted change\n")
+        workdir = tmp_path / name
+        result = subprocess.run(
+            [
+                sys.executable,
+                "main.py",
+                "--config=configs/mlp.py",
+                f"--workdir={workdir}",
+                *tiny_overrides(tiny_data_dir, num_epochs=1),
+            ],
+            cwd=clone,
+            env={**os.environ, **SUBPROCESS_ENV},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[name] = str(workdir)
+    assert sync.main([runs["clean"], "--dry-run"]) == 0
+    assert sync.main([runs["dirty"], "--dry-run"]) == 2
+    assert sync.main([runs["dirty"], "--dry-run", "--force"]) == 0
+    # Without a token, a real sync stops before uploading anything.
+    env = {k: v for k, v in os.environ.items() if k not in tracking.TOKEN_VARIABLES}
+    no_token = subprocess.run(
+        [sys.executable, "-m", "mnist_flax.sync", runs["clean"]],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert no_token.returncode == 2 and "no W&B token" in no_token.stderr
+
+
+def test_unreachable_wandb_keeps_the_run_offline(tiny_data_dir, tmp_path):
+    start = time.monotonic()
+    result = run_main(
+        [
+            "--config=configs/mlp.py",
+            f"--workdir={tmp_path}",
+            *tiny_overrides(tiny_data_dir, num_epochs=1),
+            "--config.wandb.mode=online",
+            "--config.wandb.allow_dirty=True",
+            "--config.wandb.init_timeout=5",
+        ],
+        env={"WANDB_API_KEY": FAKE_TOKEN, "WANDB_MODE": "online"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "kept offline" in result.stderr and "mnist_flax.sync" in result.stderr
+    summary = _wandb_summary(tmp_path)
+    assert any("train/loss" in row for row in summary["history"])
+    assert time.monotonic() - start < 240

@@ -1,0 +1,163 @@
+"""The train step and the loop: loss falls, one compilation, fused steps agree, guards hold."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import make_learnable_split, run_main, tiny_overrides
+
+from configs import default
+from mnist_flax import input_pipeline, metrics, models, train
+
+
+def _setup(model_name="cnn", conv_impl="xla", learning_rate=1e-3, batch_size=32, num_examples=256):
+    config = default.get_config()
+    config.model.name = model_name
+    config.model.conv_impl = conv_impl
+    config.optimizer.learning_rate = learning_rate
+    config.optimizer.schedule = "constant"
+    images, labels = make_learnable_split(num_examples, seed=3)
+    images = jnp.asarray(images[..., None])
+    labels = jnp.asarray(labels.astype(np.int32))
+    model = models.create_model(config.model)
+    tx = train.make_optimizer(config.optimizer, train.make_schedule(config.optimizer, 1, 1))
+    state = train.create_train_state(model, tx, seed=0)
+    return config, state, images, labels
+
+
+def _carry(state):
+    return (state, metrics.TrainMetrics.empty(), train.empty_guard())
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "mlp"])
+def test_loss_falls_on_a_fixed_batch(model_name):
+    config, state, images, labels = _setup(model_name)
+    # One step per epoch: every step sees the same batch (row 0 of the order).
+    order = jnp.arange(32, dtype=jnp.int32)[None]
+    step_fn = train.make_train_step(config.loss, steps_per_epoch=1)
+    carry = _carry(state)
+    losses = []
+    for _ in range(25):
+        carry = step_fn(carry, images, labels, order)
+        losses.append(float(carry[1].compute()["loss"]))
+        carry = (carry[0], metrics.TrainMetrics.empty(), carry[2])
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert int(carry[0].step) == 25
+
+
+def test_epoch_loop_compiles_the_step_once():
+    config, state, images, labels = _setup("mlp")
+    steps_per_epoch = 256 // 32
+    step_fn = train.make_train_step(config.loss, steps_per_epoch)
+    order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3))
+    carry = _carry(state)
+    with train.CompileCounter() as first_epoch:
+        carry = step_fn(carry, images, labels, order_fn(jax.random.PRNGKey(0), 0, 256, 32))
+    with train.CompileCounter() as later:
+        for epoch in range(3):
+            order = order_fn(jax.random.PRNGKey(0), epoch, 256, 32)
+            for _ in range(steps_per_epoch):
+                carry = step_fn(carry, images, labels, order)
+        jax.block_until_ready(carry)
+    assert first_epoch.count >= 1  # the counter sees compilations at all
+    assert later.count == 0
+    assert int(carry[0].step) == 1 + 3 * steps_per_epoch
+
+
+def test_fused_steps_match_single_steps():
+    """lax.scan over 3 steps (with a masked tail: 8 steps/epoch) equals 8 single steps."""
+    config, state, images, labels = _setup("mlp")
+    steps_per_epoch = 8
+    order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, 256, 32)
+    single = train.make_train_step(config.loss, steps_per_epoch, steps_per_call=1)
+    fused = train.make_train_step(config.loss, steps_per_epoch, steps_per_call=3)
+    carry_a = _carry(jax.tree.map(jnp.copy, state))
+    for _ in range(steps_per_epoch):
+        carry_a = single(carry_a, images, labels, order)
+    carry_b = _carry(state)
+    for _ in range(3):  # 3 + 3 + 2 (the last call masks one step)
+        carry_b = fused(carry_b, images, labels, order)
+    assert int(carry_b[0].step) == int(carry_a[0].step) == steps_per_epoch
+    for a, b in zip(jax.tree.leaves(carry_a[0].params), jax.tree.leaves(carry_b[0].params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(carry_a[1].compute()["loss"], carry_b[1].compute()["loss"], rtol=1e-5)
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+    config, state, images, labels = _setup("mlp")
+    bad_images = images.at[:].set(255)
+    step_fn = train.make_train_step(config.loss, steps_per_epoch=1)
+    # A NaN parameter makes the loss NaN: the update must not be applied.
+    poisoned = state.replace(
+        params=jax.tree.map(lambda p: p.at[..., 0].set(jnp.nan) if p.ndim == 2 else p, state.params)
+    )
+    carry = step_fn(_carry(jax.tree.map(jnp.copy, poisoned)), bad_images, labels, jnp.arange(32, dtype=jnp.int32)[None])
+    new_state, _, guard = carry
+    assert int(guard["count"]) == 1 and int(guard["first_step"]) == 0
+    assert int(new_state.step) == 1
+    for before, after in zip(jax.tree.leaves(poisoned.opt_state), jax.tree.leaves(new_state.opt_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+
+
+def test_losses_and_optimizers_build():
+    logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    labels = jnp.array([0, 2])
+    ce = train.compute_loss(
+        logits, labels, ml_collections.ConfigDict({"name": "cross_entropy", "label_smoothing": 0.0})
+    )
+    expected = -np.mean([jax.nn.log_softmax(logits[0])[0], jax.nn.log_softmax(logits[1])[2]])
+    np.testing.assert_allclose(ce, expected, rtol=1e-6)
+    smooth = train.compute_loss(
+        logits, labels, ml_collections.ConfigDict({"name": "cross_entropy", "label_smoothing": 0.2})
+    )
+    assert float(smooth) > float(ce)
+    focal = train.compute_loss(logits, labels, ml_collections.ConfigDict({"name": "focal", "focal_gamma": 2.0}))
+    assert 0 < float(focal) < float(ce)  # focal down-weights confident, correct examples
+    for name in ("sgd", "momentum", "adam", "adamw"):
+        for schedule in ("constant", "cosine", "warmup_cosine"):
+            optimizer_config = default.get_config().optimizer
+            optimizer_config.name, optimizer_config.schedule = name, schedule
+            sched = train.make_schedule(optimizer_config, steps_per_epoch=10, num_epochs=2)
+            train.make_optimizer(optimizer_config, sched)
+            if schedule == "warmup_cosine":
+                assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(optimizer_config.learning_rate)
+
+
+def test_run_compiles_nothing_after_the_first_epoch(tiny_data_dir, tmp_path):
+    result = run_main(
+        ["--config=configs/cnn.py", f"--workdir={tmp_path}", *tiny_overrides(tiny_data_dir, num_epochs=3)]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert report["compilations"]["per_epoch"][1:] == [0, 0]
+    assert report["test"]["accuracy"] > 0.9  # the tiny set is easy: the pipeline works end to end
+    assert "compiled in" in result.stdout and "epoch 3/3" in result.stdout
+
+
+def test_huge_learning_rate_stops_with_a_clear_error(tiny_data_dir, tmp_path):
+    args = [
+        "--config=configs/mlp.py",
+        f"--workdir={tmp_path}",
+        *tiny_overrides(
+            tiny_data_dir,
+            **{
+                "optimizer.learning_rate": 1e12,
+                "optimizer.name": "sgd",
+                "optimizer.schedule": "constant",
+                "num_epochs": 3,
+            },
+        ),
+    ]
+    result = run_main(args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "non-finite at step" in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    skipped = run_main(args[:1] + [f"--workdir={tmp_path}/skip"] + args[2:] + ["--config.train.on_nonfinite=skip"])
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    history = [json.loads(line) for line in open(os.path.join(tmp_path, "skip", "metrics.jsonl"))]
+    assert sum(r.get("train/nonfinite_steps", 0) for r in history) > 0
