@@ -17,7 +17,7 @@ import sys
 from mnist_flax import config_utils
 from mnist_flax.errors import ConfigError, MnistFlaxError
 
-IGNORED_PREFIXES = ("git.", "overrides", "_wandb")
+IGNORED_PREFIXES = ("git.", "overrides", "config_changes", "_wandb")
 
 
 def _parse_value(text: str):

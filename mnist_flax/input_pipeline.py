@@ -9,6 +9,7 @@ host does no data work per step and a resumed run sees the same order.
 import dataclasses
 import gzip
 import os
+import socket
 import struct
 
 import jax
@@ -129,6 +130,24 @@ def load_idx_split(directory: str, split: str) -> Split:
 # ---------------------------------------------------------------- TFDS
 
 
+TFDS_DOWNLOAD_HOST = "storage.googleapis.com"
+TFDS_HINT = (
+    "put the four IDX files in a folder and pass --config.data.local_dir=DIR, "
+    "or train on Fashion-MNIST offline: apt install dataset-fashion-mnist and --config.data.name=fashion_mnist"
+)
+
+
+def _download_host_reachable(timeout: float = 5.0) -> bool:
+    """Whether TFDS could download (a proxy, or a TCP connection to its host); fails in seconds, not minutes."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.create_connection((TFDS_DOWNLOAD_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_tfds_split(name: str, split: str, data_dir: str | None) -> Split:
     """Loads a whole split through tensorflow-datasets (imported only here)."""
     try:
@@ -137,18 +156,21 @@ def load_tfds_split(name: str, split: str, data_dir: str | None) -> Split:
         raise DataError(
             f"tensorflow-datasets is not installed ({e}); use IDX files with --config.data.local_dir"
         ) from None
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    if not builder.is_prepared() and not _download_host_reachable():
+        raise DataError(
+            f"{name} is not in the TFDS cache ({builder.data_dir}) and {TFDS_DOWNLOAD_HOST} cannot be reached; "
+            f"{TFDS_HINT}"
+        )
     try:
         images, labels = tfds.as_numpy(
             tfds.load(name, split=split, batch_size=-1, as_supervised=True, data_dir=data_dir or None)
         )
     except Exception as e:  # TFDS raises many types for "no network" and "not prepared".
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = (
-            "put the four IDX files in a folder and pass --config.data.local_dir=DIR, "
-            "or train on Fashion-MNIST offline: apt install dataset-fashion-mnist and "
-            "--config.data.name=fashion_mnist"
-        )
-        raise DataError(f"{name} could not be loaded through tensorflow-datasets ({message[:200]}); {hint}") from None
+        raise DataError(
+            f"{name} could not be loaded through tensorflow-datasets ({message[:200]}); {TFDS_HINT}"
+        ) from None
     return Split(np.asarray(images, np.uint8).reshape((-1, *IMAGE_SHAPE)), np.asarray(labels, np.int32))
 
 
