@@ -22,7 +22,7 @@ config_flags.DEFINE_config_file(
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (fields are set with --config.FIELD=VALUE)")
     name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
     workdir = FLAGS.workdir or os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     return cli.run_main(lambda: cli.train(FLAGS.config, workdir, sys.argv))

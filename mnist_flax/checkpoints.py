@@ -113,10 +113,24 @@ def restore_from_directory(directory: str, target_state, step: int | None = None
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
         )
     except (ValueError, KeyError, TypeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        saved_model = _saved_model_description(manager, step)
+        if saved_model:
+            detail = f"it holds {saved_model}"
         raise CheckpointError(
-            f"checkpoint {directory} step {step} does not match the model: {first_line[:300]}"
+            f"checkpoint {directory} step {step} does not fit the configured model: {detail[:300]}"
         ) from None
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {directory} step {step} is incomplete: {e}") from None
     return restored["state"], restored["meta"]
+
+
+def _saved_model_description(manager, step: int) -> str | None:
+    """The model config recorded beside a checkpoint, as one phrase (None if unreadable)."""
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        model = meta["config"]["model"]
+    except Exception:  # an older or foreign checkpoint: fall back to orbax's message
+        return None
+    fields = ", ".join(f"{k}={v}" for k, v in sorted(model.items()) if k != "name")
+    return f"a {model['name']} ({fields})"

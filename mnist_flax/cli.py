@@ -100,7 +100,8 @@ def train(config, workdir: str, argv: list[str]) -> None:
 
 def run_main(fn) -> int:
     """Runs fn; known errors become one line, preemption its own exit status."""
-    logging.set_verbosity(logging.WARNING)
+    # Libraries' warnings (orbax's "directory is read only", ...) are noise to a user; errors are ours.
+    logging.set_verbosity(logging.ERROR)
     try:
         fn()
     except MnistFlaxError as e:

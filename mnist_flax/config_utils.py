@@ -37,7 +37,7 @@ RANGES = {
     "data.validation_size": (1, None, False),
     "data.train_subset": (0, None, False),
     "data.eval_subset": (0, None, False),
-    "model.dropout_rate": (0.0, 1.0, False),
+    "model.dropout_rate": (0.0, None, False),
     "optimizer.learning_rate": (0.0, None, True),
     "optimizer.momentum": (0.0, 1.0, False),
     "optimizer.b1": (0.0, 1.0, False),
@@ -130,13 +130,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if name in flat:
             _check_range(name, flat[name], bounds)
     if flat.get("model.dropout_rate", 0.0) >= 1.0:
-        raise ConfigError(f"model.dropout_rate: {flat['model.dropout_rate']!r} must be below 1")
+        raise ConfigError(f"model.dropout_rate: {flat['model.dropout_rate']!r} is out of range (must be in [0, 1))")
     for name in ("model.dense_features", "model.conv_features"):
         if name in flat:
             widths = flat[name]
             if not isinstance(widths, list) or not all(isinstance(w, int) and w > 0 for w in widths):
                 raise ConfigError(f"{name}: expected a tuple of positive integers, got {widths!r}")
     steps = flat.get("train.steps_per_call")
+    if isinstance(steps, str) and steps.isdigit():  # "50" from the command line (the default is a string)
+        steps = int(steps)  # resolve_steps_per_call converts it the same way
     if steps != "auto" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ConfigError(f"train.steps_per_call: expected 'auto' or an integer >= 1, got {steps!r}")
 

@@ -313,8 +313,6 @@ def train_and_evaluate(
 
 
 def _run(config, workdir, overrides, config_changes, stop) -> dict:
-    from mnist_flax import tracking, writers  # TensorFlow (clu writers) and W&B: loaded for the loop only
-
     clock = progress.Stopwatch()
     datasets = input_pipeline.load_datasets(config.data)
     check_batch_sizes(config, datasets)
@@ -338,6 +336,9 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
         state = _init_params_from(config.init_from, state)
     elif config.eval_only:
         raise ConfigError("eval_only: set init_from to the checkpoint to evaluate")
+
+    # TensorFlow (clu's writers) and W&B load only now, after the data and checkpoint checks.
+    from mnist_flax import tracking, writers
 
     workdir_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     workdir_lib.write_json(os.path.join(workdir, "config_changes.json"), config_changes)

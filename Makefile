@@ -1,0 +1,49 @@
+# The two commands of the README: `make train` and `make test`. Each sets up what it needs first.
+PYTHON ?= python3
+CONFIG ?= configs/cnn.py
+ARGS ?=
+RUN ?=
+OTHER_RUN ?=
+DATA_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: help setup setup-data train test test-fast lint format notebooks bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup-data:  ## Fashion-MNIST's IDX files from Debian (needs root or sudo once)
+	@test -f $(DATA_DIR)/train-images-idx3-ubyte.gz || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dataset-fashion-mnist; }
+
+setup: setup-data  ## data + pinned Python packages (training, tests, notebooks)
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+
+train: setup  ## train CONFIG (default the CNN) on Fashion-MNIST; ARGS='--config.num_epochs=2 ...'
+	$(PYTHON) main.py --config=$(CONFIG) $(ARGS)
+
+test: setup lint  ## lint, then the whole test suite (about 25 min on 2 cores)
+	$(PYTHON) -m pytest -q --durations=15
+
+test-fast:  ## the tests that need no real-data training or container
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint:  ## ruff format + check, and notebooks committed without outputs
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check .
+	$(PYTHON) tools/strip_notebook_outputs.py --check
+
+format:  ## apply ruff's formatting and fixes; strip notebook outputs
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) tools/strip_notebook_outputs.py
+
+notebooks:  ## run the notebooks against runs (default: the two newest under runs/) -> notebooks/_build/*.html
+	$(PYTHON) notebooks/render.py --run "$(RUN)" --other-run "$(OTHER_RUN)"
+
+bench:  ## throughput, compile time, overheads, time to 90% -> benchmarks/RESULTS.md
+	$(PYTHON) benchmarks/run.py
+
+clean:  ## remove caches (not runs/)
+	rm -rf .pytest_cache .ruff_cache notebooks/_build
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,400 @@
+"""Configs: every file loads and validates, the files differ only where they say, and bad input
+through `main.py` gives one line, exit status 2, and leaves an existing workdir untouched."""
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, run_main, tiny_overrides, write_idx
+
+from mnist_flax import config_diff, config_utils
+from mnist_flax.errors import ConfigError
+
+CONFIG_FILES = sorted(
+    os.path.relpath(path, REPO_ROOT)
+    for path in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py"))
+    if not path.endswith("__init__.py")
+)
+
+
+def flat_config(spec: str) -> dict:
+    return config_utils.flatten(config_utils.load_config_file(os.path.join(REPO_ROOT, spec)))
+
+
+# ---------------------------------------------------------------- the config files
+
+
+def test_config_files_exist():
+    assert {"configs/default.py", "configs/cnn.py", "configs/mlp.py"} <= set(CONFIG_FILES)
+
+
+@pytest.mark.parametrize("spec", CONFIG_FILES)
+def test_config_file_loads_and_validates(spec):
+    config = config_utils.load_config_file(os.path.join(REPO_ROOT, spec))
+    config_utils.validate(config)
+    flat = config_utils.flatten(config)
+    # The field names that docs, sweeps and scripts rely on.
+    for name in (
+        "num_epochs",
+        "batch_size",
+        "seed",
+        "data.name",
+        "data.local_dir",
+        "model.name",
+        "optimizer.name",
+        "optimizer.learning_rate",
+        "wandb.mode",
+    ):
+        assert name in flat, name
+    # Every field with a fixed set of values is checked by validate().
+    for name in config_utils.CHOICES:
+        if name in flat:
+            assert flat[name] in config_utils.CHOICES[name]
+
+
+def test_cnn_config_is_the_defaults():
+    assert config_diff.is_empty(config_diff.diff(flat_config("configs/default.py"), flat_config("configs/cnn.py")))
+
+
+def test_mlp_config_differs_only_where_it_says():
+    difference = config_diff.diff(flat_config("configs/default.py"), flat_config("configs/mlp.py"))
+    assert difference == {
+        "changed": {
+            "model.name": ["cnn", "mlp"],
+            "model.dense_features": [[256], [512, 256]],
+            "model.dropout_rate": [0.25, 0.2],
+            "num_epochs": [10, 5],
+        },
+        "added": {},
+        "removed": {"model.conv_features": [32, 64], "model.conv_impl": "auto"},
+    }
+
+
+@pytest.mark.parametrize("spec", CONFIG_FILES)
+def test_config_argument_selects_the_data_set(spec):
+    assert flat_config(spec)["data.name"] == "fashion_mnist"
+    mnist = flat_config(f"{spec}:mnist")
+    assert mnist["data.name"] == "mnist"
+    # The argument changes the data set and nothing else.
+    difference = config_diff.diff(flat_config(spec), mnist)
+    assert difference["changed"] == {"data.name": ["fashion_mnist", "mnist"]}
+    assert not difference["added"] and not difference["removed"]
+
+
+def test_config_argument_is_validated():
+    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py:cifar10"))
+    with pytest.raises(ConfigError, match="data.name: unknown value 'cifar10'"):
+        config_utils.validate(config)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("optimizer.learning_rate", 0.0, "optimizer.learning_rate: 0.0 is out of range (must be > 0.0)"),
+        ("batch_size", 0, "batch_size: 0 is out of range (must be >= 1)"),
+        ("model.dropout_rate", 1.0, "model.dropout_rate: 1.0 is out of range (must be in [0, 1))"),
+        ("model.dropout_rate", -0.1, "model.dropout_rate: -0.1 is out of range (must be >= 0.0)"),
+        ("loss.label_smoothing", 1.5, "loss.label_smoothing: 1.5 is out of range (must be <= 1.0)"),
+        ("model.dense_features", (256, 0), "model.dense_features: expected a tuple of positive integers"),
+        ("train.steps_per_call", "fast", "train.steps_per_call: expected 'auto' or an integer >= 1, got 'fast'"),
+        ("wandb.mode", "cloud", "wandb.mode: unknown value 'cloud'"),
+    ],
+)
+def test_validate_in_process(field, value, message):
+    # The same checks as through main.py below, in-process and fast (not marked slow).
+    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
+    section, _, leaf = field.rpartition(".")
+    (config[section] if section else config)[leaf] = value
+    with pytest.raises(ConfigError) as error:
+        config_utils.validate(config)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("value", ["1", "50"])
+def test_steps_per_call_as_given_on_the_command_line(value):
+    # The field's default is the string "auto", so ml_collections keeps it a str
+    # field and `--config.train.steps_per_call=50` arrives as the string "50".
+    # An integer given that way must be accepted (and used as that integer).
+    from mnist_flax import train
+
+    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
+    config.train.steps_per_call = value
+    config_utils.validate(config)
+    assert train.resolve_steps_per_call(config.train, backend="gpu") == int(value)
+
+
+def test_nearest_names():
+    flat = flat_config("configs/default.py")
+    assert config_utils.nearest_names("lr", flat)[0] == "optimizer.learning_rate"
+    assert "optimizer.learning_rate" in config_utils.nearest_names("optimizer.learnig_rate", flat)
+    assert "num_epochs" in config_utils.nearest_names("num_epoch", flat)
+
+
+# ---------------------------------------------------------------- bad input through main.py
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory, tiny_data_dir) -> str:
+    """A workdir with a completed checkpoint of a one-epoch MLP run on the tiny data set."""
+    workdir = str(tmp_path_factory.mktemp("existing_run") / "mlp")
+    result = run_main(["--config=configs/mlp.py", f"--workdir={workdir}", *tiny_overrides(tiny_data_dir, num_epochs=1)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(os.path.join(workdir, "final_metrics.json"))
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "20"))  # 1000 train / 50 = 20 steps
+    return workdir
+
+
+def tree_hashes(directory: str) -> dict[str, str]:
+    """sha256 of every file under `directory`, by relative path.
+
+    `.lock` is left out: a run that starts rewrites it with its pid while it
+    holds the lock; that is the lock working, not damage to the run.
+    """
+    hashes = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, directory)
+            if relative == ".lock":
+                continue
+            with open(path, "rb") as f:
+                hashes[relative] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+def _rewrite_gz(path: str, transform) -> None:
+    with open(path, "rb") as f:
+        raw = gzip.decompress(f.read())
+    with open(path, "wb") as f:
+        f.write(gzip.compress(transform(raw)))
+
+
+@pytest.fixture(scope="module")
+def broken_data(tmp_path_factory, tiny_data_dir) -> dict[str, str]:
+    """Copies of the tiny data set, each with one file broken in one way."""
+    root = tmp_path_factory.mktemp("broken_idx")
+    folders = {}
+
+    def copy(name: str) -> str:
+        folders[name] = str(root / name)
+        shutil.copytree(tiny_data_dir, folders[name])
+        return folders[name]
+
+    images = os.path.join(copy("truncated_gzip"), "train-images-idx3-ubyte.gz")
+    with open(images, "rb") as f:
+        payload = f.read()
+    with open(images, "wb") as f:
+        f.write(payload[: len(payload) // 2])
+
+    _rewrite_gz(os.path.join(copy("truncated_data"), "train-images-idx3-ubyte.gz"), lambda raw: raw[:-1000])
+
+    wrong_magic = copy("wrong_magic")
+    shutil.copy(
+        os.path.join(wrong_magic, "train-images-idx3-ubyte.gz"), os.path.join(wrong_magic, "train-labels-idx1-ubyte.gz")
+    )
+
+    count_mismatch = copy("count_mismatch")
+    labels = np.zeros(299, np.uint8)  # the test set has 300 images
+    write_idx(os.path.join(count_mismatch, "t10k-labels-idx1-ubyte.gz"), labels)
+
+    def label_ten(raw: bytes) -> bytes:
+        data = bytearray(raw)
+        data[8 + 17] = 10  # header: magic + one size; then label 17
+        return bytes(data)
+
+    _rewrite_gz(os.path.join(copy("label_out_of_range"), "train-labels-idx1-ubyte.gz"), label_ten)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def bad_config_files(tmp_path_factory) -> str:
+    directory = tmp_path_factory.mktemp("bad_configs")
+    (directory / "syntax_error.py").write_text("def get_config(:\n    pass\n")
+    (directory / "raises.py").write_text(
+        "def get_config(arg=None):\n    raise RuntimeError('the cluster config needs MY_CLUSTER set')\n"
+    )
+    (directory / "no_get_config.py").write_text("import ml_collections\n\nCONFIG = ml_collections.ConfigDict()\n")
+    return str(directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class BadInput:
+    """One row of the table: the arguments, and the pieces the error line must contain.
+
+    Templates in args and expected: {tiny} the tiny data set, {broken[...]} a broken copy,
+    {trained} the existing run's workdir, {configs} the bad config files, {tmp} a fresh folder.
+    The run uses --workdir={trained} unless `workdir` says otherwise, and the tiny data set's
+    overrides unless `tiny` is False (then only `args`).
+    """
+
+    name: str
+    args: tuple[str, ...]
+    expected: tuple[str, ...]
+    config: str = "configs/mlp.py"
+    workdir: str = "{trained}"
+    tiny: bool = True
+
+
+BAD_INPUTS = [
+    # Config fields and values.
+    BadInput("unknown_field", ("--config.lr=0.1",), ("unknown config field 'lr'", "optimizer.learning_rate")),
+    BadInput(
+        "misspelt_nested_field",
+        ("--config.optimizer.learnig_rate=0.1",),
+        ("unknown config field 'optimizer.learnig_rate'", "did you mean optimizer.learning_rate"),
+    ),
+    BadInput("misspelt_top_level_field", ("--config.num_epoch=3",), ("'num_epoch'", "num_epochs")),
+    BadInput("group_given_a_value", ("--config.optimizer=adam",), ("'optimizer' is a group",)),
+    BadInput("wrong_type_int", ("--config.batch_size=abc",), ("batch_size", "expects int", "'abc'")),
+    BadInput("wrong_type_float", ("--config.optimizer.learning_rate=fast",), ("optimizer.learning_rate", "'fast'")),
+    BadInput(
+        "negative_learning_rate",
+        ("--config.optimizer.learning_rate=-0.1",),
+        ("optimizer.learning_rate", "out of range"),
+    ),
+    BadInput(
+        "zero_learning_rate", ("--config.optimizer.learning_rate=0",), ("optimizer.learning_rate", "out of range")
+    ),
+    BadInput("batch_size_zero", ("--config.batch_size=0",), ("batch_size: 0 is out of range",)),
+    # The tiny training split has 1,200 - 200 = 1,000 examples.
+    BadInput(
+        "batch_size_larger_than_split",
+        ("--config.batch_size=1001",),
+        ("batch_size: 1001", "larger than the training split (1000"),
+    ),
+    BadInput("steps_per_call_zero", ("--config.train.steps_per_call=0",), ("train.steps_per_call",)),
+    BadInput("num_epochs_zero", ("--config.num_epochs=0",), ("num_epochs: 0 is out of range",)),
+    BadInput("dropout_above_one", ("--config.model.dropout_rate=1.5",), ("model.dropout_rate: 1.5",)),
+    BadInput(
+        "dropout_one",
+        ("--config.model.dropout_rate=1.0",),
+        ("model.dropout_rate: 1.0 is out of range (must be in [0, 1))",),
+    ),
+    BadInput("validation_larger_than_train", ("--config.data.validation_size=1200",), ("data.validation_size: 1200",)),
+    BadInput("unknown_model", ("--config.model.name=resnet",), ("model.name", "'resnet'", "cnn, mlp")),
+    BadInput("unknown_optimizer", ("--config.optimizer.name=lion",), ("optimizer.name", "'lion'", "adamw")),
+    BadInput("unknown_loss", ("--config.loss.name=hinge",), ("loss.name", "'hinge'", "cross_entropy")),
+    BadInput(
+        "unknown_schedule", ("--config.optimizer.schedule=step",), ("optimizer.schedule", "'step'", "warmup_cosine")
+    ),
+    BadInput("unknown_data_set", ("--config.data.name=cifar10",), ("data.name", "'cifar10'", "fashion_mnist")),
+    # A stray positional argument (e.g. a value after a space: `--config.seed 3` is fine, `stray` is not).
+    BadInput("unexpected_argument", ("stray",), ("unexpected arguments: stray",)),
+    # Config files.
+    BadInput(
+        "config_file_missing",
+        (),
+        ("configs/nonexistent.py does not exist",),
+        config="configs/nonexistent.py",
+        tiny=False,
+    ),
+    BadInput(
+        "config_file_syntax_error",
+        (),
+        ("syntax_error.py", "SyntaxError"),
+        config="{configs}/syntax_error.py",
+        tiny=False,
+    ),
+    BadInput(
+        "config_file_raises",
+        (),
+        ("raises.py", "get_config() failed", "MY_CLUSTER"),
+        config="{configs}/raises.py",
+        tiny=False,
+    ),
+    BadInput("config_file_without_get_config", (), ("no get_config",), config="{configs}/no_get_config.py", tiny=False),
+    # Data.
+    BadInput(
+        "data_folder_missing",
+        ("--config.data.local_dir=/nonexistent",),
+        ("data.local_dir: /nonexistent is not a folder",),
+    ),
+    BadInput(
+        "truncated_gzip",
+        ("--config.data.local_dir={broken[truncated_gzip]}",),
+        ("{broken[truncated_gzip]}/train-images-idx3-ubyte.gz", "truncated gzip"),
+    ),
+    BadInput(
+        "truncated_data",
+        ("--config.data.local_dir={broken[truncated_data]}",),
+        ("{broken[truncated_data]}/train-images-idx3-ubyte.gz", "(truncated)"),
+    ),
+    BadInput(
+        "wrong_magic_number",
+        ("--config.data.local_dir={broken[wrong_magic]}",),
+        ("{broken[wrong_magic]}/train-labels-idx1-ubyte.gz", "wrong magic number 0x00000803"),
+    ),
+    BadInput(
+        "image_label_count_mismatch",
+        ("--config.data.local_dir={broken[count_mismatch]}",),
+        ("{broken[count_mismatch]}", "test has 300 images but 299 labels"),
+    ),
+    BadInput(
+        "label_out_of_range",
+        ("--config.data.local_dir={broken[label_out_of_range]}",),
+        ("{broken[label_out_of_range]}/train-labels-idx1-ubyte.gz", "label 10 at index 17 is out of range"),
+    ),
+    # Workdir and checkpoints.
+    BadInput("workdir_is_a_file", (), ("workdir {tmp}/a_file is not writable",), workdir="{tmp}/a_file"),
+    BadInput("workdir_under_a_file", (), ("workdir {tmp}/a_file/run is not writable",), workdir="{tmp}/a_file/run"),
+    BadInput(
+        "init_from_missing",
+        ("--config.init_from={tmp}/no_such_run",),
+        ("{tmp}/no_such_run does not exist",),
+        workdir="{tmp}/run",
+    ),
+    BadInput(
+        "init_from_other_model",
+        ("--config.init_from={trained}",),
+        ("{trained}/checkpoints", "does not fit the configured model: it holds a mlp"),
+        config="configs/cnn.py",
+        workdir="{tmp}/run",
+    ),
+    BadInput(
+        "resume_other_model",
+        (),
+        ("{trained}/checkpoints", "does not fit the configured model: it holds a mlp"),
+        config="configs/cnn.py",
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[case.name for case in BAD_INPUTS])
+def test_bad_input_through_main(case, trained_workdir, tiny_data_dir, broken_data, bad_config_files, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder\n")
+    values = {
+        "tiny": tiny_data_dir,
+        "broken": broken_data,
+        "trained": trained_workdir,
+        "configs": bad_config_files,
+        "tmp": tmp_path,
+    }
+    fill = lambda text: text.format(**values)  # noqa: E731
+    args = [f"--config={fill(case.config)}", f"--workdir={fill(case.workdir)}"]
+    if case.tiny:
+        # A 1-epoch MLP, as the existing run was; the case's own arguments come last and win.
+        args += tiny_overrides(tiny_data_dir, num_epochs=1)
+    args += [fill(arg) for arg in case.args]
+    before = tree_hashes(trained_workdir)
+
+    result = run_main(args, timeout=300)
+
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (
+        f"exit {result.returncode}\nstdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-3000:]}"
+    )
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{result.stderr[-3000:]}"
+    assert lines[0].startswith("error: "), lines[0]
+    for piece in case.expected:
+        assert fill(piece) in lines[0], f"{fill(piece)!r} not in {lines[0]!r}"
+    # Nothing of the existing run changed, and nothing was added to it.
+    assert tree_hashes(trained_workdir) == before
+    # Nothing was trained: no run started writing metrics anywhere.
+    assert not glob.glob(str(tmp_path / "**" / "metrics.jsonl"), recursive=True)
