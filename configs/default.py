@@ -102,4 +102,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.wandb.init_timeout = 60.0
 
     config.tensorboard = True
+
+    # Several processes (hosts): coordinator "host:port", count and this process's id.
+    # Empty/0/-1 = from MNIST_FLAX_COORDINATOR, MNIST_FLAX_NUM_PROCESSES, MNIST_FLAX_PROCESS_ID,
+    # else a single process. The batch is always split over every local device.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
     return config

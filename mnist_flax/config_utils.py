@@ -52,6 +52,8 @@ RANGES = {
     "checkpoint.max_to_keep": (1, None, False),
     "wandb.log_misclassified": (0, None, False),
     "wandb.init_timeout": (0.0, None, True),
+    "distributed.num_processes": (0, None, False),
+    "distributed.process_id": (-1, None, False),
 }
 
 

@@ -250,15 +250,23 @@ class DeviceSplit:
     num_valid: int
 
 
-def to_device(split: Split, pad_to_multiple: int = 1, sharding=None) -> DeviceSplit:
-    """Copies a split to the device once, padded (with repeats of example 0) to a multiple."""
+def to_device(split: Split, pad_to_multiple: int = 1, mesh=None) -> DeviceSplit:
+    """Copies a split to the device(s) once, padded (with repeats of example 0) to a multiple.
+
+    With a mesh the arrays are replicated on every device of every process.
+    """
+    from mnist_flax import distributed
+
     images, labels = split.images, split.labels
     pad = (-len(labels)) % pad_to_multiple
     if pad:
         images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)])
         labels = np.concatenate([labels, np.repeat(labels[:1], pad, axis=0)])
-    put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
-    return DeviceSplit(put(images), put(labels), num_valid=len(split))
+    if mesh is not None:
+        images, labels = distributed.put_replicated((images, labels), mesh)
+    else:
+        images, labels = jnp.asarray(images), jnp.asarray(labels)
+    return DeviceSplit(images, labels, num_valid=len(split))
 
 
 def epoch_order(key: jax.Array, epoch: jax.Array | int, num_examples: int, batch_size: int) -> jax.Array:

@@ -7,6 +7,7 @@ report. It writes through clu's MetricWriter interface and never knows which
 sinks (log, JSON lines, TensorBoard, W&B) are attached.
 """
 
+import contextlib
 import os
 import signal
 import time
@@ -19,7 +20,7 @@ import optax
 from flax.training import train_state
 
 from mnist_flax import checkpoints as checkpoints_lib
-from mnist_flax import config_utils, input_pipeline, metrics, models, progress
+from mnist_flax import config_utils, distributed, input_pipeline, metrics, models, progress
 from mnist_flax import workdir as workdir_lib
 from mnist_flax.errors import ConfigError, MnistFlaxError
 
@@ -127,7 +128,7 @@ def empty_guard() -> dict:
     return {"count": jnp.zeros((), jnp.int32), "first_step": jnp.full((), -1, jnp.int32)}
 
 
-def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1):
+def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1, mesh=None):
     """Returns a jitted fn(carry, images, labels, order) -> carry.
 
     carry = (state, train_metrics, guard). Each step gathers its batch on the
@@ -137,12 +138,15 @@ def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, 
     host decides at the next log point whether to stop. With steps_per_call > 1
     the steps are fused with lax.scan; steps past the end of the epoch are
     masked out, so a call never crosses an epoch and nothing recompiles.
+    With a mesh, the batch is split along its "data" axis (the carry and the
+    resident data are replicated); without one, it runs on the default device.
     """
+    shard = _batch_constraint(mesh)
 
     def one_step(carry, images, labels, order):
         state, train_metrics, guard = carry
-        batch_idx = order[state.step % steps_per_epoch]
-        batch_images, batch_labels = preprocess(images[batch_idx]), labels[batch_idx]
+        batch_idx = shard(order[state.step % steps_per_epoch])
+        batch_images, batch_labels = preprocess(shard(images[batch_idx])), shard(labels[batch_idx])
         dropout_rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
@@ -165,8 +169,9 @@ def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, 
         }
         return state, train_metrics, guard
 
+    out_shardings = distributed.replicated(mesh) if mesh is not None else None
     if steps_per_call == 1:
-        return jax.jit(one_step, donate_argnums=(0,))
+        return jax.jit(one_step, donate_argnums=(0,), out_shardings=out_shardings)
 
     def fused_steps(carry, images, labels, order):
         remaining = steps_per_epoch - carry[0].step % steps_per_epoch
@@ -178,37 +183,47 @@ def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, 
         carry, _ = jax.lax.scan(body, carry, jnp.arange(steps_per_call), unroll=unroll)
         return carry
 
-    return jax.jit(fused_steps, donate_argnums=(0,))
+    return jax.jit(fused_steps, donate_argnums=(0,), out_shardings=out_shardings)
 
 
-def make_predict(apply_fn, batch_size: int):
-    """Returns a jitted fn(params, images, start) -> log-probabilities of one batch."""
+def _batch_constraint(mesh):
+    """Marks an array as split along the mesh's data axis (identity without a mesh)."""
+    if mesh is None:
+        return lambda x: x
+    return lambda x: jax.lax.with_sharding_constraint(x, distributed.batch_sharded(mesh))
 
-    @jax.jit
+
+def make_predict(apply_fn, batch_size: int, mesh=None):
+    """Returns a jitted fn(params, images, start) -> log-probabilities of one batch (replicated)."""
+    shard = _batch_constraint(mesh)
+
     def predict(params, images, start):
-        batch = jax.lax.dynamic_slice_in_dim(images, start, batch_size)
+        batch = shard(jax.lax.dynamic_slice_in_dim(images, start, batch_size))
         return jax.nn.log_softmax(apply_fn({"params": params}, preprocess(batch), train=False))
 
-    return predict
+    return jax.jit(predict, out_shardings=distributed.replicated(mesh) if mesh is not None else None)
 
 
 def evaluate(predict, params, split: input_pipeline.DeviceSplit, batch_size: int) -> tuple[np.ndarray, dict]:
     """Log-probabilities of every example of a (padded) split and its classification report."""
     outputs = [predict(params, split.images, start) for start in range(0, split.images.shape[0], batch_size)]
-    log_probs = np.asarray(jnp.concatenate(outputs))[: split.num_valid]
-    labels = np.asarray(split.labels)[: split.num_valid]
+    log_probs = np.concatenate([distributed.to_host(o) for o in outputs])[: split.num_valid]
+    labels = distributed.to_host(split.labels)[: split.num_valid]
     return log_probs, metrics.classification_metrics(log_probs, labels)
 
 
 # ---------------------------------------------------------------- the loop
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict, datasets: input_pipeline.Datasets) -> None:
-    """Batch size must fit the training split (checked before compiling)."""
+def check_batch_sizes(config: ml_collections.ConfigDict, datasets: input_pipeline.Datasets, num_devices: int = 1):
+    """Batch sizes must fit the training split and split evenly over the devices (checked before compiling)."""
     if config.batch_size > len(datasets.train):
         raise ConfigError(
             f"batch_size: {config.batch_size} is larger than the training split ({len(datasets.train)} examples)"
         )
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % num_devices:
+            raise ConfigError(f"{name}: {config[name]} does not split evenly over {num_devices} devices")
 
 
 class CompileCounter:
@@ -307,15 +322,20 @@ def train_and_evaluate(
       The final report: best validation metrics, test metrics and file paths.
     """
     config_utils.validate(config)
+    distributed.initialize(config.distributed)
     workdir = workdir_lib.prepare_workdir(workdir)
-    with workdir_lib.WorkdirLock(workdir), _StopSignal() as stop:
+    lock = workdir_lib.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext()
+    with lock, _StopSignal() as stop:
         return _run(config, workdir, overrides or {}, config_changes or {}, stop)
 
 
 def _run(config, workdir, overrides, config_changes, stop) -> dict:
     clock = progress.Stopwatch()
+    primary = distributed.is_primary()
+    say = (lambda text: print(text, flush=True)) if primary else (lambda text: None)
+    mesh = distributed.make_mesh()
     datasets = input_pipeline.load_datasets(config.data)
-    check_batch_sizes(config, datasets)
+    check_batch_sizes(config, datasets, jax.device_count())
     steps_per_epoch = len(datasets.train) // config.batch_size
     total_steps = steps_per_epoch * config.num_epochs
     steps_per_call = resolve_steps_per_call(config.train)
@@ -323,6 +343,7 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
     model = models.create_model(config.model)
     schedule = make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
     state = create_train_state(model, make_optimizer(config.optimizer, schedule), config.seed)
+    state = distributed.put_replicated(state, mesh)
 
     checkpoints = None
     if config.checkpoint.enabled:
@@ -340,46 +361,49 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
     # TensorFlow (clu's writers) and W&B load only now, after the data and checkpoint checks.
     from mnist_flax import tracking, writers
 
-    workdir_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    workdir_lib.write_json(os.path.join(workdir, "config_changes.json"), config_changes)
-    tracker = tracking.Tracker.start(config, workdir, overrides, config_changes)
-    writer = writers.create_writer(workdir, tensorboard=config.tensorboard, wandb_run=tracker.run)
+    if primary:
+        workdir_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        workdir_lib.write_json(os.path.join(workdir, "config_changes.json"), config_changes)
+    tracker = tracking.Tracker.start(config, workdir, overrides, config_changes, is_primary=primary)
+    writer = writers.create_writer(workdir, tensorboard=config.tensorboard, wandb_run=tracker.run, is_primary=primary)
     if resumed_from is None:
         writer.write_hparams(config_utils.flatten(config))
 
-    train = input_pipeline.to_device(datasets.train)
-    validation = input_pipeline.to_device(datasets.validation, config.eval_batch_size)
-    test = input_pipeline.to_device(datasets.test, config.eval_batch_size)
-    data_key = jax.random.PRNGKey(config.seed + 1)
-    train_step = make_train_step(config.loss, steps_per_epoch, steps_per_call, config.train.scan_unroll)
-    predict = make_predict(state.apply_fn, config.eval_batch_size)
-    order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3))
+    train = input_pipeline.to_device(datasets.train, mesh=mesh)
+    validation = input_pipeline.to_device(datasets.validation, config.eval_batch_size, mesh=mesh)
+    test = input_pipeline.to_device(datasets.test, config.eval_batch_size, mesh=mesh)
+    data_key = np.asarray(jax.random.PRNGKey(config.seed + 1))
+    train_step = make_train_step(config.loss, steps_per_epoch, steps_per_call, config.train.scan_unroll, mesh)
+    predict = make_predict(state.apply_fn, config.eval_batch_size, mesh)
+    order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3), out_shardings=distributed.replicated(mesh))
 
-    step = int(state.step)
+    step = int(distributed.to_host(state.step))
     best_params = state.params
     if best["step"] is not None and checkpoints and best["step"] != step and best["step"] in checkpoints.all_steps():
         best_params = checkpoints.restore(best["step"], state)[0].params
-    print(
+    say(
         f"{datasets.name} from {datasets.source}: train {len(datasets.train)}, validation "
         f"{len(datasets.validation)}, test {len(datasets.test)}; {config.model.name} with "
-        f"{models.count_params(state.params):,} parameters; {jax.default_backend()} x{jax.device_count()}; "
+        f"{models.count_params(state.params):,} parameters; {jax.default_backend()} x{jax.device_count()}"
+        f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''}; "
         f"{steps_per_epoch} steps/epoch (last partial batch dropped), {steps_per_call} step(s) per call"
-        + (f"; resumed at step {step}" if resumed_from is not None else ""),
-        flush=True,
+        + (f"; resumed at step {step}" if resumed_from is not None else "")
     )
 
     # Compile ahead of time, so compile time is reported apart from step time.
     with CompileCounter() as compiles:
-        carry = (state, metrics.TrainMetrics.empty(), empty_guard())
+        carry = (state, *distributed.put_replicated((metrics.TrainMetrics.empty(), empty_guard()), mesh))
         order = order_fn(data_key, 0, len(datasets.train), config.batch_size)
         train_step = train_step.lower(carry, train.images, train.labels, order).compile()
         predict_val = predict.lower(state.params, validation.images, 0).compile()
         predict_test = predict.lower(state.params, test.images, 0).compile()
     compile_seconds = compiles.seconds
     writer.write_scalars(step, {"compile_seconds": compile_seconds})
-    print(f"compiled in {compile_seconds:.1f} s", flush=True)
+    say(f"compiled in {compile_seconds:.1f} s")
 
-    bar = progress.Progress(total_steps, steps_per_epoch, step, config.batch_size)
+    bar = progress.Progress(
+        total_steps, steps_per_epoch, step, config.batch_size, stream=None if primary else open(os.devnull, "w")
+    )
     exit_code = 0
     # Compilations during each epoch: the first may compile a few small eager ops, later ones none.
     loop_compiles, compiles_per_epoch = CompileCounter().__enter__(), []
@@ -443,7 +467,8 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
     test_labels = np.asarray(datasets.test.labels)
     writer.write_scalars(step, metrics.scalar_metrics(test_report, "test"))
     predictions_path = os.path.join(workdir, "predictions.csv")
-    workdir_lib.write_predictions(predictions_path, test_log_probs, test_labels)
+    if primary:
+        workdir_lib.write_predictions(predictions_path, test_log_probs, test_labels)
     report = {
         "best_validation": {k: v for k, v in best.items() if k != "report"},
         "validation": best.get("report"),
@@ -456,7 +481,8 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
         "git": tracker.git,
         "wandb": {"mode": tracker.mode, "run_id": tracker.run_id},
     }
-    workdir_lib.write_json(os.path.join(workdir, "final_metrics.json"), report)
+    if primary:
+        workdir_lib.write_json(os.path.join(workdir, "final_metrics.json"), report)
     tracker.log_results(
         test_report,
         test_log_probs,
@@ -480,15 +506,16 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
         checkpoints.close()
     sync_hint = tracker.sync_hint()
     tracker.finish(exit_code=exit_code)
-    _print_summary(report, workdir, sync_hint)
+    if primary:
+        _print_summary(report, workdir, sync_hint)
     return report
 
 
 def _log_train(carry, step, lap, lap_step, schedule, config, writer, bar):
     """Pulls the train metrics off the device (one sync), writes them, resets them."""
     state, train_metrics, guard = carry
-    computed = train_metrics.compute()
-    count, first = int(guard["count"]), int(guard["first_step"])
+    computed = {k: float(distributed.to_host(v)) for k, v in train_metrics.compute().items()}
+    count, first = int(distributed.to_host(guard["count"])), int(distributed.to_host(guard["first_step"]))
     if count and config.train.on_nonfinite == "stop":
         raise NonFiniteLossError(
             f"loss became non-finite at step {first}; the update was not applied and the run stopped "
@@ -497,15 +524,15 @@ def _log_train(carry, step, lap, lap_step, schedule, config, writer, bar):
     seconds = lap.lap()
     images_per_second = (step - lap_step) * config.batch_size / max(seconds, 1e-9)
     scalars = {
-        "train/loss": float(computed["loss"]),
-        "train/accuracy": float(computed["accuracy"]),
+        "train/loss": computed["loss"],
+        "train/accuracy": computed["accuracy"],
         "train/learning_rate": float(schedule(step)),
         "train/images_per_second": images_per_second,
         "train/nonfinite_steps": count,
     }
     writer.write_scalars(step, scalars)
     bar.update(step, scalars["train/loss"], scalars["train/accuracy"], images_per_second)
-    return state, metrics.TrainMetrics.empty(), guard
+    return state, jax.tree.map(jnp.zeros_like, train_metrics), guard
 
 
 def _save(checkpoints, state, step, epoch, best, epoch_metrics, config, tracker):
@@ -525,8 +552,10 @@ def _save(checkpoints, state, step, epoch, best, epoch_metrics, config, tracker)
     checkpoints.save(
         step, state, meta, metrics={"val_accuracy": epoch_metrics["val_accuracy"]} if has_val else None, force=True
     )
-    if config.checkpoint.upload_to_wandb and tracker.run is not None:
+    # Every process waits (orbax's wait is collective); the primary uploads.
+    if config.checkpoint.upload_to_wandb and config.wandb.mode != "disabled":
         checkpoints.wait()
+    if config.checkpoint.upload_to_wandb and tracker.run is not None:
         aliases = ["latest"] + (["best"] if best.get("step") == step else [])
         tracker.log_checkpoint(
             os.path.join(checkpoints.directory, str(step)),
