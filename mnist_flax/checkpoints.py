@@ -29,7 +29,13 @@ class Checkpoints:
         latest = ocp.checkpoint_managers.LatestN(n=checkpoint_config.max_to_keep)
         if checkpoint_config.keep_best:
             policy = ocp.checkpoint_managers.AnyPreservationPolicy(
-                [latest, ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1)]
+                # Steps saved without metrics (preemption mid-epoch) are kept by LatestN alone.
+                [
+                    latest,
+                    ocp.checkpoint_managers.BestN(
+                        get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False
+                    ),
+                ]
             )
         else:
             policy = latest

@@ -66,8 +66,11 @@ def git_info(repo_dir: str = config_utils.REPO_ROOT) -> dict:
 
 
 def resolve_mode(mode: str, token: str | None) -> str:
-    """ "auto" is online with a token and offline without one."""
+    """Mode "auto": WANDB_MODE if set (the entrypoint sets it), else online with a token, offline without."""
     if mode == "auto":
+        env_mode = os.environ.get("WANDB_MODE", "").lower()
+        if env_mode in ("online", "offline", "disabled"):
+            return env_mode if (env_mode != "online" or token) else "offline"
         return "online" if token else "offline"
     return mode
 
@@ -113,7 +116,10 @@ class Tracker:
         import wandb
 
         id_path = os.path.join(workdir, RUN_ID_FILE)
-        run_id = open(id_path).read().strip() if os.path.exists(id_path) else new_run_id()
+        # A W&B sweep agent names the run itself (WANDB_RUN_ID); wandb ignores any other id then.
+        run_id = os.environ.get("WANDB_RUN_ID") or (
+            open(id_path).read().strip() if os.path.exists(id_path) else new_run_id()
+        )
         run_config = {
             **config_utils.flatten(config),
             **{f"git.{k}": v for k, v in git.items()},

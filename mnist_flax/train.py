@@ -378,7 +378,8 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
     order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3), out_shardings=distributed.replicated(mesh))
 
     step = int(distributed.to_host(state.step))
-    best_params = state.params
+    # A copy: state's buffers are donated to the first step.
+    best_params = jax.tree.map(jnp.copy, state.params)
     if best["step"] is not None and checkpoints and best["step"] != step and best["step"] in checkpoints.all_steps():
         best_params = checkpoints.restore(best["step"], state)[0].params
     say(
@@ -433,7 +434,8 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
                 scalars["val/eval_seconds"] = time.perf_counter() - eval_start
                 writer.write_scalars(step, scalars)
                 epoch_metrics["val_accuracy"] = val_report["accuracy"]
-                if val_report["accuracy"] > best["val_accuracy"]:
+                # ">=": among equal accuracies the latest is best, as orbax's BestN keeps it.
+                if val_report["accuracy"] >= best["val_accuracy"]:
                     best = {"val_accuracy": val_report["accuracy"], "step": step, "report": val_report}
                     best_params = jax.tree.map(jnp.copy, state.params)
                 bar.message(

@@ -1,0 +1,61 @@
+# The training image: this repository on Python 3.11 with the pinned requirements.txt.
+#
+#   docker build -t mnist-flax --build-arg GIT_COMMIT="$(git rev-parse HEAD)" .              # GPU (CUDA 12)
+#   docker build -t mnist-flax:cpu --build-arg JAX_FLAVOUR=cpu --build-arg GIT_COMMIT=... .  # CPU only
+#
+# launch/docker_run.sh builds and runs it; launch/README.md has the commands.
+#
+# BASE_IMAGE: any Debian-like image whose `python3` is 3.11 with the venv module
+# (python:3.11-slim-bookworm, or Debian bookworm with python3-venv). JAX's CUDA
+# wheels carry CUDA and cuDNN themselves, so the GPU image needs no CUDA base:
+# the host needs only the NVIDIA driver and the container toolkit (--gpus all).
+# JAX_FLAVOUR: cpu, cuda12 or cuda13 (the `jax[...]` extra, installed on top of
+# requirements.txt at requirements.txt's jax version).
+#
+# Small without a second stage: the base has no compiler and none is installed
+# (every requirement is a wheel or pure Python), pip keeps no cache, and the
+# code is the last layer, so a code change rebuilds only that layer.
+# No secret is baked in: the W&B token comes at run time (docker run --env-file .env).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG APP_UID=1000
+# /runs (workdirs) and /data (IDX files) are meant to be mounted; /app/runs
+# points at /runs, so main.py's default workdir lands in the mounted folder.
+RUN useradd --create-home --uid "$APP_UID" --user-group --shell /bin/bash app \
+ && mkdir -p /runs /data /app \
+ && chown app:app /runs \
+ && ln -s /runs /app/runs
+
+ARG JAX_FLAVOUR=cuda12
+COPY requirements.txt /tmp/requirements.txt
+RUN case "$JAX_FLAVOUR" in \
+      cpu) extra="" ;; \
+      cuda12|cuda13) extra="jax[$JAX_FLAVOUR]" ;; \
+      *) echo "JAX_FLAVOUR must be cpu, cuda12 or cuda13, not '$JAX_FLAVOUR'" >&2; exit 2 ;; \
+    esac \
+ && python3 -m venv /opt/venv \
+ && PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+    /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt $extra \
+ && /opt/venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, clu, wandb, tensorflow_datasets" \
+ && rm -rf /tmp/requirements.txt /root/.cache
+
+# The code's git state, logged by every run from this image (mnist_flax/tracking.py).
+ARG GIT_COMMIT=unknown
+ARG GIT_BRANCH=unknown
+ARG GIT_DIRTY=false
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MNIST_FLAX_JAX_FLAVOUR=$JAX_FLAVOUR \
+    MNIST_FLAX_GIT_COMMIT=$GIT_COMMIT \
+    MNIST_FLAX_GIT_BRANCH=$GIT_BRANCH \
+    MNIST_FLAX_GIT_DIRTY=$GIT_DIRTY
+LABEL org.opencontainers.image.title="mnist_flax" \
+      org.opencontainers.image.revision=$GIT_COMMIT
+
+WORKDIR /app
+COPY . /app
+USER app
+ENTRYPOINT ["/app/entrypoint.sh"]
+CMD ["python", "main.py", "--config=configs/default.py"]

@@ -1,0 +1,170 @@
+"""The image, really built and run: the CPU variant, a tiny training, what it wrote.
+
+Needs root and Debian's docker.io and debootstrap packages. The Docker daemon is
+started here if none is running, and that daemon (only that one) is stopped at
+the end, by its PID. The base image comes from .ci/docker_base.sh (debootstrap,
+no registry) and is reused when it exists; MNIST_FLAX_BASE_IMAGE names another.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from conftest import REPO_ROOT, tiny_overrides, write_idx_dataset
+
+from mnist_flax import config_diff
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+BASE_IMAGE = os.environ.get("MNIST_FLAX_BASE_IMAGE", "mnist-flax-ci-base:bookworm")
+IMAGE = "mnist-flax:test-cpu"
+FAKE_TOKEN = "fake0container0token0" + "9" * 19
+# The legacy builder: it needs no buildx plugin, and the Dockerfile needs nothing newer.
+DOCKER_ENV = {**os.environ, "DOCKER_BUILDKIT": "0"}
+
+
+def docker(*args: str, timeout: float = 600, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, env=DOCKER_ENV, **kwargs
+    )
+    if check:
+        assert result.returncode == 0, f"docker {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def daemon_answers() -> bool:
+    return docker("info", check=False, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def docker_daemon(tmp_path_factory):
+    """A running Docker daemon; started (and later stopped) here when there is none."""
+    assert shutil.which("docker") and shutil.which("dockerd"), "Docker is missing: apt-get install docker.io"
+    if daemon_answers():
+        yield
+        return
+    assert os.geteuid() == 0, "starting dockerd needs root"
+    log = open(tmp_path_factory.mktemp("dockerd") / "dockerd.log", "w")
+    daemon = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not daemon_answers():
+            assert daemon.poll() is None, f"dockerd exited with status {daemon.returncode}; see {log.name}"
+            assert time.monotonic() < deadline, f"dockerd did not answer within 60 s; see {log.name}"
+            time.sleep(0.5)
+        yield
+    finally:
+        daemon.terminate()  # only the daemon this fixture started, by its PID
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def image(docker_daemon, tmp_path_factory):
+    """The CPU image, built on the debootstrap base with this checkout's commit."""
+    base = subprocess.run(
+        ["bash", os.path.join(REPO_ROOT, ".ci", "docker_base.sh"), BASE_IMAGE],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=DOCKER_ENV,
+    )
+    assert base.returncode == 0, base.stdout + base.stderr
+    log = tmp_path_factory.mktemp("build") / "build.log"
+    with open(log, "w") as f:
+        build = subprocess.run(
+            ["docker", "build", "-t", IMAGE, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}"]
+            + ["--build-arg", "JAX_FLAVOUR=cpu", "--build-arg", f"GIT_COMMIT={git('rev-parse', 'HEAD')}"]
+            + ["--build-arg", f"GIT_BRANCH={git('rev-parse', '--abbrev-ref', 'HEAD')}", REPO_ROOT],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=1500,
+            env=DOCKER_ENV,
+        )
+    assert build.returncode == 0, f"docker build failed:\n{log.read_text()[-4000:]}"
+    return IMAGE
+
+
+def test_image_runs_as_non_root_without_secrets_or_git(image, tmp_path):
+    config = json.loads(docker("image", "inspect", image).stdout)[0]["Config"]
+    assert config["User"] not in ("", "root", "0")
+    assert config["Entrypoint"] == ["/app/entrypoint.sh"]
+    assert "main.py" in config["Cmd"]
+    env_file = tmp_path / "test.env"
+    env_file.write_text(f"WANDB_TOKEN={FAKE_TOKEN}\nWANDB_MODE=offline\n")
+    probe = (
+        "import hashlib, json, os; "
+        "print(json.dumps({'uid': os.getuid(), 'commit': os.environ.get('MNIST_FLAX_GIT_COMMIT'), "
+        "'key': hashlib.sha256(os.environ.get('WANDB_API_KEY', '').encode()).hexdigest(), "
+        "'app': sorted(os.listdir('/app'))}))"
+    )
+    result = docker("run", "--rm", "--env-file", str(env_file), image, "python", "-c", probe, timeout=120)
+    seen = json.loads(result.stdout)
+    assert seen["uid"] != 0
+    assert seen["commit"] == git("rev-parse", "HEAD")
+    assert seen["key"] == hashlib.sha256(FAKE_TOKEN.encode()).hexdigest()  # WANDB_TOKEN became WANDB_API_KEY
+    assert {"main.py", "mnist_flax", "configs", "entrypoint.sh"} <= set(seen["app"])
+    assert not {".env", ".git", "tests", "wandb"} & set(seen["app"])
+    assert FAKE_TOKEN not in result.stdout + result.stderr
+
+
+def test_tiny_training_in_the_container(image, tmp_path):
+    data = write_idx_dataset(str(tmp_path / "data"))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    runs.chmod(0o777)  # writable by the image's user, whatever its uid
+    env_file = tmp_path / "test.env"
+    env_file.write_text(f"# a fake token: the run is offline\nWANDB_TOKEN={FAKE_TOKEN}\nWANDB_MODE=offline\n")
+    result = docker(
+        "run",
+        "--rm",
+        "--env-file",
+        str(env_file),
+        "-v",
+        f"{runs}:/runs",
+        "-v",
+        f"{data}:/data:ro",
+        image,
+        "python",
+        "main.py",
+        "--config=configs/mlp.py",
+        "--workdir=/runs/tiny",
+        *tiny_overrides("/data"),
+        "--config.wandb.notes=trained in a container",
+        timeout=600,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert FAKE_TOKEN not in output
+
+    workdir = runs / "tiny"
+    config = config_diff.load_flat(str(workdir))
+    assert config["model.name"] == "mlp" and config["data.local_dir"] == "/data"
+    assert config["wandb.notes"] == "trained in a container"  # an argument with spaces arrived whole
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics
+    final = json.loads((workdir / "final_metrics.json").read_text())
+    assert final["test"]["accuracy"] > 0.5  # the synthetic set is easy to learn
+    assert final["git"]["commit"] == git("rev-parse", "HEAD")  # the commit the image was built from
+    assert glob.glob(str(workdir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    steps = [name for name in os.listdir(workdir / "checkpoints") if name.isdigit()]
+    assert steps
+    assert os.stat(workdir / "config.json").st_uid != 0  # written by the non-root user
+
+    for path in workdir.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), f"the token leaked into {path}"

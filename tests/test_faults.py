@@ -1,0 +1,131 @@
+"""Fault injection through real processes: SIGKILL and SIGTERM at several points, then resume.
+
+The run must end with the same metrics as an uninterrupted one, and every
+checkpoint left on disk must restore.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import pytest
+from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
+
+from mnist_flax import checkpoints, models, train
+from mnist_flax.config_utils import load_config_file
+
+EPOCHS = 4  # 20 steps each on the tiny set
+
+
+def _args(data_dir, workdir):
+    return [
+        "--config=configs/mlp.py",
+        f"--workdir={workdir}",
+        *tiny_overrides(data_dir, num_epochs=EPOCHS, log_every_steps=1),
+    ]
+
+
+def _start(args):
+    return subprocess.Popen(
+        [sys.executable, "main.py", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **SUBPROCESS_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _run_until(args, trigger: str, sig: int) -> tuple[int, str]:
+    """Starts a run, sends `sig` when a stdout line contains `trigger`; returns (exit code, stderr)."""
+    process = _start(args)
+    fired = False
+    for line in process.stdout:
+        if trigger in line:
+            process.send_signal(sig)
+            fired = True
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert fired, f"the run ended before {trigger!r}: {stderr[-1500:]}"
+    return process.returncode, stderr
+
+
+def _assert_checkpoints_restore(workdir):
+    config = load_config_file("configs/mlp.py")
+    model = models.create_model(config.model)
+    schedule = train.make_schedule(config.optimizer, 20, EPOCHS)
+    target = train.create_train_state(model, train.make_optimizer(config.optimizer, schedule), 0)
+    manager = checkpoints.Checkpoints(
+        os.path.join(workdir, "checkpoints"),
+        ml_collections.ConfigDict({"max_to_keep": 3, "keep_best": True, "async_save": False}),
+    )
+    steps = manager.all_steps()
+    assert steps
+    for step in steps:
+        state, meta = manager.restore(step, target)
+        assert int(jax.device_get(state.step)) == step == meta["step"]
+    manager.close()
+
+
+@pytest.mark.slow
+def test_kills_and_preemptions_lose_nothing(tiny_data_dir, tmp_path):
+    straight = run_main(_args(tiny_data_dir, tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    expected = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
+
+    workdir = tmp_path / "faulty"
+    args = _args(tiny_data_dir, workdir)
+    # (trigger in the progress output, signal): during steps, right after an epoch's last step (evaluation),
+    # right after the validation line (the asynchronous checkpoint write), and early in later epochs.
+    faults = [
+        ("step 7/", signal.SIGKILL),  # mid-step, before any checkpoint
+        ("step 20/", signal.SIGKILL),  # end of epoch 1: evaluation and the first save
+        ("epoch 1: val", signal.SIGKILL),  # during the asynchronous checkpoint write
+        ("step 33/", signal.SIGTERM),  # preemption mid-epoch: saves at the current step
+        ("step 41/", signal.SIGKILL),
+        ("epoch 3: val", signal.SIGTERM),
+        ("step 66/", signal.SIGKILL),
+    ]
+    survived = 0
+    for trigger, sig in faults:
+        code, stderr = _run_until(args, trigger, sig)
+        if sig == signal.SIGKILL:
+            assert code == -signal.SIGKILL
+        else:
+            assert code == 3, stderr[-1500:]  # preempted: checkpoint saved, resumable
+            assert "error: SIGTERM at step" in stderr
+        assert "Traceback" not in stderr
+        if os.path.isdir(workdir / "checkpoints") and os.listdir(workdir / "checkpoints"):
+            _assert_checkpoints_restore(workdir)
+        survived += 1
+
+    finished = run_main(args)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert survived == len(faults)
+    result = json.loads((workdir / "final_metrics.json").read_text())
+    assert result["steps"] == expected["steps"] == EPOCHS * 20
+    assert result["test"]["accuracy"] == expected["test"]["accuracy"]
+    assert result["test"]["loss"] == pytest.approx(expected["test"]["loss"], rel=1e-6)
+    assert result["best_validation"] == expected["best_validation"]
+    _assert_checkpoints_restore(workdir)
+
+
+def test_second_run_on_the_same_workdir_refuses(tiny_data_dir, tmp_path):
+    args = [*_args(tiny_data_dir, tmp_path), "--config.num_epochs=500"]  # still running when the second starts
+    first = _start(args)
+    try:
+        for line in first.stdout:
+            if "step 2/" in line:
+                break
+        second = run_main(args)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines()[-1].startswith(f"error: workdir {tmp_path} is in use")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=300)
+    assert first.returncode == 3  # the first run was untouched: it saved and stopped on our SIGTERM
+    _assert_checkpoints_restore(tmp_path)
