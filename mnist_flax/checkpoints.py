@@ -6,7 +6,11 @@ git commit). Orbax writes each step to a temporary directory and renames it
 when complete, so a step that `all_steps()` lists is always whole.
 """
 
+import contextlib
 import os
+import re
+import sys
+import threading
 
 import jax
 import ml_collections
@@ -75,19 +79,49 @@ class Checkpoints:
                 force=force,
             )
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"saving checkpoint {step} to {self.directory} failed: {e}") from None
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: {_short_error(e)}") from None
 
     def restore(self, step: int, target_state):
         """Restores (state, meta) at `step` into the structure of `target_state`."""
         return restore_from_directory(self.directory, target_state, step=step, manager=self.manager)
 
     def wait(self) -> None:
-        """Blocks until every started save is on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until every started save is on disk; a failed background save raises here."""
+        try:
+            # A failed background write also makes tensorstore's callbacks print tracebacks of their own.
+            with quiet_background_errors():
+                self.manager.wait_until_finished()
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: {_short_error(e)}") from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+@contextlib.contextmanager
+def quiet_background_errors():
+    """Exceptions of background threads and callbacks are not printed inside this block.
+
+    For waits on background writers whose failure is reported as one CheckpointError line instead.
+    """
+    previous = threading.excepthook, sys.unraisablehook
+    threading.excepthook = sys.unraisablehook = lambda args: None
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            yield
+    finally:
+        threading.excepthook, sys.unraisablehook = previous
+
+
+def _short_error(error: Exception) -> str:
+    """The operating-system reason inside orbax's/tensorstore's long message, if there is one."""
+    match = re.search(r"os_error_code='(\d+)'", str(error))
+    if match:
+        return os.strerror(int(match.group(1)))
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 
 def restore_from_directory(directory: str, target_state, step: int | None = None, manager=None):

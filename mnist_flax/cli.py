@@ -100,8 +100,9 @@ def train(config, workdir: str, argv: list[str]) -> None:
 
 def run_main(fn) -> int:
     """Runs fn; known errors become one line, preemption its own exit status."""
-    # Libraries' warnings (orbax's "directory is read only", ...) are noise to a user; errors are ours.
-    logging.set_verbosity(logging.ERROR)
+    # Libraries log their own warnings and tracebacks (orbax: "directory is read only", a failed background
+    # save); what a user needs comes as one line from us, or as an exception with its traceback if it is a bug.
+    logging.set_verbosity(logging.FATAL)
     try:
         fn()
     except MnistFlaxError as e:

@@ -446,18 +446,20 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
                 _save(checkpoints, state, step, epoch + 1, best, epoch_metrics, config, tracker)
             compiles_per_epoch.append(loop_compiles.count - sum(compiles_per_epoch))
             lap, lap_step = progress.Stopwatch(), step
-    except (Preempted, NonFiniteLossError) as e:
-        state = carry[0]
-        if checkpoints and isinstance(e, Preempted):
-            _save(checkpoints, state, step, step // steps_per_epoch, best, None, config, tracker)
-            checkpoints.wait()
+    except MnistFlaxError as e:  # preempted, non-finite loss, a failed checkpoint: stop cleanly
         bar.close()
-        writer.write_texts(step, {"stopped": str(e)})
-        writer.flush()
-        if checkpoints:
-            checkpoints.close()
-        tracker.set_summary({"stopped": str(e)})
-        tracker.finish(exit_code=getattr(e, "exit_code", 1))
+        # Clean-up can fail too (a full disk fails orbax's and W&B's background writers); the error that
+        # stopped the run is the one to report, so theirs are kept quiet.
+        with checkpoints_lib.quiet_background_errors():
+            if checkpoints and isinstance(e, Preempted):
+                _save(checkpoints, carry[0], step, step // steps_per_epoch, best, None, config, tracker)
+            writer.write_texts(step, {"stopped": str(e)})
+            writer.flush()
+            if checkpoints:
+                with contextlib.suppress(checkpoints_lib.CheckpointError):
+                    checkpoints.close()
+            tracker.set_summary({"stopped": str(e)})
+            tracker.finish(exit_code=getattr(e, "exit_code", 1))
         raise
     finally:
         loop_compiles.__exit__()

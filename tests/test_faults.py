@@ -129,3 +129,25 @@ def test_second_run_on_the_same_workdir_refuses(tiny_data_dir, tmp_path):
         first.communicate(timeout=300)
     assert first.returncode == 3  # the first run was untouched: it saved and stopped on our SIGTERM
     _assert_checkpoints_restore(tmp_path)
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_registers_nothing(tiny_data_dir, tmp_path):
+    """A 2 MiB filesystem: the config and metrics fit, the first checkpoint does not."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount_point)], capture_output=True)
+    assert mounted.returncode == 0, f"the test needs root to mount a tmpfs: {mounted.stderr!r}"
+    try:
+        workdir = mount_point / "run"
+        result = run_main(_args(tiny_data_dir, workdir))
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: saving a checkpoint in") and last.endswith("No space left on device"), last
+        manager = checkpoints.Checkpoints(
+            str(workdir / "checkpoints"),
+            ml_collections.ConfigDict({"max_to_keep": 3, "keep_best": True, "async_save": False}),
+        )
+        assert manager.latest_step() is None  # the half-written step is not taken for whole
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
