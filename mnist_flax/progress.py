@@ -1,5 +1,6 @@
 """What the terminal shows while a run trains: a progress bar on a terminal, plain lines in logs."""
 
+import shutil
 import sys
 import time
 
@@ -22,7 +23,8 @@ class Progress:
         if self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream, dynamic_ncols=True)
+            width = max(80, shutil.get_terminal_size((100, 24)).columns)  # some terminals report 0 columns
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream, ncols=width)
         self._last_step = start_step
 
     def update(self, step: int, loss: float, accuracy: float, images_per_second: float) -> None:
