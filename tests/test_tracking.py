@@ -268,3 +268,43 @@ def test_unreachable_wandb_keeps_the_run_offline(tiny_data_dir, tmp_path):
     summary = _wandb_summary(tmp_path)
     assert any("train/loss" in row for row in summary["history"])
     assert time.monotonic() - start < 240
+
+
+def test_rejected_token_is_one_line_and_exit_2(tiny_data_dir, tmp_path):
+    import http.server
+    import threading
+
+    class Reject(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"errors": [{"message": "user is not logged in"}]}')
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Reject)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = run_main(
+            [
+                "--config=configs/mlp.py",
+                f"--workdir={tmp_path}",
+                *tiny_overrides(tiny_data_dir, num_epochs=1),
+                "--config.wandb.mode=online",
+                "--config.wandb.allow_dirty=True",
+                "--config.wandb.init_timeout=20",
+            ],
+            env={"WANDB_API_KEY": FAKE_TOKEN, "WANDB_BASE_URL": f"http://127.0.0.1:{server.server_port}"},
+        )
+    finally:
+        server.shutdown()
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the W&B token was rejected (401); check WANDB_API_KEY in your .env"
+    )
+    assert "Traceback" not in result.stderr and FAKE_TOKEN not in result.stdout + result.stderr
