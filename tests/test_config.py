@@ -120,12 +120,12 @@ def test_steps_per_call_as_given_on_the_command_line(value):
     # The field's default is the string "auto", so ml_collections keeps it a str
     # field and `--config.train.steps_per_call=50` arrives as the string "50".
     # An integer given that way must be accepted (and used as that integer).
-    from mnist_flax import train
+    from mnist_flax import steps
 
     config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
     config.train.steps_per_call = value
     config_utils.validate(config)
-    assert train.resolve_steps_per_call(config.train, backend="gpu") == int(value)
+    assert steps.resolve_steps_per_call(config.train, backend="gpu") == int(value)
 
 
 def test_nearest_names():

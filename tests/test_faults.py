@@ -15,7 +15,7 @@ import ml_collections
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
 
-from mnist_flax import checkpoints, models, train
+from mnist_flax import checkpoints, models, steps
 from mnist_flax.config_utils import load_config_file
 
 EPOCHS = 4  # 20 steps each on the tiny set
@@ -57,15 +57,15 @@ def _run_until(args, trigger: str, sig: int) -> tuple[int, str]:
 def _assert_checkpoints_restore(workdir):
     config = load_config_file("configs/mlp.py")
     model = models.create_model(config.model)
-    schedule = train.make_schedule(config.optimizer, 20, EPOCHS)
-    target = train.create_train_state(model, train.make_optimizer(config.optimizer, schedule), 0)
+    schedule = steps.make_schedule(config.optimizer, 20, EPOCHS)
+    target = steps.create_train_state(model, steps.make_optimizer(config.optimizer, schedule), 0)
     manager = checkpoints.Checkpoints(
         os.path.join(workdir, "checkpoints"),
         ml_collections.ConfigDict({"max_to_keep": 3, "keep_best": True, "async_save": False}),
     )
-    steps = manager.all_steps()
-    assert steps
-    for step in steps:
+    saved_steps = manager.all_steps()
+    assert saved_steps
+    for step in saved_steps:
         state, meta = manager.restore(step, target)
         assert int(jax.device_get(state.step)) == step == meta["step"]
     manager.close()

@@ -508,7 +508,7 @@ NO_TENSORFLOW_SCRIPT = textwrap.dedent(
     import jax
     import ml_collections
 
-    from mnist_flax import config_utils, input_pipeline, metrics, models, train
+    from mnist_flax import config_utils, input_pipeline, metrics, models, steps, train
 
     data_dir = sys.argv[1]
     config = config_utils.load_config_file("configs/mlp.py")
@@ -516,12 +516,12 @@ NO_TENSORFLOW_SCRIPT = textwrap.dedent(
     config.data.validation_size = 200
     datasets = input_pipeline.load_datasets(config.data)
     model = models.create_model(config.model)
-    tx = train.make_optimizer(config.optimizer, train.make_schedule(config.optimizer, 10, 1))
-    state = train.create_train_state(model, tx, seed=0)
+    tx = steps.make_optimizer(config.optimizer, steps.make_schedule(config.optimizer, 10, 1))
+    state = steps.create_train_state(model, tx, seed=0)
     split = input_pipeline.to_device(datasets.train)
     order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, len(datasets.train), 50)
-    step = train.make_train_step(config.loss, steps_per_epoch=order.shape[0])
-    carry = step((state, metrics.TrainMetrics.empty(), train.empty_guard()), split.images, split.labels, order)
+    step = steps.make_train_step(config.loss, steps_per_epoch=order.shape[0])
+    carry = step((state, metrics.TrainMetrics.empty(), steps.empty_guard()), split.images, split.labels, order)
     computed = carry[1].compute()
     assert int(carry[0].step) == 1, carry[0].step
     assert int(carry[2]["count"]) == 0

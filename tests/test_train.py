@@ -11,7 +11,7 @@ import pytest
 from conftest import make_learnable_split, run_main, tiny_overrides
 
 from configs import default
-from mnist_flax import input_pipeline, metrics, models, train
+from mnist_flax import input_pipeline, metrics, models, steps
 
 
 def _setup(model_name="cnn", conv_impl="xla", learning_rate=1e-3, batch_size=32, num_examples=256):
@@ -24,13 +24,13 @@ def _setup(model_name="cnn", conv_impl="xla", learning_rate=1e-3, batch_size=32,
     images = jnp.asarray(images[..., None])
     labels = jnp.asarray(labels.astype(np.int32))
     model = models.create_model(config.model)
-    tx = train.make_optimizer(config.optimizer, train.make_schedule(config.optimizer, 1, 1))
-    state = train.create_train_state(model, tx, seed=0)
+    tx = steps.make_optimizer(config.optimizer, steps.make_schedule(config.optimizer, 1, 1))
+    state = steps.create_train_state(model, tx, seed=0)
     return config, state, images, labels
 
 
 def _carry(state):
-    return (state, metrics.TrainMetrics.empty(), train.empty_guard())
+    return (state, metrics.TrainMetrics.empty(), steps.empty_guard())
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "mlp"])
@@ -38,7 +38,7 @@ def test_loss_falls_on_a_fixed_batch(model_name):
     config, state, images, labels = _setup(model_name)
     # One step per epoch: every step sees the same batch (row 0 of the order).
     order = jnp.arange(32, dtype=jnp.int32)[None]
-    step_fn = train.make_train_step(config.loss, steps_per_epoch=1)
+    step_fn = steps.make_train_step(config.loss, steps_per_epoch=1)
     carry = _carry(state)
     losses = []
     for _ in range(25):
@@ -52,12 +52,12 @@ def test_loss_falls_on_a_fixed_batch(model_name):
 def test_epoch_loop_compiles_the_step_once():
     config, state, images, labels = _setup("mlp")
     steps_per_epoch = 256 // 32
-    step_fn = train.make_train_step(config.loss, steps_per_epoch)
+    step_fn = steps.make_train_step(config.loss, steps_per_epoch)
     order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3))
     carry = _carry(state)
-    with train.CompileCounter() as first_epoch:
+    with steps.CompileCounter() as first_epoch:
         carry = step_fn(carry, images, labels, order_fn(jax.random.PRNGKey(0), 0, 256, 32))
-    with train.CompileCounter() as later:
+    with steps.CompileCounter() as later:
         for epoch in range(3):
             order = order_fn(jax.random.PRNGKey(0), epoch, 256, 32)
             for _ in range(steps_per_epoch):
@@ -73,8 +73,8 @@ def test_fused_steps_match_single_steps():
     config, state, images, labels = _setup("mlp")
     steps_per_epoch = 8
     order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, 256, 32)
-    single = train.make_train_step(config.loss, steps_per_epoch, steps_per_call=1)
-    fused = train.make_train_step(config.loss, steps_per_epoch, steps_per_call=3)
+    single = steps.make_train_step(config.loss, steps_per_epoch, steps_per_call=1)
+    fused = steps.make_train_step(config.loss, steps_per_epoch, steps_per_call=3)
     carry_a = _carry(jax.tree.map(jnp.copy, state))
     for _ in range(steps_per_epoch):
         carry_a = single(carry_a, images, labels, order)
@@ -90,7 +90,7 @@ def test_fused_steps_match_single_steps():
 def test_nonfinite_update_is_skipped_and_counted():
     config, state, images, labels = _setup("mlp")
     bad_images = images.at[:].set(255)
-    step_fn = train.make_train_step(config.loss, steps_per_epoch=1)
+    step_fn = steps.make_train_step(config.loss, steps_per_epoch=1)
     # A NaN parameter makes the loss NaN: the update must not be applied.
     poisoned = state.replace(
         params=jax.tree.map(lambda p: p.at[..., 0].set(jnp.nan) if p.ndim == 2 else p, state.params)
@@ -106,23 +106,23 @@ def test_nonfinite_update_is_skipped_and_counted():
 def test_losses_and_optimizers_build():
     logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
     labels = jnp.array([0, 2])
-    ce = train.compute_loss(
+    ce = steps.compute_loss(
         logits, labels, ml_collections.ConfigDict({"name": "cross_entropy", "label_smoothing": 0.0})
     )
     expected = -np.mean([jax.nn.log_softmax(logits[0])[0], jax.nn.log_softmax(logits[1])[2]])
     np.testing.assert_allclose(ce, expected, rtol=1e-6)
-    smooth = train.compute_loss(
+    smooth = steps.compute_loss(
         logits, labels, ml_collections.ConfigDict({"name": "cross_entropy", "label_smoothing": 0.2})
     )
     assert float(smooth) > float(ce)
-    focal = train.compute_loss(logits, labels, ml_collections.ConfigDict({"name": "focal", "focal_gamma": 2.0}))
+    focal = steps.compute_loss(logits, labels, ml_collections.ConfigDict({"name": "focal", "focal_gamma": 2.0}))
     assert 0 < float(focal) < float(ce)  # focal down-weights confident, correct examples
     for name in ("sgd", "momentum", "adam", "adamw"):
         for schedule in ("constant", "cosine", "warmup_cosine"):
             optimizer_config = default.get_config().optimizer
             optimizer_config.name, optimizer_config.schedule = name, schedule
-            sched = train.make_schedule(optimizer_config, steps_per_epoch=10, num_epochs=2)
-            train.make_optimizer(optimizer_config, sched)
+            sched = steps.make_schedule(optimizer_config, steps_per_epoch=10, num_epochs=2)
+            steps.make_optimizer(optimizer_config, sched)
             if schedule == "warmup_cosine":
                 assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(optimizer_config.learning_rate)
 
