@@ -7,6 +7,9 @@ logged commit reproduces them; offline runs record the dirty flag, and `sync`
 refuses to upload a dirty run unless forced.
 """
 
+import contextlib
+import functools
+import io
 import os
 import secrets
 import string
@@ -82,6 +85,43 @@ def check_dirty(git: dict, mode: str, allow_dirty: bool) -> None:
             "tracked files have uncommitted changes, so the logged commit would not reproduce this run; "
             "commit them, or pass --config.wandb.mode=offline or --config.wandb.allow_dirty=True"
         )
+
+
+_WANDB_FAILURES: list[str] = []
+
+
+def wandb_failure(error: Exception) -> str:
+    """Says once per process, in one line, that W&B stopped working and where the metrics still go."""
+    reason = str(error).strip().splitlines()[-1][:160] if str(error).strip() else type(error).__name__
+    message = (
+        f"W&B stopped accepting data ({type(error).__name__}: {reason}); training goes on, and every metric is "
+        "still written to metrics.jsonl, TensorBoard and the log"
+    )
+    if not _WANDB_FAILURES:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    _WANDB_FAILURES.append(message)
+    return message
+
+
+def wandb_failed() -> bool:
+    """Whether W&B failed earlier in this process (then nothing more is sent to it)."""
+    return bool(_WANDB_FAILURES)
+
+
+def _survives_wandb_failure(method):
+    """A Tracker method that warns (once) instead of stopping the training when W&B fails mid-run."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.run is None or _WANDB_FAILURES:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            wandb_failure(e)
+            return None
+
+    return wrapper
 
 
 class Tracker:
@@ -175,6 +215,7 @@ class Tracker:
             return None
         return f"python -m mnist_flax.sync {self.workdir}"
 
+    @_survives_wandb_failure
     def log_checkpoint(self, step_dir: str, step: int, aliases: list[str], metadata: dict) -> None:
         """Uploads one checkpoint step directory as a `model` artifact."""
         if self.run is None:
@@ -185,6 +226,7 @@ class Tracker:
         artifact.add_dir(step_dir)
         self.run.log_artifact(artifact, aliases=aliases)
 
+    @_survives_wandb_failure
     def log_results(
         self,
         test_report: dict,
@@ -232,6 +274,7 @@ class Tracker:
         artifact.add_file(predictions_path)
         self.run.log_artifact(artifact)
 
+    @_survives_wandb_failure
     def set_summary(self, values: dict) -> None:
         if self.run is not None:
             for key, value in values.items():
@@ -239,5 +282,14 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
-            self.run.finish(exit_code=exit_code)
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as e:  # the service is gone: what it wrote stays in the run's .wandb file
+                wandb_failure(e)
+            if wandb_failed():
+                import wandb
+
+                # Tear down the broken service connection now, quietly, rather than in wandb's atexit hook.
+                with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
+                    wandb.teardown()
             self.run = None

@@ -19,6 +19,8 @@ import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
 
+from mnist_flax.tracking import wandb_failed, wandb_failure
+
 
 def _plain(value):
     """A JSON-ready Python scalar from a NumPy/JAX scalar."""
@@ -32,7 +34,7 @@ class JsonlWriter(interface.MetricWriter):
     def __init__(self, path: str):
         self._path = path
         self._lock = threading.Lock()
-        self._file = open(path, "a")
+        self._file = open(path, "a", buffering=1)  # line-buffered: a crash loses no written line
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
@@ -87,7 +89,11 @@ class WandbWriter(interface.MetricWriter):
         run.define_metric("*", step_metric="step")
 
     def _log(self, step: int, values: Mapping[str, Any]) -> None:
-        self._run.log({"step": int(step), **values})
+        if not wandb_failed():
+            try:
+                self._run.log({"step": int(step), **values})
+            except Exception as e:  # W&B's service died or its disk filled: training goes on without it
+                wandb_failure(e)
 
     def write_scalars(self, step, scalars):
         self._log(step, {k: _plain(v) for k, v in scalars.items()})
@@ -111,7 +117,11 @@ class WandbWriter(interface.MetricWriter):
         )
 
     def write_hparams(self, hparams):
-        self._run.config.update(dict(hparams), allow_val_change=True)
+        if not wandb_failed():
+            try:
+                self._run.config.update(dict(hparams), allow_val_change=True)
+            except Exception as e:
+                wandb_failure(e)
 
     def write_summaries(self, step, values, metadata=None):
         self.write_scalars(step, {k: v for k, v in values.items() if np.asarray(v).size == 1})

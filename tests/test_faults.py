@@ -151,3 +151,41 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_registers_nothing(tiny_da
         assert manager.latest_step() is None  # the half-written step is not taken for whole
     finally:
         subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def _children(pid: int, name: str) -> list[int]:
+    """Processes whose parent is `pid` and whose command line mentions `name` (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid and name.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_wandb_dying_mid_run_does_not_stop_training(tiny_data_dir, tmp_path):
+    args = [*_args(tiny_data_dir, tmp_path), "--config.num_epochs=6"]
+    process = _start(args)
+    killed = []
+    for line in process.stdout:
+        if "step 30/" in line:
+            for pid in _children(process.pid, "wandb-core"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            break
+    stdout, stderr = process.communicate(timeout=300)
+    assert killed, "W&B's service process was not found"
+    assert process.returncode == 0, stderr[-2000:]
+    assert "warning: W&B stopped accepting data" in stderr
+    assert "Traceback" not in stderr
+    history = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert max(r["step"] for r in history if "train/loss" in r) == 6 * 20  # every metric kept after the failure
+    assert json.loads((tmp_path / "final_metrics.json").read_text())["steps"] == 120
