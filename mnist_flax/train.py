@@ -184,7 +184,7 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
     test = input_pipeline.to_device(datasets.test, config.eval_batch_size, mesh=mesh)
     data_key = np.asarray(jax.random.PRNGKey(config.seed + 1))
     train_step = make_train_step(config.loss, steps_per_epoch, steps_per_call, config.train.scan_unroll, mesh)
-    predict = make_predict(state.apply_fn, config.eval_batch_size, mesh)
+    predict = make_predict(models.for_inference(model).apply, config.eval_batch_size, mesh)
     order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3), out_shardings=distributed.replicated(mesh))
 
     step = int(distributed.to_host(state.step))

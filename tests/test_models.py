@@ -243,3 +243,18 @@ def test_unknown_model_name_raises_config_error():
         models.create_model(model_config("cnn", name="resnet"))
     with pytest.raises(ConfigError, match="'CNN'"):
         models.create_model(model_config("mlp", name="CNN"))  # names are case-sensitive
+
+
+def test_inference_form_gives_the_same_outputs():
+    config = config_utils.load_config_file("configs/cnn.py")
+    config.model.conv_impl = "shifted_matmul"
+    model = models.create_model(config.model)
+    images = jax.random.uniform(jax.random.PRNGKey(0), (4, 28, 28, 1))
+    params = model.init(jax.random.PRNGKey(1), images)["params"]
+    fast = models.for_inference(model)
+    assert fast.conv_impl == "xla"
+    np.testing.assert_allclose(
+        fast.apply({"params": params}, images), model.apply({"params": params}, images), rtol=1e-5, atol=1e-5
+    )
+    mlp = models.create_model(config_utils.load_config_file("configs/mlp.py").model)
+    assert models.for_inference(mlp) is mlp
