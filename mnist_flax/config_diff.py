@@ -57,7 +57,7 @@ def load_flat(spec: str) -> dict:
         return apply_overrides(_read_json_config(head), overrides)
     if path.endswith(".py"):
         return apply_overrides(config_utils.flatten(config_utils.load_config_file(head)), overrides)
-    if head.count("/") == 2 and not os.path.exists(head):
+    if head.count("/") == 2 and not head.startswith(("/", ".", "~")) and not os.path.exists(head):
         return _wandb_config(head)
     raise ConfigError(f"{head}: not a config file, run workdir, config.json or W&B run path (entity/project/id)")
 
