@@ -1,0 +1,223 @@
+"""What every benchmark shares: the data on the host, interleaved timing, memory and machine facts.
+
+NumPy and the standard library only, so a PyTorch child process measured for its memory does not load JAX.
+"""
+
+import dataclasses
+import datetime
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+IMAGE_SHAPE = (28, 28, 1)
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class HostData:
+    """Train, validation and test splits as NumPy arrays: images (N, 28, 28, 1) uint8, labels (N,) int32."""
+
+    train_images: object
+    train_labels: object
+    validation_images: object
+    validation_labels: object
+    test_images: object
+    test_labels: object
+
+    def save(self, path: str) -> None:
+        """Writes the splits to one uncompressed .npz (children load it without JAX)."""
+        import numpy as np
+
+        np.savez(path, **dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: str) -> "HostData":
+        import numpy as np
+
+        with np.load(path) as arrays:
+            return cls(**{field.name: arrays[field.name] for field in dataclasses.fields(cls)})
+
+
+# ---------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass
+class Rounds:
+    """Per-round wall seconds, process CPU seconds and images of one contender."""
+
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    cpu_seconds: list[float] = dataclasses.field(default_factory=list)
+    images: list[int] = dataclasses.field(default_factory=list)
+
+    def images_per_second(self) -> list[float]:
+        return [n / s for n, s in zip(self.images, self.seconds, strict=True)]
+
+    def median_images_per_second(self) -> float:
+        return statistics.median(self.images_per_second())
+
+    def cpu_per_wall(self) -> float:
+        """Cores kept busy by the whole process while this contender ran (threads, background work)."""
+        return sum(self.cpu_seconds) / max(sum(self.seconds), 1e-9)
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def interleave(runners: dict[str, Callable[[], int]], rounds: int) -> dict[str, Rounds]:
+    """Runs each contender once per round, alternating, and times each run.
+
+    Each runner trains for its share of the round and returns the images it
+    processed, blocking until the work is done. The order rotates from round to
+    round so that no contender always follows the same neighbour.
+    """
+    names = list(runners)
+    results = {name: Rounds() for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            cpu_start, start = process_cpu_seconds(), time.perf_counter()
+            images = runners[name]()
+            results[name].seconds.append(time.perf_counter() - start)
+            results[name].cpu_seconds.append(process_cpu_seconds() - cpu_start)
+            results[name].images.append(images)
+    return results
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how far apart the rounds were."""
+    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
+
+
+# ---------------------------------------------------------------- memory
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process (VmRSS), MiB."""
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process's memory image so far (VmHWM), MiB.
+
+    Not getrusage's ru_maxrss: Linux carries that across exec, so a child would report its parent's peak.
+    """
+    return _status_kib("VmHWM") / 1024
+
+
+def _status_kib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def children_cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of the live descendants of `pid` (e.g. W&B's service process)."""
+    pid = pid or os.getpid()
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    total, frontier = 0.0, {pid}
+    while frontier:
+        frontier = {child for child, (parent, _) in parents.items() if parent in frontier}
+        total += sum(parents[child][1] for child in frontier)
+    return total
+
+
+# ---------------------------------------------------------------- the machine
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_facts() -> dict:
+    """CPU model, cores, memory, Python and the load now."""
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory_gib = float("nan")
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "memory_gib": round(memory_gib, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def package_versions(names: Sequence[str]) -> dict[str, str]:
+    """Installed versions of the named distributions ("absent" where not installed)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def load_average() -> tuple[float, float, float]:
+    return tuple(round(x, 2) for x in os.getloadavg())
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:
+    """A Markdown table (also readable as plain text)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row):
+        return (
+            "| "
+            + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align, strict=True))
+            + " |"
+        )
+
+    rule = (
+        "| "
+        + " | ".join("-" * w if a == "l" else "-" * (w - 1) + ":" for w, a in zip(widths, align, strict=True))
+        + " |"
+    )
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+def fmt(value, digits: int = 0, suffix: str = "") -> str:
+    """A number with thousands separators, or "-" for None/NaN."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:,.{digits}f}{suffix}"

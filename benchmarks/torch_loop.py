@@ -1,0 +1,134 @@
+"""The plain PyTorch equivalent: TensorDataset + DataLoader, an nn.Module, AdamW, the usual loop.
+
+Same architecture as mnist_flax's CNN and MLP (3x3 SAME convolutions, ReLU, 2x2 average pooling, dense layers,
+dropout after each dense hidden layer), the same optimizer (AdamW, warmup + cosine schedule, weight decay 1e-4)
+and the same data (the float conversion /255 is done once, as the usual TensorDataset pipeline does).
+Imports NumPy and torch only.
+"""
+
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class TorchNet(nn.Module):
+    """Conv(3x3, SAME) + ReLU + AvgPool(2) per stage, then Dense + ReLU + Dropout, then the classifier."""
+
+    def __init__(self, conv_features=(32, 64), dense_features=(256,), dropout_rate=0.25, num_classes=10):
+        super().__init__()
+        layers, channels, side = [], 1, 28
+        for features in conv_features:
+            layers += [nn.Conv2d(channels, features, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
+            channels, side = features, side // 2
+        layers.append(nn.Flatten())
+        width = channels * side * side
+        for features in dense_features:
+            layers += [nn.Linear(width, features), nn.ReLU(), nn.Dropout(dropout_rate)]
+            width = features
+        layers.append(nn.Linear(width, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def warmup_cosine(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """optax.warmup_cosine_decay_schedule(0, peak, warmup_steps, total_steps) (end value 0)."""
+    if step < warmup_steps:
+        return peak * step / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TorchContender:
+    """Trains `TorchNet` with the usual DataLoader loop; `run(steps)` continues where it stopped."""
+
+    def __init__(
+        self,
+        architecture: dict,
+        data,
+        batch_size: int,
+        *,
+        threads: int | None = None,
+        device: str = "cpu",
+        learning_rate: float = 2e-3,
+        weight_decay: float = 1e-4,
+        num_epochs: int = 10,
+        log_every_steps: int = 100,
+        seed: int = 0,
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.log_every_steps = log_every_steps
+        to_tensor = lambda images: torch.from_numpy(  # noqa: E731
+            np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+        )
+        train = torch.utils.data.TensorDataset(
+            to_tensor(data.train_images), torch.from_numpy(data.train_labels.astype(np.int64))
+        )
+        self.loader = torch.utils.data.DataLoader(
+            train, batch_size=batch_size, shuffle=True, drop_last=True, pin_memory=self.device.type == "cuda"
+        )
+        self.test_images = to_tensor(data.test_images)
+        self.test_labels = torch.from_numpy(data.test_labels.astype(np.int64))
+        self.net = TorchNet(
+            architecture["conv_features"], architecture["dense_features"], architecture["dropout_rate"]
+        ).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        steps_per_epoch = len(self.loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine(step, 1.0, steps_per_epoch, steps_per_epoch * num_epochs),
+        )
+        self.num_params = sum(p.numel() for p in self.net.parameters())
+        self._batches = iter(self.loader)
+        self._step = 0
+        self._loss_sum = torch.zeros((), device=self.device)
+        self.last_loss = float("nan")
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run(self, steps: int) -> int:
+        """Trains `steps` steps; returns the images processed."""
+        self.net.train()
+        for _ in range(steps):
+            try:
+                images, labels = next(self._batches)
+            except StopIteration:
+                self._batches = iter(self.loader)
+                images, labels = next(self._batches)
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(self.net(images), labels)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self._loss_sum += loss.detach()
+            self._step += 1
+            if self._step % self.log_every_steps == 0:
+                self.last_loss = self._loss_sum.item() / self.log_every_steps
+                self._loss_sum.zero_()
+        self._sync()
+        return steps * self.batch_size
+
+    def evaluate(self, batch_size: int = 1000) -> tuple[float, float]:
+        """Forward pass over the test set; returns (seconds, accuracy)."""
+        start = time.perf_counter()
+        self.net.eval()
+        correct = 0
+        with torch.no_grad():
+            for first in range(0, len(self.test_labels), batch_size):
+                images = self.test_images[first : first + batch_size].to(self.device, non_blocking=True)
+                predicted = self.net(images).argmax(dim=1).cpu()
+                correct += int((predicted == self.test_labels[first : first + batch_size]).sum())
+        self.net.train()
+        return time.perf_counter() - start, correct / len(self.test_labels)
