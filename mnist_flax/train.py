@@ -33,6 +33,8 @@ from mnist_flax.steps import (
     resolve_steps_per_call,
 )
 
+SYNC_CPU_DEVICES = os.environ.get("MNIST_FLAX_NO_CPU_SYNC") != "1"  # off only to show the deadlock in a test
+
 
 class NonFiniteLossError(MnistFlaxError):
     """The loss became NaN or infinite (and train.on_nonfinite is "stop")."""
@@ -188,6 +190,10 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
     order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3), out_shardings=distributed.replicated(mesh))
 
     step = int(distributed.to_host(state.step))
+    # Several CPU devices in one process (simulated, or jax_num_cpu_devices) share one thread pool: with many
+    # calls in flight, a step's all-reduce can wait forever for devices whose threads run later calls. Waiting
+    # for each call costs little on CPU and keeps the collectives in step.
+    sync_each_call = SYNC_CPU_DEVICES and jax.default_backend() == "cpu" and jax.local_device_count() > 1
     # A copy: state's buffers are donated to the first step.
     best_params = jax.tree.map(jnp.copy, state.params)
     if best["step"] is not None and checkpoints and best["step"] != step and best["step"] in checkpoints.all_steps():
@@ -229,6 +235,8 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
             epoch_end = (epoch + 1) * steps_per_epoch
             while step < epoch_end:
                 carry = train_step(carry, train.images, train.labels, order)
+                if sync_each_call:
+                    carry = jax.block_until_ready(carry)
                 previous, step = step, min(step + steps_per_call, epoch_end)
                 if step // config.log_every_steps > previous // config.log_every_steps or step == epoch_end:
                     carry = _log_train(carry, step, lap, lap_step, schedule, config, writer, bar)

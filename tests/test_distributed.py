@@ -54,6 +54,22 @@ def test_eight_devices_agree_with_one(single_device, tiny_data_dir, tmp_path):
     _assert_agree(single_device, _results(tmp_path))
 
 
+@pytest.mark.slow
+def test_long_dispatch_on_simulated_devices_does_not_deadlock(tiny_data_dir, tmp_path):
+    """125 calls without a log point in between: the all-reduces must not wait on each other forever."""
+    args = [
+        *_args(tiny_data_dir, tmp_path),
+        "--config.num_epochs=1",
+        "--config.log_every_steps=1000",
+        "--config.batch_size=8",
+        "--config.model.name=mlp",
+    ]
+    result = run_main(args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "final_metrics.json").read_text())["steps"] == 1000 // 8
+
+
+@pytest.mark.slow
 def test_batch_must_split_over_the_devices(tiny_data_dir, tmp_path):
     result = run_main(
         [*_args(tiny_data_dir, tmp_path), "--config.batch_size=50"],
