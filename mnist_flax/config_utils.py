@@ -143,8 +143,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
         steps = int(steps)  # resolve_steps_per_call converts it the same way
     if steps != "auto" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ConfigError(f"train.steps_per_call: expected 'auto' or an integer >= 1, got {steps!r}")
-
-
-def to_dict(config: ml_collections.ConfigDict) -> dict:
-    """A JSON-ready nested dict of the config."""
-    return config.to_dict()

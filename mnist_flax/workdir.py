@@ -72,11 +72,6 @@ def write_json(path: str, payload) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
 def write_predictions(path: str, log_probs: np.ndarray, labels: np.ndarray) -> None:
     """CSV of the test predictions: index, label, predicted, confidence, prob_0..prob_9."""
     probs = np.exp(log_probs)
