@@ -41,7 +41,8 @@ format:  ## apply ruff's formatting and fixes; strip notebook outputs
 notebooks:  ## run the notebooks against runs (default: the two newest under runs/) -> notebooks/_build/*.html
 	$(PYTHON) notebooks/render.py --run "$(RUN)" --other-run "$(OTHER_RUN)"
 
-bench:  ## throughput, compile time, overheads, time to 90% -> benchmarks/RESULTS.md
+bench: setup  ## throughput against PyTorch, compile time, overheads, time to 90% -> benchmarks/RESULTS.md
+	$(PYTHON) -m pip install -q -r benchmarks/requirements.txt
 	$(PYTHON) benchmarks/run.py
 
 clean:  ## remove caches (not runs/)

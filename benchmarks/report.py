@@ -124,7 +124,7 @@ def render_cnn_cpu(result: dict) -> str:
         "",
         "Batch size (conv=xla, 1 step/call, the same number of images a round), interleaved:",
         "",
-        table(result["batch_sizes"], "batch 128"),
+        table(result["batch_sizes"], "batch 128") if result["batch_sizes"] else "(not measured in this run)",
         "",
         "Two CPU devices (`jax_num_cpu_devices=2`): the batch of 128 split over a mesh of both by the library's "
         "own mesh path (`make_train_step(..., mesh)`), and fused steps, against PyTorch (2 threads); interleaved "
