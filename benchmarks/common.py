@@ -82,7 +82,7 @@ def interleave(runners: dict[str, Callable[[], int]], rounds: int) -> dict[str, 
     """
     names = list(runners)
     results = {name: Rounds() for name in names}
-    for r in range(rounds):
+    for r in range(rounds if names else 0):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             cpu_start, start = process_cpu_seconds(), time.perf_counter()
             images = runners[name]()

@@ -2,6 +2,7 @@
 checkpoints, per call and as a share of a default CNN run; imports TensorFlow and W&B (through the writers)."""
 
 import os
+import shutil
 import tempfile
 import time
 
@@ -127,6 +128,7 @@ def section_overhead(data, settings, data_path: str) -> dict:
     writer.close()
     checkpoints.close()
     run.finish()
+    shutil.rmtree(tmp, ignore_errors=True)
 
     # A default run: 128 a batch, log every 100 steps (and at the epoch's end), a validation write and a checkpoint
     # per epoch.

@@ -263,9 +263,9 @@ SECTION_NOTES = {
         "`compile s` = the train step's `lower().compile()` (the predict function is compiled apart)."
     ),
     "memory": (
-        "`ru_maxrss` of a child process that imports only what its contender needs, loads the data (NumPy, from a "
-        "cached .npz), builds and compiles the contender, trains a few steps and evaluates the test set; it counts "
-        "the interpreter, the libraries, the data (uint8 on the device for ours, float32 on the host for the "
+        "Peak RSS (`VmHWM`) of a child process that imports only what its contender needs, loads the data (NumPy, "
+        "from a cached .npz), builds and compiles the contender, trains a few steps and evaluates the test set; it "
+        "counts the interpreter, the libraries, the data (uint8 on the device for ours, float32 on the host for the "
         "others) and XLA's or PyTorch's buffers."
     ),
     "time_to_90": (

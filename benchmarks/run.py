@@ -77,6 +77,11 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("benchmarks need PyTorch for the comparison: pip install -r benchmarks/requirements.txt", file=sys.stderr)
+        return 2
     settings = Settings(args.quick)
     json_path = RESULTS_JSON if not args.quick else ""
     md_path = args.results or (RESULTS_MD if not args.quick else "")

@@ -5,6 +5,7 @@ Each section is fn(data, settings, data_path) -> a JSON-ready dict; `report.py` 
 """
 
 import dataclasses
+import shutil
 import tempfile
 import time
 
@@ -403,6 +404,7 @@ def section_accuracy(data, settings: Settings, data_path: str) -> dict:
         workdir = tempfile.mkdtemp(prefix=f"mnist_flax_accuracy_{seed}_")
         start = time.perf_counter()
         report = train.train_and_evaluate(config, workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
         runs.append(
             {
                 "seed": seed,
