@@ -14,6 +14,7 @@ Layout:
 import fcntl
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -25,10 +26,9 @@ def prepare_workdir(workdir: str) -> str:
     workdir = os.path.abspath(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        # A probe name of its own: several processes of one run (jax.distributed) check the same workdir at once.
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
+            pass
     except OSError as e:
         raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror}") from None
     return workdir

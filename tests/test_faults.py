@@ -4,6 +4,7 @@ The run must end with the same metrics as an uninterrupted one, and every
 checkpoint left on disk must restore.
 """
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
 
 from mnist_flax import checkpoints, models, steps
+from mnist_flax import workdir as workdir_lib
 from mnist_flax.config_utils import load_config_file
 
 EPOCHS = 4  # 20 steps each on the tiny set
@@ -129,6 +131,19 @@ def test_second_run_on_the_same_workdir_refuses(tiny_data_dir, tmp_path):
         first.communicate(timeout=300)
     assert first.returncode == 3  # the first run was untouched: it saved and stopped on our SIGTERM
     _assert_checkpoints_restore(tmp_path)
+
+
+def test_processes_of_one_run_check_the_workdir_at_once(tmp_path):
+    """Every process of a multi-process run checks the shared workdir; their probes must not collide."""
+    workdir = str(tmp_path / "shared")
+
+    def check_many_times(_):
+        for _ in range(300):
+            workdir_lib.prepare_workdir(workdir)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(check_many_times, range(8)))  # re-raises a WorkdirError from any thread
+    assert os.listdir(workdir) == []  # no probe left behind
 
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_registers_nothing(tiny_data_dir, tmp_path):
