@@ -32,11 +32,10 @@ def run_child(kind: str, spec: dict, data_path: str, xla_flags: str | None = Non
 def child_main(kind: str, spec: dict, data_path: str) -> dict:
     """What a child process measures (see run_child)."""
     from benchmarks.sections import (
-        THREADS,
         Settings,
         architecture,
         build_contender,
-        default_conv_impl,
+        contender_specs,
         ratio_rows,
         round_steps,
     )
@@ -46,7 +45,7 @@ def child_main(kind: str, spec: dict, data_path: str) -> dict:
     if kind == "devices":
         import jax
 
-        jax.config.update("jax_num_cpu_devices", 2)
+        jax.config.update("jax_num_cpu_devices", spec["num_devices"])
     data = common.HostData.load(data_path)
     if kind == "memory":
         rss_start = common.rss_mb()
@@ -63,8 +62,8 @@ def child_main(kind: str, spec: dict, data_path: str) -> dict:
 
     from benchmarks import jax_loops
 
-    def ours(impl: str, batch_size: int = 128, steps_per_call: int = 1, **kwargs):
-        config = jax_loops.model_config("cnn", **{"model.conv_impl": impl})
+    def ours(impl: str, batch_size: int = 128, steps_per_call: int = 1, pieces: str = "1", **kwargs):
+        config = jax_loops.model_config("cnn", **{"model.conv_impl": impl, "model.conv_batch_split": pieces})
         contender = jax_loops.OursContender(config, data, batch_size, steps_per_call=steps_per_call, **kwargs)
         contender.run(2)
         return contender
@@ -76,23 +75,25 @@ def child_main(kind: str, spec: dict, data_path: str) -> dict:
         )
         return {impl: {"images_per_second": timed[impl].median_images_per_second()} for impl in contenders}
     if kind == "devices":
-        from benchmarks.torch_loop import TorchContender
+        # The default CNN config on `num_devices` CPU devices (the batch split over the mesh), compile apart.
+        import numpy as np
 
-        shapes = architecture(jax_loops.model_config("cnn"))
-        contenders = {"PyTorch, 2 threads": TorchContender(shapes, data, 128, threads=THREADS)}
-        for impl in spec.get("impls") or ("xla", "shifted_matmul"):
-            default = " (default)" if impl == default_conv_impl() else ""
-            contenders[f"ours conv={impl}, 1 device{default}"] = ours(impl)
-            contenders[f"ours conv={impl}, 2 devices (batch split)"] = ours(impl, num_devices=2)
-        if not spec.get("impls"):  # the formulation that lax.scan does not slow down, fused
-            for num_devices in (1, 2):
-                label = f"ours conv=shifted_matmul, 10 steps/call, {num_devices} device" + "s" * (num_devices > 1)
-                contenders[label] = ours("shifted_matmul", num_devices=num_devices, steps_per_call=10)
-        contenders["PyTorch, 2 threads"].run(2)
-        timed = common.interleave(
-            {k: (lambda c=c: c.run(spec["steps"])) for k, c in contenders.items()}, spec["rounds"]
-        )
-        return {"rows": ratio_rows(timed, {}), "devices": [str(d) for d in jax_loops.jax.devices()]}
+        config = jax_loops.model_config("cnn")
+        contender = jax_loops.OursContender(config, data, 128, num_devices=spec["num_devices"])
+        contender.run(spec["agree_steps"])  # from the same initial state and data order on every device count
+        log_probs = contender.log_probs()[: spec["agree_examples"]]
+        timed = common.interleave({"run": lambda: contender.run(spec["steps"])}, spec["rounds"])
+        return {
+            "num_devices": spec["num_devices"],
+            "devices": [str(d) for d in jax_loops.jax.devices()],
+            "images_per_second": timed["run"].median_images_per_second(),
+            "rounds_images_per_second": timed["run"].images_per_second(),
+            "cpu_per_wall": timed["run"].cpu_per_wall(),
+            "compile_seconds": contender.compile_seconds,
+            "pieces": contender.model.conv_batch_split,
+            "steps_per_call": contender.steps_per_call,
+            "log_probs": np.asarray(log_probs).tolist(),
+        }
     if kind == "threads1":
         from benchmarks.torch_loop import TorchContender
 
@@ -104,17 +105,11 @@ def child_main(kind: str, spec: dict, data_path: str) -> dict:
             shapes = architecture(jax_loops.model_config(model))
             for batch_size in spec["batch_sizes"]:
                 contenders = {"PyTorch, 1 thread": TorchContender(shapes, data, batch_size, threads=1)}
-                impls = [default_conv_impl()] if model == "mlp" or settings.quick else ["xla", "shifted_matmul"]
-                for impl in impls:
-                    config = jax_loops.model_config(model, **({"model.conv_impl": impl} if model == "cnn" else {}))
-                    label = (
-                        "ours"
-                        + (f" conv={impl}" if model == "cnn" else "")
-                        + (" (default)" if impl == default_conv_impl() or model == "mlp" else "")
-                    )
-                    contenders[label] = jax_loops.OursContender(config, data, batch_size, steps_per_call=1)
+                specs = contender_specs(model, settings, batch_size)[2:4]  # the default and the plain jit step
+                for spec in specs:
+                    contenders[spec["label"]] = build_contender(spec, model, data, batch_size)
                 for contender in contenders.values():
-                    contender.run(2)
+                    contender.run(10)
                 steps = round_steps(settings, model, batch_size)
                 timed = common.interleave(
                     {k: (lambda c=c, n=steps: c.run(n)) for k, c in contenders.items()}, spec["rounds"]

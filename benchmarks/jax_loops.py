@@ -88,7 +88,7 @@ class OursContender:
         # As train._run: a mesh (of one device unless `num_devices` > 1), the state and data replicated on it.
         self.mesh = Mesh(np.array(jax.devices()[:num_devices]), (distributed.DATA_AXIS,))
         self.num_devices = num_devices
-        self.model = model or models.create_model(config.model)
+        self.model = model or models.create_model(config.model, per_device_batch=self.batch_size // num_devices)
         state, self.schedule = _state_and_schedule(config, self.model, self.steps_per_epoch)
         self.num_params = models.count_params(state.params)
         state = distributed.put_replicated(state, self.mesh)
@@ -104,8 +104,9 @@ class OursContender:
         self.data_key = np.asarray(jax.random.PRNGKey(config.seed + 1))
         self.setup_seconds = time.perf_counter() - start
 
+        self.scan_unroll = steps_lib.resolve_scan_unroll(config.train, self.steps_per_call)
         step_fn = steps_lib.make_train_step(
-            config.loss, self.steps_per_epoch, self.steps_per_call, config.train.scan_unroll, self.mesh
+            config.loss, self.steps_per_epoch, self.steps_per_call, self.scan_unroll, self.mesh
         )
         predict = steps_lib.make_predict(state.apply_fn, config.eval_batch_size, self.mesh)
         with steps_lib.CompileCounter() as compiles:

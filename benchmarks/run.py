@@ -35,6 +35,7 @@ SECTION_FUNCTIONS = {
     "throughput": sections.section_throughput,
     "memory": sections.section_memory,
     "cnn_cpu": sections.section_cnn_cpu,
+    "scaling": sections.section_scaling,
     "overhead": section_overhead,
     "time_to_90": sections.section_time_to_90,
     "accuracy": sections.section_accuracy,

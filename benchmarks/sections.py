@@ -13,7 +13,7 @@ from benchmarks import common
 from benchmarks.children import run_child
 from benchmarks.common import median
 
-SECTIONS = ("throughput", "memory", "cnn_cpu", "overhead", "time_to_90", "accuracy")
+SECTIONS = ("throughput", "memory", "cnn_cpu", "scaling", "overhead", "time_to_90", "accuracy")
 DEFAULT_SECTIONS = SECTIONS[:-1]
 THREADS = 2  # torch.set_num_threads; XLA's CPU client sizes its pool from the CPU affinity (2 cores here)
 
@@ -32,7 +32,15 @@ class Settings:
         self.memory_steps = 3 if quick else 5
         self.study_steps = 10 if quick else 20
         self.study_batch_sizes = () if quick else (32, 64, 128, 256)
-        self.fused_variants = ((10, 1),) if quick else ((1, 1), (10, 1), (50, 1), (50, 5))
+        # (pieces, steps per call) of conv=xla at batch 128; rounds of split_round_steps steps.
+        self.split_variants = (
+            ((1, 1), (8, 5))
+            if quick
+            else ((1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (1, 5), (1, 10), (4, 5), (8, 2), (8, 5), (8, 10), (16, 5))
+        )
+        self.split_round_steps = 10 if quick else 30
+        self.scaling_steps = 10 if quick else 40
+        self.scaling_repeats = 1 if quick else 2
         self.xla_flag_sets = (
             ()
             if quick
@@ -73,44 +81,68 @@ def default_conv_impl() -> str:
     return models.resolve_conv_impl("auto")
 
 
+def default_pieces(batch_size: int, num_devices: int = 1) -> int:
+    from mnist_flax import models
+
+    return models.resolve_conv_batch_split("auto", batch_size // num_devices)
+
+
+def default_steps_per_call() -> int:
+    import ml_collections
+
+    from mnist_flax import steps
+
+    return steps.resolve_steps_per_call(ml_collections.ConfigDict({"steps_per_call": "auto"}))
+
+
+def cnn_label(impl: str, pieces: int, steps_per_call: int, unrolled: bool = True) -> str:
+    """How one CNN contender runs, e.g. "conv=xla on 8 pieces, 5 steps/call"."""
+    fused = "" if steps_per_call == 1 else (" unrolled" if unrolled else " in a scan")
+    plural = lambda n: "s" * (n > 1)  # noqa: E731
+    return f"conv={impl} on {pieces} piece{plural(pieces)}, {steps_per_call} step{plural(steps_per_call)}/call{fused}"
+
+
+def ours_spec(impl: str | None, pieces: int | None, steps_per_call: int, *, unrolled: bool = True, default=False):
+    """A spec of this project's loop with the CNN's knobs set (impl None: the MLP)."""
+    overrides = {} if unrolled or steps_per_call == 1 else {"train.scan_unroll": "1"}
+    if impl is not None:
+        overrides |= {"model.conv_impl": impl, "model.conv_batch_split": str(pieces)}
+        label = "ours " + cnn_label(impl, pieces, steps_per_call, unrolled)
+    else:
+        label = f"ours, {steps_per_call} step{'s' * (steps_per_call > 1)}/call"
+    return {
+        "kind": "ours",
+        "conv_impl": impl,
+        "steps_per_call": steps_per_call,
+        "overrides": overrides,
+        "default": default,
+        "label": label + (" (default)" if default else ""),
+    }
+
+
 def contender_specs(model: str, settings: Settings, batch_size: int) -> list[dict]:
     """The contenders of one model: PyTorch, host-fed JAX, and this project's loop in its variants.
 
-    The first is always PyTorch and the second the host-fed loop (the ratios' denominators). For the CNN, both
-    convolution formulations at 1 and 10 steps a call; XLA's convolution inside lax.scan is so slow on CPU
-    (jax#12868) that it runs one call a round, and only at the smallest batch size.
+    The first is always PyTorch and the second the host-fed loop (the ratios' denominators); the third is this
+    project's defaults. For the CNN, the default's two parts apart (the split batch, the fused steps), the
+    plain jit step (whole batch, one step a call: what the Flax example's step does, with resident data) and
+    the previous best (the shifted-matmul convolution, 10 steps in a scan).
     """
     specs = [{"kind": "torch", "label": "PyTorch (DataLoader + nn.Module)"}]
+    spc = default_steps_per_call()
     if model == "cnn":
-        default_impl = default_conv_impl()
+        impl, pieces = default_conv_impl(), default_pieces(batch_size)
         specs.append({"kind": "hostfed", "conv_impl": "xla", "label": "JAX host-fed (Flax example), conv=xla"})
-        impls = (default_impl,) if settings.quick else ("xla", "shifted_matmul")
-        for impl in impls:
-            for steps_per_call in (1, 10):
-                default = impl == default_impl and steps_per_call == 1
-                spec = {
-                    "kind": "ours",
-                    "conv_impl": impl,
-                    "steps_per_call": steps_per_call,
-                    "default": default,
-                    "label": f"ours conv={impl}, {steps_per_call} step/call" + (" (default)" if default else ""),
-                }
-                if impl == "xla" and steps_per_call > 1:
-                    if batch_size != min(settings.batch_sizes):
-                        continue
-                    spec["round_steps"] = steps_per_call
-                specs.append(spec)
+        specs.append(ours_spec(impl, pieces, spc, default=True))
+        specs.append(ours_spec("xla", 1, 1))
+        if not settings.quick:
+            specs.append(ours_spec(impl, pieces, 1))
+            specs.append(ours_spec(impl, 1, spc))
+            specs.append(ours_spec("shifted_matmul", 1, 10, unrolled=False))
     else:
         specs.append({"kind": "hostfed", "label": "JAX host-fed (Flax example)"})
-        for steps_per_call in (1, 10):
-            specs.append(
-                {
-                    "kind": "ours",
-                    "steps_per_call": steps_per_call,
-                    "default": steps_per_call == 1,
-                    "label": f"ours, {steps_per_call} step/call" + (" (default)" if steps_per_call == 1 else ""),
-                }
-            )
+        specs.append(ours_spec(None, None, spc, default=True))
+        specs.append(ours_spec(None, None, 1))
     return specs
 
 
@@ -123,7 +155,7 @@ def build_contender(spec: dict, model: str, data, batch_size: int):
     from benchmarks import jax_loops
 
     overrides = {"model.conv_impl": spec["conv_impl"]} if spec.get("conv_impl") else {}
-    config = jax_loops.model_config(model, **overrides)
+    config = jax_loops.model_config(model, **overrides, **spec.get("overrides", {}))
     if spec["kind"] == "hostfed":
         return jax_loops.HostFedContender(config, data, batch_size)
     return jax_loops.OursContender(config, data, batch_size, steps_per_call=spec.get("steps_per_call", 1))
@@ -137,7 +169,7 @@ def with_architecture(specs: list[dict], model: str) -> list[dict]:
 
 
 def warm_up(contender, spec) -> None:
-    contender.run(10 if spec.get("steps_per_call", 1) > 1 else 2)
+    contender.run(2 * spec.get("steps_per_call", 1))
 
 
 # ---------------------------------------------------------------- sections
@@ -216,8 +248,11 @@ def section_throughput(data, settings: Settings, data_path: str) -> dict:
 
 
 def evaluation_rounds(model: str, specs: list[dict], contenders: dict, settings: Settings) -> list[dict]:
-    """Seconds to evaluate the test set (batches of 1,000), interleaved, for the 1-step/call contenders."""
-    specs = [s for s in specs if s.get("steps_per_call", 1) == 1]
+    """Seconds to evaluate the test set (batches of 1,000), interleaved: PyTorch, host-fed, this project's default.
+
+    Every variant of ours evaluates the same way (`models.for_inference`: XLA's convolution on the whole batch).
+    """
+    specs = [s for s in specs if s["kind"] != "ours" or s.get("default")]
     results = {s["label"]: [] for s in specs}
     for spec in specs:  # the first call may allocate
         contenders[spec["label"]][1].evaluate()
@@ -290,7 +325,10 @@ def section_cnn_cpu(data, settings: Settings, data_path: str) -> dict:
     contenders = {}
     for batch_size in settings.study_batch_sizes:
         contenders[f"batch {batch_size}"] = jax_loops.OursContender(
-            jax_loops.model_config("cnn", **{"model.conv_impl": "xla"}), data, batch_size, steps_per_call=1
+            jax_loops.model_config("cnn", **{"model.conv_impl": "xla", "model.conv_batch_split": "1"}),
+            data,
+            batch_size,
+            steps_per_call=1,
         )
         contenders[f"batch {batch_size}"].run(2)
     images = 128 * steps
@@ -301,18 +339,24 @@ def section_cnn_cpu(data, settings: Settings, data_path: str) -> dict:
     batch_sizes = ratio_rows(timed, {}, base="batch 128") if contenders else []
     del contenders
 
-    # Fused steps with the formulation that lax.scan does not slow down (jax#12868 is XLA's convolution's).
+    # The batch split into pieces for the convolutions, and steps fused without a loop (conv=xla, batch 128).
     contenders = {}
-    for steps_per_call, unroll in settings.fused_variants:
-        config = jax_loops.model_config("cnn", **{"model.conv_impl": "shifted_matmul", "train.scan_unroll": unroll})
-        label = f"conv=shifted_matmul, {steps_per_call} steps/call" + (f", unroll {unroll}" if unroll > 1 else "")
+    for pieces, steps_per_call in settings.split_variants:
+        config = jax_loops.model_config("cnn", **{"model.conv_impl": "xla", "model.conv_batch_split": str(pieces)})
+        label = cnn_label("xla", pieces, steps_per_call)
         contenders[label] = jax_loops.OursContender(config, data, 128, steps_per_call=steps_per_call)
         contenders[label].run(steps_per_call)
-    fused_steps = max(s for s, _ in settings.fused_variants)
+    fused_steps = settings.split_round_steps
     timed = common.interleave(
         {label: (lambda c=c: c.run(fused_steps)) for label, c in contenders.items()}, settings.rounds
     )
-    fused = ratio_rows(timed, {label: {"compile_seconds": c.compile_seconds} for label, c in contenders.items()})
+    fused = ratio_rows(
+        timed,
+        {
+            label: {"compile_seconds": c.compile_seconds, "compile_train_seconds": c.compile_train_seconds}
+            for label, c in contenders.items()
+        },
+    )
     del contenders
 
     flags = []
@@ -320,18 +364,48 @@ def section_cnn_cpu(data, settings: Settings, data_path: str) -> dict:
         print(f"  XLA_FLAGS={flag_set!r}")
         result = run_child("xla_flags", {"steps": steps, "rounds": 2}, data_path, xla_flags=flag_set)
         flags.append({"xla_flags": flag_set or "(none)", **result})
-    print("  2 CPU devices (child process)")
-    devices = run_child(
-        "devices", {"steps": steps, "rounds": settings.rounds, "impls": ["xla"] if settings.quick else None}, data_path
-    )
     return {
         "fused": fused,
         "formulations": formulations,
         "batch_sizes": batch_sizes,
         "xla_flags": flags,
-        "devices": devices,
         "steps": steps,
     }
+
+
+def section_scaling(data, settings: Settings, data_path: str) -> dict:
+    """The default CNN config on 1, 2, 4, 8 CPU devices (a child process each, `jax_num_cpu_devices`): images/s,
+    and agreement after the same steps from the same start (max |log-probability difference| against 1 device)."""
+    import numpy as np
+
+    counts = (1, 2) if settings.quick else (1, 2, 4, 8)
+    spec = {"steps": settings.scaling_steps, "rounds": settings.rounds, "agree_steps": 20, "agree_examples": 1000}
+    runs = {}
+    for repeat in range(settings.scaling_repeats):  # alternate the counts, so that load drifts hit each alike
+        for num_devices in counts:
+            print(f"  {num_devices} CPU device(s), pass {repeat + 1} (child process)")
+            result = run_child("devices", {**spec, "num_devices": num_devices}, data_path)
+            runs.setdefault(num_devices, []).append(result)
+    reference = np.asarray(runs[1][0]["log_probs"])
+    rows = []
+    for num_devices, results in runs.items():
+        ips = [ips for r in results for ips in r["rounds_images_per_second"]]
+        rows.append(
+            {
+                "num_devices": num_devices,
+                "images_per_second": median(ips),
+                "spread": common.spread(ips),
+                "cpu_per_wall": median([r["cpu_per_wall"] for r in results]),
+                "compile_seconds": median([r["compile_seconds"] for r in results]),
+                "pieces": results[0]["pieces"],
+                "steps_per_call": results[0]["steps_per_call"],
+                "max_log_prob_diff": max(float(np.abs(np.asarray(r["log_probs"]) - reference).max()) for r in results),
+            }
+        )
+    base = rows[0]["images_per_second"]
+    for row in rows:
+        row["vs_one_device"] = row["images_per_second"] / base
+    return {"rows": rows, **{k: v for k, v in spec.items() if k != "rounds"}, "rounds": settings.rounds}
 
 
 def ratio_rows(timed: dict, extra: dict, base: str | None = None) -> list[dict]:
@@ -381,6 +455,7 @@ def section_time_to_90(data, settings: Settings, data_path: str) -> dict:
         "per_epoch": epochs,
         "batch_size": ours.batch_size,
         "conv_impl": ours.model.conv_impl,
+        "pieces": ours.model.conv_batch_split,
         "steps_per_call": ours.steps_per_call,
         "quick": settings.quick,
     }

@@ -27,6 +27,8 @@ CHOICES = {
     "train.on_nonfinite": ("stop", "skip"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
 }
+# "auto" or an integer >= 1 (the default is "auto", a string, so the command line gives strings)
+AUTO_OR_POSITIVE_INT = ("model.conv_batch_split", "train.steps_per_call", "train.scan_unroll")
 # (minimum, maximum, minimum is exclusive)
 RANGES = {
     "num_epochs": (1, None, False),
@@ -37,6 +39,7 @@ RANGES = {
     "data.validation_size": (1, None, False),
     "data.train_subset": (0, None, False),
     "data.eval_subset": (0, None, False),
+    "data.augment.max_shift": (0, 13, False),
     "model.dropout_rate": (0.0, None, False),
     "optimizer.learning_rate": (0.0, None, True),
     "optimizer.momentum": (0.0, 1.0, False),
@@ -47,7 +50,6 @@ RANGES = {
     "optimizer.grad_clip_norm": (0.0, None, False),
     "loss.label_smoothing": (0.0, 1.0, False),
     "loss.focal_gamma": (0.0, None, False),
-    "train.scan_unroll": (1, None, False),
     "checkpoint.every_epochs": (1, None, False),
     "checkpoint.max_to_keep": (1, None, False),
     "wandb.log_misclassified": (0, None, False),
@@ -138,8 +140,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             widths = flat[name]
             if not isinstance(widths, list) or not all(isinstance(w, int) and w > 0 for w in widths):
                 raise ConfigError(f"{name}: expected a tuple of positive integers, got {widths!r}")
-    steps = flat.get("train.steps_per_call")
-    if isinstance(steps, str) and steps.isdigit():  # "50" from the command line (the default is a string)
-        steps = int(steps)  # resolve_steps_per_call converts it the same way
-    if steps != "auto" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-        raise ConfigError(f"train.steps_per_call: expected 'auto' or an integer >= 1, got {steps!r}")
+    for name in AUTO_OR_POSITIVE_INT:
+        if name in flat:
+            given = value = flat[name]
+            if isinstance(value, str) and value.isdigit():  # "50" from the command line (the default is a string)
+                value = int(value)  # the resolve_* functions convert it the same way
+            if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ConfigError(f"{name}: expected 'auto' or an integer >= 1, got {given!r}")

@@ -279,3 +279,30 @@ def epoch_order(key: jax.Array, epoch: jax.Array | int, num_examples: int, batch
     steps = num_examples // batch_size
     order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
     return order[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
+
+
+def augment(images: jax.Array, key: jax.Array, flip: bool = False, max_shift: int = 0) -> jax.Array:
+    """Random training-time changes of a batch (N, H, W, C), on the device, inside the compiled step.
+
+    flip: each image mirrored left-right with probability 1/2 (clothes look the
+    same mirrored; digits do not, so keep it off for MNIST). max_shift: each
+    image moved by up to that many pixels in each direction, the edge filled
+    with zeros (the background of both data sets). Draws from `key` only, so a
+    resumed run repeats them.
+    """
+    if not flip and not max_shift:
+        return images
+    flip_key, shift_key = jax.random.split(key)
+    if flip:
+        mirrored = jax.random.bernoulli(flip_key, 0.5, (images.shape[0], 1, 1, 1))
+        images = jnp.where(mirrored, images[:, :, ::-1, :], images)
+    if max_shift:
+        n, height, width, channels = images.shape
+        padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+        offsets = jax.random.randint(shift_key, (n, 2), 0, 2 * max_shift + 1)
+
+        def crop(image, offset):
+            return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+
+        images = jax.vmap(crop)(padded, offsets)
+    return images

@@ -61,20 +61,42 @@ class Conv3x3(nn.Module):
 
 
 class CNN(nn.Module):
-    """Conv(3x3) + ReLU + 2x2 average pool per stage, then a dense head."""
+    """Conv(3x3) + ReLU + 2x2 average pool per stage, then a dense head.
+
+    `conv_batch_split` > 1 runs the convolution stages on that many interleaved
+    pieces of the batch (rows p, p + k, p + 2k, ... for piece p of k) and joins
+    their features before the dense head. The maths is the same (per-example
+    outputs identical; the weight gradients are summed over the pieces instead
+    of over the whole batch at once). On XLA's CPU backend each convolution runs
+    on one thread: independent pieces run side by side on all cores, and small
+    pieces stay in cache (benchmarks/RESULTS.md). Interleaved rather than
+    contiguous pieces keep every piece spread evenly over a batch-sharded mesh.
+    """
 
     conv_features: Sequence[int] = (32, 64)
     dense_features: Sequence[int] = (256,)
     dropout_rate: float = 0.0
     conv_impl: str = "xla"
+    conv_batch_split: int = 1
     num_classes: int = NUM_CLASSES
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        for features in self.conv_features:
-            x = nn.relu(Conv3x3(features, impl=self.conv_impl)(x))
-            x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-        x = x.reshape((x.shape[0], -1))
+        convs = [Conv3x3(features, impl=self.conv_impl) for features in self.conv_features]
+
+        def conv_stages(x):
+            for conv in convs:
+                x = nn.relu(conv(x))
+                x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+            return x.reshape((x.shape[0], -1))
+
+        pieces = self.conv_batch_split
+        if pieces > 1 and x.shape[0] % pieces == 0:
+            grouped = x.reshape((x.shape[0] // pieces, pieces, *x.shape[1:]))
+            features = jnp.stack([conv_stages(grouped[:, p]) for p in range(pieces)], axis=1)
+            x = features.reshape((x.shape[0], -1))
+        else:
+            x = conv_stages(x)
         for features in self.dense_features:
             x = nn.relu(nn.Dense(features)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -98,21 +120,51 @@ class MLP(nn.Module):
 
 
 def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
-    """Maps "auto" to the faster formulation for the backend."""
-    if conv_impl != "auto":
-        return conv_impl
-    backend = backend or jax.default_backend()
-    return "shifted_matmul" if backend == "cpu" else "xla"
+    """Maps "auto" to the faster formulation: XLA's own convolution on every backend.
+
+    On CPU it wins once the batch is split (`resolve_conv_batch_split`) and
+    steps are fused without a loop (`steps.resolve_scan_unroll`); the shifted
+    matmul stays as an option (benchmarks/RESULTS.md compares them).
+    """
+    del backend  # the same answer everywhere today; kept so the choice can depend on it
+    return "xla" if conv_impl == "auto" else conv_impl
 
 
-def create_model(model_config: ml_collections.ConfigDict) -> nn.Module:
-    """Builds the model that `model_config.name` names."""
+MAX_CONV_BATCH_SPLIT = 8
+MIN_CONV_PIECE = 16
+
+
+def resolve_conv_batch_split(value, per_device_batch: int, backend: str | None = None) -> int:
+    """Pieces the batch is split into for the convolutions (see CNN).
+
+    "auto": on CPU the most pieces (up to 8) that divide the per-device batch
+    into pieces of at least 16 examples (8 pieces of 16 at batch 128); 1 on
+    GPU/TPU, whose convolutions use the whole device already. A number must
+    divide the per-device batch (checked by `train.check_batch_sizes`).
+    """
+    if value != "auto":
+        return int(value)
+    if (backend or jax.default_backend()) != "cpu" or per_device_batch <= 0:
+        return 1
+    pieces = MAX_CONV_BATCH_SPLIT
+    while pieces > 1 and (per_device_batch % pieces or per_device_batch // pieces < MIN_CONV_PIECE):
+        pieces //= 2
+    return pieces
+
+
+def create_model(model_config: ml_collections.ConfigDict, per_device_batch: int = 0) -> nn.Module:
+    """Builds the model that `model_config.name` names.
+
+    `per_device_batch` (the training batch on each device) lets "auto" choose
+    the CNN's `conv_batch_split`; without it the batch is not split.
+    """
     if model_config.name == "cnn":
         return CNN(
             conv_features=tuple(model_config.conv_features),
             dense_features=tuple(model_config.dense_features),
             dropout_rate=model_config.dropout_rate,
             conv_impl=resolve_conv_impl(model_config.get("conv_impl", "auto")),
+            conv_batch_split=resolve_conv_batch_split(model_config.get("conv_batch_split", "auto"), per_device_batch),
         )
     if model_config.name == "mlp":
         return MLP(
@@ -125,10 +177,12 @@ def create_model(model_config: ml_collections.ConfigDict) -> nn.Module:
 def for_inference(model: nn.Module) -> nn.Module:
     """The same model (same parameters, same outputs) in its fastest form without gradients.
 
-    The shifted-matmul convolution pays off only in the weight gradient; XLA's own
-    convolution runs the forward pass about 5x faster on CPU (benchmarks/RESULTS.md).
+    XLA's own convolution on the whole evaluation batch: the shifted matmul pays
+    off only in the weight gradient (XLA's forward is about 5x faster on CPU),
+    and splitting the batch would only add compile time to a call made once per
+    evaluation batch.
     """
-    return model.clone(conv_impl="xla") if isinstance(model, CNN) else model
+    return model.clone(conv_impl="xla", conv_batch_split=1) if isinstance(model, CNN) else model
 
 
 def count_params(params) -> int:

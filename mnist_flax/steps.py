@@ -92,12 +92,39 @@ def create_train_state(model, tx, seed: int) -> TrainState:
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
 
 
+CPU_STEPS_PER_CALL = 5
+ACCELERATOR_STEPS_PER_CALL = 50
+
+
+def _parse_auto_int(value):
+    """ "auto" or an integer (also as a string: "50" from the command line; validated by config_utils)."""
+    return value if value == "auto" else int(value)
+
+
 def resolve_steps_per_call(train_config: ml_collections.ConfigDict, backend: str | None = None) -> int:
-    """Steps fused per compiled call: 1 on CPU (jax#12868), 50 on accelerators."""
-    value = train_config.steps_per_call
+    """Steps fused per compiled call: 5 on CPU, 50 on accelerators.
+
+    On CPU the fused steps are unrolled (see `resolve_scan_unroll`), so compile
+    time grows with the count; 5 keeps the CNN's compile under 5 s and takes
+    most of the gain (benchmarks/RESULTS.md).
+    """
+    value = _parse_auto_int(train_config.steps_per_call)
     if value == "auto":
-        return 1 if (backend or jax.default_backend()) == "cpu" else 50
-    return int(value)
+        return CPU_STEPS_PER_CALL if (backend or jax.default_backend()) == "cpu" else ACCELERATOR_STEPS_PER_CALL
+    return value
+
+
+def resolve_scan_unroll(train_config: ml_collections.ConfigDict, steps_per_call: int, backend: str | None = None):
+    """How many fused steps lax.scan unrolls per loop iteration.
+
+    "auto": all of them on CPU, where `make_train_step` then writes the steps
+    out with no loop at all (XLA's CPU convolutions leave their fast path inside
+    a loop or a conditional, jax#12868: 10x slower); 1 on accelerators.
+    """
+    value = _parse_auto_int(train_config.scan_unroll)
+    if value == "auto":
+        return steps_per_call if (backend or jax.default_backend()) == "cpu" else 1
+    return value
 
 
 # ---------------------------------------------------------------- compiled steps
@@ -108,7 +135,9 @@ def empty_guard() -> dict:
     return {"count": jnp.zeros((), jnp.int32), "first_step": jnp.full((), -1, jnp.int32)}
 
 
-def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1, mesh=None):
+def make_train_step(
+    loss_config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1, mesh=None, augment_config=None
+):
     """Returns a jitted fn(carry, images, labels, order) -> carry.
 
     carry = (state, train_metrics, guard). Each step gathers its batch on the
@@ -116,8 +145,10 @@ def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, 
     `state.step % steps_per_epoch`. A step whose loss or gradients are not finite
     leaves params and optimizer state unchanged and is counted in `guard`; the
     host decides at the next log point whether to stop. With steps_per_call > 1
-    the steps are fused with lax.scan; steps past the end of the epoch are
-    masked out, so a call never crosses an epoch and nothing recompiles.
+    the steps are fused: written out one after another when `unroll` covers
+    them all, else with lax.scan; steps past the end of the epoch are masked
+    out, so a call never crosses an epoch and nothing recompiles.
+    `augment_config` (config.data.augment) flips and shifts the batch on the device.
     With a mesh, the batch is split along its "data" axis (the carry and the
     resident data are replicated); without one, it runs on the default device.
     """
@@ -128,6 +159,13 @@ def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, 
         batch_idx = shard(order[state.step % steps_per_epoch])
         batch_images, batch_labels = preprocess(shard(images[batch_idx])), shard(labels[batch_idx])
         dropout_rng = jax.random.fold_in(state.rng, state.step)
+        if augment_config is not None:
+            batch_images = input_pipeline.augment(
+                batch_images,
+                jax.random.fold_in(dropout_rng, 1),  # a stream of its own; dropout's draws stay as they were
+                flip=augment_config.flip,
+                max_shift=augment_config.max_shift,
+            )
 
         def loss_fn(params):
             logits = state.apply_fn({"params": params}, batch_images, train=True, rngs={"dropout": dropout_rng})
@@ -153,6 +191,18 @@ def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, 
     if steps_per_call == 1:
         return jax.jit(one_step, donate_argnums=(0,), out_shardings=out_shardings)
 
+    def unrolled_steps(carry, images, labels, order):
+        # Straight-line code: every step runs, and a step past the end of the epoch is dropped by a select
+        # (a conditional would take XLA's CPU convolutions off their fast path, like a loop).
+        remaining = steps_per_epoch - carry[0].step % steps_per_epoch
+        for i in range(steps_per_call):
+            stepped = one_step(carry, images, labels, order)
+            if i == 0:  # a call never starts at the end of an epoch
+                carry = stepped
+            else:
+                carry = jax.tree.map(lambda new, old, keep=i < remaining: jnp.where(keep, new, old), stepped, carry)
+        return carry
+
     def fused_steps(carry, images, labels, order):
         remaining = steps_per_epoch - carry[0].step % steps_per_epoch
 
@@ -163,7 +213,8 @@ def make_train_step(loss_config, steps_per_epoch: int, steps_per_call: int = 1, 
         carry, _ = jax.lax.scan(body, carry, jnp.arange(steps_per_call), unroll=unroll)
         return carry
 
-    return jax.jit(fused_steps, donate_argnums=(0,), out_shardings=out_shardings)
+    fused = unrolled_steps if unroll >= steps_per_call else fused_steps
+    return jax.jit(fused, donate_argnums=(0,), out_shardings=out_shardings)
 
 
 def _batch_constraint(mesh):

@@ -30,6 +30,7 @@ from mnist_flax.steps import (
     make_predict,
     make_schedule,
     make_train_step,
+    resolve_scan_unroll,
     resolve_steps_per_call,
 )
 
@@ -58,6 +59,12 @@ def check_batch_sizes(config: ml_collections.ConfigDict, datasets: input_pipelin
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % num_devices:
             raise ConfigError(f"{name}: {config[name]} does not split evenly over {num_devices} devices")
+    pieces = config.model.get("conv_batch_split", "auto")
+    per_device = config.batch_size // num_devices
+    if pieces != "auto" and per_device % int(pieces):
+        raise ConfigError(
+            f"model.conv_batch_split: {pieces} pieces do not divide the batch of {per_device} on each device"
+        )
 
 
 CLASS_NAMES = {
@@ -151,8 +158,9 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
     steps_per_epoch = len(datasets.train) // config.batch_size
     total_steps = steps_per_epoch * config.num_epochs
     steps_per_call = resolve_steps_per_call(config.train)
+    scan_unroll = resolve_scan_unroll(config.train, steps_per_call)
 
-    model = models.create_model(config.model)
+    model = models.create_model(config.model, per_device_batch=config.batch_size // jax.device_count())
     schedule = make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
     state = create_train_state(model, make_optimizer(config.optimizer, schedule), config.seed)
     state = distributed.put_replicated(state, mesh)
@@ -185,7 +193,9 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
     validation = input_pipeline.to_device(datasets.validation, config.eval_batch_size, mesh=mesh)
     test = input_pipeline.to_device(datasets.test, config.eval_batch_size, mesh=mesh)
     data_key = np.asarray(jax.random.PRNGKey(config.seed + 1))
-    train_step = make_train_step(config.loss, steps_per_epoch, steps_per_call, config.train.scan_unroll, mesh)
+    train_step = make_train_step(
+        config.loss, steps_per_epoch, steps_per_call, scan_unroll, mesh, augment_config=config.data.get("augment")
+    )
     predict = make_predict(models.for_inference(model).apply, config.eval_batch_size, mesh)
     order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3), out_shardings=distributed.replicated(mesh))
 
@@ -203,7 +213,8 @@ def _run(config, workdir, overrides, config_changes, stop) -> dict:
         f"{len(datasets.validation)}, test {len(datasets.test)}; {config.model.name} with "
         f"{models.count_params(state.params):,} parameters; {jax.default_backend()} x{jax.device_count()}"
         f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''}; "
-        f"{steps_per_epoch} steps/epoch (last partial batch dropped), {steps_per_call} step(s) per call"
+        f"{steps_per_epoch} steps/epoch (last partial batch dropped), {steps_per_call} step(s)/call"
+        + (f"; conv {model.conv_impl} on {model.conv_batch_split} piece(s)" if config.model.name == "cnn" else "")
         + (f"; resumed at step {step}" if resumed_from is not None else "")
     )
 

@@ -71,7 +71,7 @@ def test_mlp_config_differs_only_where_it_says():
             "num_epochs": [10, 5],
         },
         "added": {},
-        "removed": {"model.conv_features": [32, 64], "model.conv_impl": "auto"},
+        "removed": {"model.conv_features": [32, 64], "model.conv_impl": "auto", "model.conv_batch_split": "auto"},
     }
 
 
@@ -103,6 +103,8 @@ def test_config_argument_is_validated():
         ("model.dense_features", (256, 0), "model.dense_features: expected a tuple of positive integers"),
         ("train.steps_per_call", "fast", "train.steps_per_call: expected 'auto' or an integer >= 1, got 'fast'"),
         ("wandb.mode", "cloud", "wandb.mode: unknown value 'cloud'"),
+        ("data.augment.max_shift", 14, "data.augment.max_shift: 14 is out of range (must be <= 13)"),
+        ("data.augment.max_shift", -1, "data.augment.max_shift: -1 is out of range (must be >= 0)"),
     ],
 )
 def test_validate_in_process(field, value, message):
@@ -116,16 +118,42 @@ def test_validate_in_process(field, value, message):
 
 
 @pytest.mark.parametrize("value", ["1", "50"])
-def test_steps_per_call_as_given_on_the_command_line(value):
-    # The field's default is the string "auto", so ml_collections keeps it a str
-    # field and `--config.train.steps_per_call=50` arrives as the string "50".
+def test_auto_or_integer_fields_as_given_on_the_command_line(value):
+    # The fields' default is the string "auto", so ml_collections keeps them str
+    # fields and `--config.train.steps_per_call=50` arrives as the string "50".
     # An integer given that way must be accepted (and used as that integer).
-    from mnist_flax import steps
+    from mnist_flax import models, steps
 
     config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
     config.train.steps_per_call = value
+    config.train.scan_unroll = value
+    config.model.conv_batch_split = value
     config_utils.validate(config)
     assert steps.resolve_steps_per_call(config.train, backend="gpu") == int(value)
+    assert steps.resolve_scan_unroll(config.train, 7, backend="cpu") == int(value)
+    assert models.resolve_conv_batch_split(config.model.conv_batch_split, 128, backend="cpu") == int(value)
+
+
+@pytest.mark.parametrize("field", ["train.steps_per_call", "train.scan_unroll", "model.conv_batch_split"])
+@pytest.mark.parametrize("value", ["0", "-2", "fast", "2.5"])
+def test_auto_or_integer_fields_reject_other_values(field, value):
+    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
+    section, leaf = field.split(".")
+    config[section][leaf] = value
+    with pytest.raises(ConfigError, match=rf"^{field}: expected 'auto' or an integer >= 1, got '{value}'$"):
+        config_utils.validate(config)
+
+
+def test_auto_fused_steps_per_backend():
+    from mnist_flax import steps
+
+    train = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py")).train
+    assert (train.steps_per_call, train.scan_unroll) == ("auto", "auto")
+    # CPU: a few steps a call, written out with no loop; accelerators: many steps in a scan.
+    assert steps.resolve_steps_per_call(train, backend="cpu") == 5
+    assert steps.resolve_scan_unroll(train, 5, backend="cpu") == 5
+    assert steps.resolve_steps_per_call(train, backend="gpu") == 50
+    assert steps.resolve_scan_unroll(train, 50, backend="gpu") == 1
 
 
 def test_nearest_names():
@@ -268,6 +296,14 @@ BAD_INPUTS = [
         ("batch_size: 1001", "larger than the training split (1000"),
     ),
     BadInput("steps_per_call_zero", ("--config.train.steps_per_call=0",), ("train.steps_per_call",)),
+    BadInput("scan_unroll_word", ("--config.train.scan_unroll=all",), ("train.scan_unroll", "'all'")),
+    # tiny_overrides' batch is 50: 3 pieces do not divide it.
+    BadInput(
+        "conv_batch_split_not_dividing_batch",
+        ("--config.model.conv_batch_split=3",),
+        ("model.conv_batch_split: 3 pieces do not divide the batch of 50",),
+        config="configs/cnn.py",
+    ),
     BadInput("num_epochs_zero", ("--config.num_epochs=0",), ("num_epochs: 0 is out of range",)),
     BadInput("dropout_above_one", ("--config.model.dropout_rate=1.5",), ("model.dropout_rate: 1.5",)),
     BadInput(

@@ -27,7 +27,9 @@ def _args(data_dir, workdir):
     return [
         "--config=configs/mlp.py",
         f"--workdir={workdir}",
-        *tiny_overrides(data_dir, num_epochs=EPOCHS, log_every_steps=1),
+        # One step a call, so that a progress line (a kill point) follows every step; fused steps are killed
+        # and resumed in test_tracking.
+        *tiny_overrides(data_dir, num_epochs=EPOCHS, log_every_steps=1, **{"train.steps_per_call": 1}),
     ]
 
 

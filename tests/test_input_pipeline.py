@@ -471,6 +471,61 @@ def test_to_device_pads_and_keeps_num_valid():
 # ---------------------------------------------------------------- the real Fashion-MNIST files
 
 
+# ---------------------------------------------------------------- augmentation
+
+
+def _asymmetric_images(n: int) -> np.ndarray:
+    """Float images with a bright block away from the edges, at a different place in each image."""
+    rng = np.random.default_rng(0)
+    images = np.zeros((n, 28, 28, 1), np.float32)
+    for i in range(n):
+        row, col = rng.integers(4, 18, size=2)
+        images[i, row : row + 6, col : col + 3, 0] = rng.uniform(0.5, 1.0, size=(6, 3))
+    return images
+
+
+def test_augment_off_returns_the_batch():
+    images = _asymmetric_images(4)
+    out = input_pipeline.augment(jax.numpy.asarray(images), jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(out), images)
+
+
+def test_flip_mirrors_some_images_and_keeps_the_others():
+    images = _asymmetric_images(64)
+    out = np.asarray(input_pipeline.augment(jax.numpy.asarray(images), jax.random.PRNGKey(0), flip=True))
+    mirrored = [bool(np.array_equal(o, x[:, ::-1])) for o, x in zip(out, images, strict=True)]
+    kept = [bool(np.array_equal(o, x)) for o, x in zip(out, images, strict=True)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))  # each image is one or the other
+    assert 16 < sum(mirrored) < 48  # about half
+
+
+def test_shift_moves_each_image_within_bounds():
+    images = _asymmetric_images(64)
+    out = np.asarray(input_pipeline.augment(jax.numpy.asarray(images), jax.random.PRNGKey(1), max_shift=2))
+    moves = set()
+    for o, x in zip(out, images, strict=True):
+        # Which shift (dy, dx) of the original gives this output? Exactly one, within +-2.
+        found = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if np.array_equal(o, np.roll(x, (dy, dx), axis=(0, 1)))  # the block is away from the edges
+        ]
+        assert len(found) == 1
+        moves.add(found[0])
+        np.testing.assert_allclose(o.sum(), x.sum(), rtol=1e-6)  # nothing cut off, nothing added
+    assert len(moves) > 10  # many different shifts
+
+
+def test_augment_repeats_with_the_key():
+    images = jax.numpy.asarray(_asymmetric_images(8))
+    a = input_pipeline.augment(images, jax.random.PRNGKey(3), flip=True, max_shift=2)
+    b = input_pipeline.augment(images, jax.random.PRNGKey(3), flip=True, max_shift=2)
+    c = input_pipeline.augment(images, jax.random.PRNGKey(4), flip=True, max_shift=2)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
 def test_fashion_mnist_files(fashion_dir, monkeypatch):
     # Found in the standard folder with no local_dir set (as the default config trains).
     monkeypatch.setattr(input_pipeline, "STANDARD_DIRS", {"fashion_mnist": fashion_dir, "mnist": "/nonexistent"})

@@ -229,10 +229,58 @@ def test_conv_impls_give_the_same_outputs_and_gradients(cnn_pair):
 
 
 def test_resolve_conv_impl():
-    assert models.resolve_conv_impl("auto", backend="cpu") == "shifted_matmul"
+    assert models.resolve_conv_impl("auto", backend="cpu") == "xla"
     assert models.resolve_conv_impl("auto", backend="gpu") == "xla"
     assert models.resolve_conv_impl("xla", backend="cpu") == "xla"
     assert models.resolve_conv_impl("shifted_matmul", backend="gpu") == "shifted_matmul"
+
+
+@pytest.mark.parametrize(
+    ("value", "per_device_batch", "backend", "expected"),
+    [
+        ("auto", 128, "cpu", 8),  # 8 pieces of 16
+        ("auto", 512, "cpu", 8),  # at most 8 pieces
+        ("auto", 50, "cpu", 2),  # 8 and 4 do not divide 50; 2 pieces of 25
+        ("auto", 16, "cpu", 1),  # no piece smaller than 16
+        ("auto", 48, "cpu", 2),  # 3 pieces of 16 would do, but the count is a power of two
+        ("auto", 128, "gpu", 1),
+        ("auto", 0, "cpu", 1),  # batch unknown
+        ("4", 128, "gpu", 4),  # from the command line, as given
+        (3, 129, "cpu", 3),
+    ],
+)
+def test_resolve_conv_batch_split(value, per_device_batch, backend, expected):
+    assert models.resolve_conv_batch_split(value, per_device_batch, backend) == expected
+
+
+@pytest.mark.parametrize("pieces", [2, 4])
+def test_batch_split_gives_the_same_outputs_and_gradients(pieces):
+    """The convolutions on interleaved pieces of the batch: the same parameters, logits and gradients."""
+    whole = models.create_model(model_config("cnn", conv_impl="xla", conv_batch_split="1"))
+    split = models.create_model(model_config("cnn", conv_impl="xla", conv_batch_split=str(pieces)))
+    assert split.conv_batch_split == pieces
+    params = init_params(whole, seed=5)
+    jax.tree.map(np.testing.assert_array_equal, params, init_params(split, seed=5))  # same tree, same values
+    images = random_images(8)
+    labels = jnp.arange(8) % 10
+
+    def outputs_and_grads(model):
+        def loss(p):
+            logits = model.apply({"params": p}, images)
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).mean(), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return logits, grads
+
+    logits_whole, grads_whole = outputs_and_grads(whole)
+    logits_split, grads_split = outputs_and_grads(split)
+    # Each example's logits in its own row: a wrong interleave would permute the rows.
+    assert float(jnp.abs(logits_whole[0] - logits_whole[1]).max()) > 1e-3
+    np.testing.assert_allclose(logits_whole, logits_split, atol=CONV_ATOL, rtol=CONV_RTOL)
+    for g_whole, g_split in zip(jax.tree.leaves(grads_whole), jax.tree.leaves(grads_split), strict=True):
+        scale = float(jnp.abs(g_whole).max())
+        assert scale > 0
+        np.testing.assert_allclose(g_whole, g_split, atol=GRAD_RTOL * scale, rtol=0)
 
 
 # ---------------------------------------------------------------- errors
@@ -248,11 +296,12 @@ def test_unknown_model_name_raises_config_error():
 def test_inference_form_gives_the_same_outputs():
     config = config_utils.load_config_file("configs/cnn.py")
     config.model.conv_impl = "shifted_matmul"
+    config.model.conv_batch_split = "2"
     model = models.create_model(config.model)
     images = jax.random.uniform(jax.random.PRNGKey(0), (4, 28, 28, 1))
     params = model.init(jax.random.PRNGKey(1), images)["params"]
     fast = models.for_inference(model)
-    assert fast.conv_impl == "xla"
+    assert fast.conv_impl == "xla" and fast.conv_batch_split == 1
     np.testing.assert_allclose(
         fast.apply({"params": params}, images), model.apply({"params": params}, images), rtol=1e-5, atol=1e-5
     )

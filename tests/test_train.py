@@ -68,13 +68,14 @@ def test_epoch_loop_compiles_the_step_once():
     assert int(carry[0].step) == 1 + 3 * steps_per_epoch
 
 
-def test_fused_steps_match_single_steps():
-    """lax.scan over 3 steps (with a masked tail: 8 steps/epoch) equals 8 single steps."""
+@pytest.mark.parametrize("unroll", [1, 3], ids=["scan", "unrolled"])
+def test_fused_steps_match_single_steps(unroll):
+    """3 fused steps a call (with a masked tail: 8 steps/epoch) equal 8 single steps, in a scan or written out."""
     config, state, images, labels = _setup("mlp")
     steps_per_epoch = 8
     order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, 256, 32)
     single = steps.make_train_step(config.loss, steps_per_epoch, steps_per_call=1)
-    fused = steps.make_train_step(config.loss, steps_per_epoch, steps_per_call=3)
+    fused = steps.make_train_step(config.loss, steps_per_epoch, steps_per_call=3, unroll=unroll)
     carry_a = _carry(jax.tree.map(jnp.copy, state))
     for _ in range(steps_per_epoch):
         carry_a = single(carry_a, images, labels, order)
@@ -85,6 +86,28 @@ def test_fused_steps_match_single_steps():
     for a, b in zip(jax.tree.leaves(carry_a[0].params), jax.tree.leaves(carry_b[0].params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(carry_a[1].compute()["loss"], carry_b[1].compute()["loss"], rtol=1e-5)
+
+
+def test_augmentation_changes_the_step_and_repeats():
+    config, state, images, labels = _setup("cnn", num_examples=64)
+    order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, 64, 32)
+    augment = ml_collections.ConfigDict({"flip": True, "max_shift": 2})
+
+    def params_after_two_steps(augment_config):
+        step_fn = steps.make_train_step(config.loss, 2, augment_config=augment_config)
+        carry = _carry(jax.tree.map(jnp.copy, state))
+        for _ in range(2):
+            carry = step_fn(carry, images, labels, order)
+        return jax.tree.leaves(carry[0].params)
+
+    plain, augmented, again = (
+        params_after_two_steps(None),
+        params_after_two_steps(augment),
+        params_after_two_steps(augment),
+    )
+    assert any(not np.allclose(a, b) for a, b in zip(plain, augmented, strict=True))  # the batch was changed
+    for a, b in zip(augmented, again, strict=True):  # by draws from the state's key and step only
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nonfinite_update_is_skipped_and_counted():
