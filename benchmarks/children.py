@@ -105,9 +105,9 @@ def child_main(kind: str, spec: dict, data_path: str) -> dict:
             shapes = architecture(jax_loops.model_config(model))
             for batch_size in spec["batch_sizes"]:
                 contenders = {"PyTorch, 1 thread": TorchContender(shapes, data, batch_size, threads=1)}
-                specs = contender_specs(model, settings, batch_size)[2:4]  # the default and the plain jit step
-                for spec in specs:
-                    contenders[spec["label"]] = build_contender(spec, model, data, batch_size)
+                ours_specs = contender_specs(model, settings, batch_size)[2:4]  # the default and the plain jit step
+                for ours_spec in ours_specs:
+                    contenders[ours_spec["label"]] = build_contender(ours_spec, model, data, batch_size)
                 for contender in contenders.values():
                     contender.run(10)
                 steps = round_steps(settings, model, batch_size)

@@ -34,9 +34,9 @@ class Settings:
         self.study_batch_sizes = () if quick else (32, 64, 128, 256)
         # (pieces, steps per call) of conv=xla at batch 128; rounds of split_round_steps steps.
         self.split_variants = (
-            ((1, 1), (8, 5))
+            ((1, 1), (8, 3))
             if quick
-            else ((1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (1, 5), (1, 10), (4, 5), (8, 2), (8, 5), (8, 10), (16, 5))
+            else ((1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (1, 3), (1, 10), (4, 3), (8, 2), (8, 3), (8, 5), (8, 10))
         )
         self.split_round_steps = 10 if quick else 30
         self.scaling_steps = 10 if quick else 40
@@ -155,7 +155,7 @@ def build_contender(spec: dict, model: str, data, batch_size: int):
     from benchmarks import jax_loops
 
     overrides = {"model.conv_impl": spec["conv_impl"]} if spec.get("conv_impl") else {}
-    config = jax_loops.model_config(model, **overrides, **spec.get("overrides", {}))
+    config = jax_loops.model_config(model, **{**overrides, **spec.get("overrides", {})})
     if spec["kind"] == "hostfed":
         return jax_loops.HostFedContender(config, data, batch_size)
     return jax_loops.OursContender(config, data, batch_size, steps_per_call=spec.get("steps_per_call", 1))

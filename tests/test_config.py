@@ -150,8 +150,8 @@ def test_auto_fused_steps_per_backend():
     train = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py")).train
     assert (train.steps_per_call, train.scan_unroll) == ("auto", "auto")
     # CPU: a few steps a call, written out with no loop; accelerators: many steps in a scan.
-    assert steps.resolve_steps_per_call(train, backend="cpu") == 5
-    assert steps.resolve_scan_unroll(train, 5, backend="cpu") == 5
+    assert steps.resolve_steps_per_call(train, backend="cpu") == 3
+    assert steps.resolve_scan_unroll(train, 3, backend="cpu") == 3
     assert steps.resolve_steps_per_call(train, backend="gpu") == 50
     assert steps.resolve_scan_unroll(train, 50, backend="gpu") == 1
 
