@@ -364,7 +364,7 @@ def targets(results: dict) -> list[list[str]]:
         rows.append(
             [
                 f"runs and agrees on {counts} simulated devices",
-                f"max |log-prob difference| {worst:.1e}; "
+                f"max abs log-prob difference {worst:.1e}; "
                 + ", ".join(f"{r['vs_one_device']:.2f}x" for r in scaling["rows"])
                 + " the 1-device throughput",
                 "met" if worst < 1e-3 else "missed",

@@ -58,7 +58,7 @@ def test_workdirs_and_a_file_against_a_workdir(tmp_path):
     assert result.returncode == 1
     difference = json.loads(result.stdout)
     assert difference == {
-        "changed": {"batch_size": [128, 64], "optimizer.learning_rate": [0.01, 0.002]},
+        "changed": {"batch_size": [128, 64], "optimizer.learning_rate": [0.01, 0.003]},
         "added": {},
         "removed": {},
     }

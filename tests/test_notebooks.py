@@ -115,7 +115,7 @@ def two_runs(tmp_path_factory, fashion_dir) -> dict[str, str]:
         "--config.tensorboard=False",
         "--config.checkpoint.enabled=False",
     ]
-    runs = {"lr_2e-3": [], "lr_5e-4": ["--config.optimizer.learning_rate=0.0005"]}
+    runs = {"lr_default": [], "lr_5e-4": ["--config.optimizer.learning_rate=0.0005"]}
     workdirs = {}
     for name, extra in runs.items():
         workdir = str(root / name)
@@ -129,7 +129,7 @@ def two_runs(tmp_path_factory, fashion_dir) -> dict[str, str]:
 def rendered(two_runs, fashion_dir, tmp_path_factory):
     """Both notebooks executed by notebooks/render.py; returns the output folder."""
     out = tmp_path_factory.mktemp("notebooks_build")
-    args = ["--run", two_runs["lr_2e-3"], "--other-run", two_runs["lr_5e-4"], "--data-dir", fashion_dir]
+    args = ["--run", two_runs["lr_default"], "--other-run", two_runs["lr_5e-4"], "--data-dir", fashion_dir]
     assert render.main([*args, "--out", str(out), "--figures"]) == 0
     return out
 
@@ -180,10 +180,10 @@ def test_data_notebook_describes_the_loaded_data(rendered, fashion_dir):
 @pytest.mark.slow
 def test_run_notebook_numbers_agree_with_the_run(rendered, two_runs):
     summary = json.loads((rendered / "02_runs.summary.json").read_text())
-    with open(os.path.join(two_runs["lr_2e-3"], "final_metrics.json")) as f:
+    with open(os.path.join(two_runs["lr_default"], "final_metrics.json")) as f:
         logged = json.load(f)["test"]
     computed = summary["test"]
-    assert summary["run"] == two_runs["lr_2e-3"] and summary["other_run"] == two_runs["lr_5e-4"]
+    assert summary["run"] == two_runs["lr_default"] and summary["other_run"] == two_runs["lr_5e-4"]
     assert computed["num_examples"] == logged["num_examples"] == 1000
     assert computed["confusion_matrix"] == logged["confusion_matrix"]
     for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
@@ -202,7 +202,7 @@ def test_run_notebook_numbers_agree_with_the_run(rendered, two_runs):
     assert [count for _, _, count in summary["most_confused"]] == largest[: len(summary["most_confused"])].tolist()
 
     # The grid shows mistakes only, the most confident first.
-    predictions = read_predictions(os.path.join(two_runs["lr_2e-3"], "predictions.csv"))
+    predictions = read_predictions(os.path.join(two_runs["lr_default"], "predictions.csv"))
     shown = np.array(summary["misclassified_shown"])
     mistakes = int((predictions["label"] != predictions["predicted"]).sum())
     assert len(shown) == min(24, mistakes)
@@ -216,9 +216,9 @@ def test_run_notebook_compares_the_two_runs(rendered):
     streams = "".join(_outputs(notebook, "stream"))
     # The config diff names the one field the test changed, with both values.
     diff_line = next(line for line in streams.splitlines() if line.startswith("optimizer.learning_rate"))
-    assert diff_line.split()[1:] == ["0.002", "0.0005"]
+    assert diff_line.split()[1:] == ["0.003", "0.0005"]
     table = next(text for text in _outputs(notebook, "text/markdown") if "test/accuracy" in text)
-    assert "lr_2e-3" in table and "lr_5e-4" in table and "difference" in table
+    assert "lr_default" in table and "lr_5e-4" in table and "difference" in table
 
 
 def test_render_writes_under_the_ignored_build_folder():
