@@ -198,22 +198,24 @@ def test_conv_impls_have_the_same_parameter_tree(cnn_pair):
     jax.tree.map(np.testing.assert_array_equal, params_xla, params_shifted)
 
 
+def outputs_and_grads(model, params, images, labels):
+    """Logits and the gradients of the mean cross-entropy, for `params` through `model`."""
+
+    def loss(p):
+        logits = model.apply({"params": p}, images)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).mean(), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, grads
+
+
 def test_conv_impls_give_the_same_outputs_and_gradients(cnn_pair):
     xla, shifted, params, _ = cnn_pair
     images = random_images(8)
     labels = jnp.arange(8) % 10
-
-    def outputs_and_grads(model):
-        def loss(p):
-            logits = model.apply({"params": p}, images)
-            return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).mean(), logits
-
-        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-        return logits, grads
-
     # The same params (those of the xla model) go through both formulations.
-    logits_xla, grads_xla = outputs_and_grads(xla)
-    logits_shifted, grads_shifted = outputs_and_grads(shifted)
+    logits_xla, grads_xla = outputs_and_grads(xla, params, images, labels)
+    logits_shifted, grads_shifted = outputs_and_grads(shifted, params, images, labels)
     assert float(jnp.abs(logits_xla).max()) > 0.01  # not a vacuous comparison of zeros
     np.testing.assert_allclose(logits_xla, logits_shifted, atol=CONV_ATOL, rtol=CONV_RTOL)
 
@@ -263,17 +265,8 @@ def test_batch_split_gives_the_same_outputs_and_gradients(pieces):
     jax.tree.map(np.testing.assert_array_equal, params, init_params(split, seed=5))  # same tree, same values
     images = random_images(8)
     labels = jnp.arange(8) % 10
-
-    def outputs_and_grads(model):
-        def loss(p):
-            logits = model.apply({"params": p}, images)
-            return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).mean(), logits
-
-        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-        return logits, grads
-
-    logits_whole, grads_whole = outputs_and_grads(whole)
-    logits_split, grads_split = outputs_and_grads(split)
+    logits_whole, grads_whole = outputs_and_grads(whole, params, images, labels)
+    logits_split, grads_split = outputs_and_grads(split, params, images, labels)
     # Each example's logits in its own row: a wrong interleave would permute the rows.
     assert float(jnp.abs(logits_whole[0] - logits_whole[1]).max()) > 1e-3
     np.testing.assert_allclose(logits_whole, logits_split, atol=CONV_ATOL, rtol=CONV_RTOL)
