@@ -124,6 +124,12 @@ def _check_range(name: str, value, bounds) -> None:
         raise ConfigError(f"{name}: {value!r} is out of range (must be <= {high})")
 
 
+def auto_or_int(value):
+    """A field of AUTO_OR_POSITIVE_INT as given: "50" from the command line (the default "auto" makes it a str
+    field) becomes 50; "auto" and anything else come back as they are (for `validate` to judge)."""
+    return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every known field's value; raises ConfigError naming the first bad one."""
     flat = flatten(config)
@@ -142,8 +148,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(f"{name}: expected a tuple of positive integers, got {widths!r}")
     for name in AUTO_OR_POSITIVE_INT:
         if name in flat:
-            given = value = flat[name]
-            if isinstance(value, str) and value.isdigit():  # "50" from the command line (the default is a string)
-                value = int(value)  # the resolve_* functions convert it the same way
+            value = auto_or_int(flat[name])
             if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ConfigError(f"{name}: expected 'auto' or an integer >= 1, got {given!r}")
+                raise ConfigError(f"{name}: expected 'auto' or an integer >= 1, got {flat[name]!r}")

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mnist_flax.config_utils import auto_or_int
 from mnist_flax.errors import ConfigError
 
 NUM_CLASSES = 10
@@ -142,8 +143,9 @@ def resolve_conv_batch_split(value, per_device_batch: int, backend: str | None =
     GPU/TPU, whose convolutions use the whole device already. A number must
     divide the per-device batch (checked by `train.check_batch_sizes`).
     """
+    value = auto_or_int(value)
     if value != "auto":
-        return int(value)
+        return value
     if (backend or jax.default_backend()) != "cpu" or per_device_batch <= 0:
         return 1
     pieces = MAX_CONV_BATCH_SPLIT

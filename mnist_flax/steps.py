@@ -12,6 +12,7 @@ import optax
 from flax.training import train_state
 
 from mnist_flax import distributed, input_pipeline, metrics
+from mnist_flax.config_utils import auto_or_int
 from mnist_flax.errors import ConfigError
 
 
@@ -96,11 +97,6 @@ CPU_STEPS_PER_CALL = 3
 ACCELERATOR_STEPS_PER_CALL = 50
 
 
-def _parse_auto_int(value):
-    """ "auto" or an integer (also as a string: "50" from the command line; validated by config_utils)."""
-    return value if value == "auto" else int(value)
-
-
 def resolve_steps_per_call(train_config: ml_collections.ConfigDict, backend: str | None = None) -> int:
     """Steps fused per compiled call: 3 on CPU, 50 on accelerators.
 
@@ -109,7 +105,7 @@ def resolve_steps_per_call(train_config: ml_collections.ConfigDict, backend: str
     predict) near 4 s and runs within a few percent of 5 (3,629 against 3,701
     images/s; 5 compiles in 5.5 s).
     """
-    value = _parse_auto_int(train_config.steps_per_call)
+    value = auto_or_int(train_config.steps_per_call)
     if value == "auto":
         return CPU_STEPS_PER_CALL if (backend or jax.default_backend()) == "cpu" else ACCELERATOR_STEPS_PER_CALL
     return value
@@ -122,7 +118,7 @@ def resolve_scan_unroll(train_config: ml_collections.ConfigDict, steps_per_call:
     out with no loop at all (XLA's CPU convolutions leave their fast path inside
     a loop or a conditional, jax#12868: 10x slower); 1 on accelerators.
     """
-    value = _parse_auto_int(train_config.scan_unroll)
+    value = auto_or_int(train_config.scan_unroll)
     if value == "auto":
         return steps_per_call if (backend or jax.default_backend()) == "cpu" else 1
     return value
