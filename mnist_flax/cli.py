@@ -5,7 +5,7 @@ import sys
 import ml_collections
 from absl import flags, logging
 
-from mnist_flax import config_utils
+from mnist_flax import config_utils, overrides
 from mnist_flax.errors import MnistFlaxError
 
 USAGE_EXIT = 2
@@ -15,16 +15,6 @@ def fail(message: str, code: int = USAGE_EXIT):
     """Prints one line to stderr and exits."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
-
-
-def config_overrides(argv: list[str]) -> dict[str, str]:
-    """The `--config.FIELD=VALUE` arguments, as given on the command line."""
-    overrides = {}
-    for arg in argv[1:]:
-        if arg.startswith("--config.") and "=" in arg:
-            name, _, value = arg[len("--config.") :].partition("=")
-            overrides[name] = value
-    return overrides
 
 
 def _config_spec(argv: list[str]) -> str | None:
@@ -41,31 +31,12 @@ def diagnose(argv: list[str]) -> str | None:
     spec = _config_spec(argv)
     if spec is None:
         return "--config is required, e.g. --config=configs/cnn.py"
-    config = config_utils.load_config_file(spec)  # raises ConfigError for a bad file
-    flat = config_utils.flatten(config)
-    for name, value in config_overrides(argv).items():
-        if name not in flat:
-            children = [k for k in flat if k.startswith(name + ".")]
-            if children:
-                return f"config field {name!r} is a group; set one of its fields, e.g. --config.{children[0]}"
-            return config_utils.unknown_field_message(name, config)
-        expected = flat[name]
-        kind = type(expected).__name__ if expected is not None else "a value"
-        try:
-            _parse_like(value, expected)
-        except ValueError:
-            return f"config field {name!r} expects {kind}, got {value!r}"
+    flat = config_utils.flatten(config_utils.load_config_file(spec))  # raises ConfigError for a bad file
+    try:
+        overrides.apply(flat, overrides.from_argv(argv[1:]))
+    except MnistFlaxError as e:
+        return str(e)
     return None
-
-
-def _parse_like(text: str, example) -> None:
-    if isinstance(example, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(text)
-    elif isinstance(example, int):
-        int(text)
-    elif isinstance(example, float):
-        float(text)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -95,7 +66,7 @@ def train(config, workdir: str, argv: list[str]) -> None:
     config_utils.validate(config)
     file_config = config_utils.load_config_file(_config_spec(argv))
     changes = config_diff.diff(config_utils.flatten(file_config), config_utils.flatten(config))
-    train_lib.train_and_evaluate(config, workdir, overrides=config_overrides(argv), config_changes=changes)
+    train_lib.train_and_evaluate(config, workdir, overrides=overrides.from_argv(argv[1:]), config_changes=changes)
 
 
 def run_main(fn) -> int:

@@ -120,53 +120,21 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
-    """Maps "auto" to the faster formulation: XLA's own convolution on every backend.
-
-    On CPU it wins once the batch is split (`resolve_conv_batch_split`) and
-    steps are fused without a loop (`steps.resolve_scan_unroll`); the shifted
-    matmul stays as an option (benchmarks/RESULTS.md compares them).
-    """
-    del backend  # the same answer everywhere today; kept so the choice can depend on it
-    return "xla" if conv_impl == "auto" else conv_impl
-
-
-MAX_CONV_BATCH_SPLIT = 8
-MIN_CONV_PIECE = 16
-
-
-def resolve_conv_batch_split(value, per_device_batch: int, backend: str | None = None) -> int:
-    """Pieces the batch is split into for the convolutions (see CNN).
-
-    "auto": on CPU the most pieces (up to 8) that divide the per-device batch
-    into pieces of at least 16 examples (8 pieces of 16 at batch 128); 1 on
-    GPU/TPU, whose convolutions use the whole device already. A number must
-    divide the per-device batch (checked by `train.check_batch_sizes`).
-    """
-    value = auto_or_int(value)
-    if value != "auto":
-        return value
-    if (backend or jax.default_backend()) != "cpu" or per_device_batch <= 0:
-        return 1
-    pieces = MAX_CONV_BATCH_SPLIT
-    while pieces > 1 and (per_device_batch % pieces or per_device_batch // pieces < MIN_CONV_PIECE):
-        pieces //= 2
-    return pieces
-
-
-def create_model(model_config: ml_collections.ConfigDict, per_device_batch: int = 0) -> nn.Module:
-    """Builds the model that `model_config.name` names.
-
-    `per_device_batch` (the training batch on each device) lets "auto" choose
-    the CNN's `conv_batch_split`; without it the batch is not split.
-    """
+def create_model(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """Builds the model that a resolved model section (`resolve.model`) names; "auto" is an error here."""
     if model_config.name == "cnn":
+        pieces = auto_or_int(model_config.get("conv_batch_split", 1))
+        impl = model_config.get("conv_impl", "xla")
+        if pieces == "auto" or impl == "auto":
+            raise ConfigError(
+                "model: 'auto' fields reach the model unresolved (resolve the config with resolve.resolve)"
+            )
         return CNN(
             conv_features=tuple(model_config.conv_features),
             dense_features=tuple(model_config.dense_features),
             dropout_rate=model_config.dropout_rate,
-            conv_impl=resolve_conv_impl(model_config.get("conv_impl", "auto")),
-            conv_batch_split=resolve_conv_batch_split(model_config.get("conv_batch_split", "auto"), per_device_batch),
+            conv_impl=impl,
+            conv_batch_split=pieces,
         )
     if model_config.name == "mlp":
         return MLP(

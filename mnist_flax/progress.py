@@ -67,3 +67,45 @@ class Stopwatch:
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
         return elapsed
+
+
+class Throughput:
+    """Images per second between one reading and the next, over the training steps alone.
+
+    The loop restarts it at each epoch's start, so validation and checkpoints between epochs do not count.
+    """
+
+    def __init__(self, batch_size: int, step: int = 0):
+        self.batch_size = batch_size
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self._stopwatch, self._step = Stopwatch(), step
+
+    def images_per_second(self, step: int) -> float:
+        """Since the last reading (or restart); starts the next interval."""
+        seconds = self._stopwatch.lap()
+        rate = (step - self._step) * self.batch_size / max(seconds, 1e-9)
+        self._step = step
+        return rate
+
+
+def print_summary(report: dict, workdir: str, sync_hint: str | None) -> None:
+    """The block printed at the end of a run: steps, time, best validation, test metrics, where things are."""
+    test = report["test"]
+    lines = [
+        "",
+        "=" * 60,
+        f"done: {report['steps']} steps in {report['seconds']:.1f} s (compile {report['compile_seconds']:.1f} s)",
+        f"best validation accuracy {report['best_validation']['val_accuracy']:.4f} "
+        f"(step {report['best_validation']['step']})",
+        f"test: accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  f1 {test['f1_macro']:.4f}  "
+        f"precision {test['precision_macro']:.4f}  recall {test['recall_macro']:.4f}  auroc {test['auroc_macro']:.4f}",
+        f"workdir: {workdir}",
+        "  config.json, metrics.jsonl, final_metrics.json, predictions.csv, checkpoints/, tensorboard/",
+        f"W&B: {report['wandb']['mode']}" + (f" run {report['wandb']['run_id']}" if report["wandb"]["run_id"] else ""),
+    ]
+    if sync_hint:
+        lines.append(f"  upload later with: {sync_hint}")
+    lines.append("=" * 60)
+    print("\n".join(lines), flush=True)

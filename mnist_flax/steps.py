@@ -12,7 +12,6 @@ import optax
 from flax.training import train_state
 
 from mnist_flax import distributed, input_pipeline, metrics
-from mnist_flax.config_utils import auto_or_int
 from mnist_flax.errors import ConfigError
 
 
@@ -93,37 +92,6 @@ def create_train_state(model, tx, seed: int) -> TrainState:
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
 
 
-CPU_STEPS_PER_CALL = 3
-ACCELERATOR_STEPS_PER_CALL = 50
-
-
-def resolve_steps_per_call(train_config: ml_collections.ConfigDict, backend: str | None = None) -> int:
-    """Steps fused per compiled call: 3 on CPU, 50 on accelerators.
-
-    On CPU the fused steps are written out (see `resolve_scan_unroll`), so
-    compile time grows with the count: 3 keeps the CNN's compile (train step +
-    predict) near 4 s and runs within a few percent of 5 (3,629 against 3,701
-    images/s; 5 compiles in 5.5 s).
-    """
-    value = auto_or_int(train_config.steps_per_call)
-    if value == "auto":
-        return CPU_STEPS_PER_CALL if (backend or jax.default_backend()) == "cpu" else ACCELERATOR_STEPS_PER_CALL
-    return value
-
-
-def resolve_scan_unroll(train_config: ml_collections.ConfigDict, steps_per_call: int, backend: str | None = None):
-    """How many fused steps lax.scan unrolls per loop iteration.
-
-    "auto": all of them on CPU, where `make_train_step` then writes the steps
-    out with no loop at all (XLA's CPU convolutions leave their fast path inside
-    a loop or a conditional, jax#12868: 10x slower); 1 on accelerators.
-    """
-    value = auto_or_int(train_config.scan_unroll)
-    if value == "auto":
-        return steps_per_call if (backend or jax.default_backend()) == "cpu" else 1
-    return value
-
-
 # ---------------------------------------------------------------- compiled steps
 
 
@@ -132,24 +100,8 @@ def empty_guard() -> dict:
     return {"count": jnp.zeros((), jnp.int32), "first_step": jnp.full((), -1, jnp.int32)}
 
 
-def make_train_step(
-    loss_config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1, mesh=None, augment_config=None
-):
-    """Returns a jitted fn(carry, images, labels, order) -> carry.
-
-    carry = (state, train_metrics, guard). Each step gathers its batch on the
-    device from the resident `images`/`labels` by the epoch's `order`, at row
-    `state.step % steps_per_epoch`. A step whose loss or gradients are not finite
-    leaves params and optimizer state unchanged and is counted in `guard`; the
-    host decides at the next log point whether to stop. With steps_per_call > 1
-    the steps are fused: written out one after another when `unroll` covers
-    them all, else with lax.scan; steps past the end of the epoch are masked
-    out, so a call never crosses an epoch and nothing recompiles.
-    `augment_config` (config.data.augment) flips and shifts the batch on the device.
-    With a mesh, the batch is split along its "data" axis (the carry and the
-    resident data are replicated); without one, it runs on the default device.
-    """
-    shard = _batch_constraint(mesh)
+def _one_step_fn(loss_config, steps_per_epoch: int, shard, augment_config):
+    """fn(carry, images, labels, order) -> carry: one optimizer step on the batch at row step % steps_per_epoch."""
 
     def one_step(carry, images, labels, order):
         state, train_metrics, guard = carry
@@ -184,6 +136,27 @@ def make_train_step(
         }
         return state, train_metrics, guard
 
+    return one_step
+
+
+def make_train_step(
+    loss_config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1, mesh=None, augment_config=None
+):
+    """Returns a jitted fn(carry, images, labels, order) -> carry.
+
+    carry = (state, train_metrics, guard). Each step gathers its batch on the
+    device from the resident `images`/`labels` by the epoch's `order`, at row
+    `state.step % steps_per_epoch`. A step whose loss or gradients are not finite
+    leaves params and optimizer state unchanged and is counted in `guard`; the
+    host decides at the next log point whether to stop. With steps_per_call > 1
+    the steps are fused: written out one after another when `unroll` covers
+    them all, else with lax.scan; steps past the end of the epoch are masked
+    out, so a call never crosses an epoch and nothing recompiles.
+    `augment_config` (config.data.augment) flips and shifts the batch on the device.
+    With a mesh, the batch is split along its "data" axis (the carry and the
+    resident data are replicated); without one, it runs on the default device.
+    """
+    one_step = _one_step_fn(loss_config, steps_per_epoch, _batch_constraint(mesh), augment_config)
     out_shardings = distributed.replicated(mesh) if mesh is not None else None
     if steps_per_call == 1:
         return jax.jit(one_step, donate_argnums=(0,), out_shardings=out_shardings)

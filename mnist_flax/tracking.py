@@ -1,10 +1,12 @@
-"""Experiment tracking: the W&B run, the git state, and the token.
+"""Experiment tracking: the W&B run (start or resume, artifacts, result tables) and the token.
 
-The token is read from the environment only (WANDB_API_KEY, or WANDB_TOKEN as
-an `.env` file names it) and never written anywhere: not to the config, the
-workdir, the log, or a command line. Online runs need a clean git tree, so the
-logged commit reproduces them; offline runs record the dirty flag, and `sync`
-refuses to upload a dirty run unless forced.
+The token is read from the environment only, here and nowhere else in Python
+(WANDB_API_KEY, or WANDB_TOKEN as an `.env` file names it), and never written
+anywhere: not to the config, the workdir, the log, or a command line. Online
+runs need a clean git tree (`provenance.git_info`), so the logged commit
+reproduces them; offline runs record the dirty flag, and `sync` refuses to
+upload a dirty run unless forced. When W&B fails mid-run, the run's Tracker
+remembers it and sends nothing more; training goes on.
 """
 
 import contextlib
@@ -13,17 +15,15 @@ import io
 import os
 import secrets
 import string
-import subprocess
 import sys
 
 import ml_collections
 import numpy as np
 
 from mnist_flax import config_utils
-from mnist_flax.errors import TrackingError
+from mnist_flax.errors import CheckpointError, TrackingError
 
 TOKEN_VARIABLES = ("WANDB_API_KEY", "WANDB_TOKEN")
-GIT_ENV = {"commit": "MNIST_FLAX_GIT_COMMIT", "branch": "MNIST_FLAX_GIT_BRANCH", "dirty": "MNIST_FLAX_GIT_DIRTY"}
 RUN_ID_FILE = "wandb_run_id"
 
 
@@ -41,31 +41,6 @@ def read_token() -> str | None:
             os.environ["WANDB_API_KEY"] = value
             return value
     return None
-
-
-def git_info(repo_dir: str = config_utils.REPO_ROOT) -> dict:
-    """Commit, branch and dirty flag of the code; from the environment inside a container."""
-
-    def git(*args):
-        return subprocess.run(
-            ["git", "-C", repo_dir, *args], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        branch = git("rev-parse", "--abbrev-ref", "HEAD")
-        # Tracked files only: an untracked scratch file does not change what the commit reproduces.
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return {"commit": commit, "branch": branch, "dirty": dirty, "source": "git"}
-    except (OSError, subprocess.SubprocessError):
-        commit = os.environ.get(GIT_ENV["commit"], "")
-        return {
-            "commit": commit or "unknown",
-            "branch": os.environ.get(GIT_ENV["branch"], "unknown"),
-            # An unknown commit reproduces nothing: count it as dirty.
-            "dirty": not commit or os.environ.get(GIT_ENV["dirty"], "false").lower() in ("1", "true", "yes"),
-            "source": "environment" if commit else "unknown",
-        }
 
 
 def resolve_mode(mode: str, token: str | None) -> str:
@@ -87,38 +62,17 @@ def check_dirty(git: dict, mode: str, allow_dirty: bool) -> None:
         )
 
 
-_WANDB_FAILURES: list[str] = []
-
-
-def wandb_failure(error: Exception) -> str:
-    """Says once per process, in one line, that W&B stopped working and where the metrics still go."""
-    reason = str(error).strip().splitlines()[-1][:160] if str(error).strip() else type(error).__name__
-    message = (
-        f"W&B stopped accepting data ({type(error).__name__}: {reason}); training goes on, and every metric is "
-        "still written to metrics.jsonl, TensorBoard and the log"
-    )
-    if not _WANDB_FAILURES:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-    _WANDB_FAILURES.append(message)
-    return message
-
-
-def wandb_failed() -> bool:
-    """Whether W&B failed earlier in this process (then nothing more is sent to it)."""
-    return bool(_WANDB_FAILURES)
-
-
 def _survives_wandb_failure(method):
     """A Tracker method that warns (once) instead of stopping the training when W&B fails mid-run."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if self.run is None or _WANDB_FAILURES:
+        if self.run is None or self.failure:
             return None
         try:
             return method(self, *args, **kwargs)
         except Exception as e:
-            wandb_failure(e)
+            self.record_failure(e)
             return None
 
     return wrapper
@@ -136,25 +90,23 @@ class Tracker:
         self.run = run
         self.mode = mode
         self.git = git
+        self.failure: str | None = None  # why W&B stopped accepting data, once it has
 
     @classmethod
     def start(
         cls,
         config: ml_collections.ConfigDict,
         workdir: str,
+        git: dict,
         overrides: dict,
         config_changes: dict | None = None,
         is_primary: bool = True,
     ):
-        """Starts (or resumes, with the workdir's run id) the run."""
-        git = git_info()
-        token = read_token()
-        mode = resolve_mode(config.wandb.mode, token)
+        """Starts (or resumes, with the workdir's run id) the run in the resolved `config.wandb.mode`."""
+        mode = config.wandb.mode
         check_dirty(git, mode, config.wandb.allow_dirty)
         if mode == "disabled" or not is_primary:
             return cls(None, "disabled", git, workdir)
-        import wandb
-
         id_path = os.path.join(workdir, RUN_ID_FILE)
         # A W&B sweep agent names the run itself (WANDB_RUN_ID); wandb ignores any other id then.
         run_id = os.environ.get("WANDB_RUN_ID") or (
@@ -166,44 +118,25 @@ class Tracker:
             "overrides": overrides,
             "config_changes": config_changes or {},
         }
-        init_kwargs = dict(
-            project=config.wandb.project,
-            entity=config.wandb.entity or None,
-            name=config.wandb.name or None,
-            group=config.wandb.group or None,
-            tags=list(config.wandb.tags) or None,
-            notes=config.wandb.notes or None,
-            dir=workdir,
-            id=run_id,
-            resume="allow",
-            config=run_config,
-            settings=wandb.Settings(
-                silent=True,
-                save_code=False,
-                disable_git=True,
-                git_commit=git["commit"],
-                init_timeout=config.wandb.init_timeout,
-            ),
-        )
-        try:
-            run = wandb.init(mode=mode, **init_kwargs)
-        except Exception as e:  # no network, rejected token, server error: keep the run offline
-            if mode != "online":
-                raise TrackingError(f"W&B could not start an {mode} run: {e}") from None
-            if "401" in str(e) or "invalid" in str(e).lower() and "key" in str(e).lower():
-                raise TrackingError("the W&B token was rejected (401); check WANDB_API_KEY in your .env") from None
-            mode = "offline"
-            wandb.teardown()  # the failed online attempt still holds the run id in W&B's service
-            run = wandb.init(mode=mode, **init_kwargs)
-            print(
-                f"W&B is unreachable ({str(e).splitlines()[0][:160]}); the run is kept offline. "
-                f"Upload it later with: python -m mnist_flax.sync {workdir}",
-                file=sys.stderr,
-                flush=True,
-            )
+        run, mode = _init_run(mode, workdir, _init_kwargs(config, workdir, run_id, run_config, git))
         with open(id_path, "w") as f:
             f.write(run_id)
         return cls(run, mode, git, workdir)
+
+    def record_failure(self, error: Exception) -> None:
+        """Says once, in one line, that W&B stopped working and where the metrics still go; sends nothing more."""
+        if self.failure is None:
+            reason = str(error).strip().splitlines()[-1][:160] if str(error).strip() else type(error).__name__
+            self.failure = (
+                f"W&B stopped accepting data ({type(error).__name__}: {reason}); training goes on, and every "
+                "metric is still written to metrics.jsonl, TensorBoard and the log"
+            )
+            print(f"warning: {self.failure}", file=sys.stderr, flush=True)
+
+    @property
+    def active(self) -> bool:
+        """Whether there is a W&B run that still accepts data."""
+        return self.run is not None and self.failure is None
 
     @property
     def run_id(self) -> str | None:
@@ -281,15 +214,75 @@ class Tracker:
                 self.run.summary[key] = value
 
     def finish(self, exit_code: int = 0) -> None:
+        """Marks the run finished (with the exit code); after a failure, tears W&B's broken connection down."""
         if self.run is not None:
             try:
                 self.run.finish(exit_code=exit_code)
             except Exception as e:  # the service is gone: what it wrote stays in the run's .wandb file
-                wandb_failure(e)
-            if wandb_failed():
+                self.record_failure(e)
+            if self.failure:
                 import wandb
 
                 # Tear down the broken service connection now, quietly, rather than in wandb's atexit hook.
                 with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
                     wandb.teardown()
             self.run = None
+
+
+def _init_kwargs(config: ml_collections.ConfigDict, workdir: str, run_id: str, run_config: dict, git: dict) -> dict:
+    """wandb.init's arguments, mode aside."""
+    import wandb
+
+    return dict(
+        project=config.wandb.project,
+        entity=config.wandb.entity or None,
+        name=config.wandb.name or None,
+        group=config.wandb.group or None,
+        tags=list(config.wandb.tags) or None,
+        notes=config.wandb.notes or None,
+        dir=workdir,
+        id=run_id,
+        resume="allow",
+        config=run_config,
+        settings=wandb.Settings(
+            silent=True,
+            save_code=False,
+            disable_git=True,
+            git_commit=git["commit"],
+            init_timeout=config.wandb.init_timeout,
+        ),
+    )
+
+
+def _init_run(mode: str, workdir: str, init_kwargs: dict):
+    """(run, mode): the run in `mode`; an online run that cannot reach W&B is kept offline instead."""
+    import wandb
+
+    try:
+        return wandb.init(mode=mode, **init_kwargs), mode
+    except Exception as e:  # no network, rejected token, server error: keep the run offline
+        if mode != "online":
+            raise TrackingError(f"W&B could not start an {mode} run: {e}") from None
+        if "401" in str(e) or "invalid" in str(e).lower() and "key" in str(e).lower():
+            raise TrackingError("the W&B token was rejected (401); check WANDB_API_KEY in your .env") from None
+        wandb.teardown()  # the failed online attempt still holds the run id in W&B's service
+        run = wandb.init(mode="offline", **init_kwargs)
+        print(
+            f"W&B is unreachable ({str(e).splitlines()[0][:160]}); the run is kept offline. "
+            f"Upload it later with: python -m mnist_flax.sync {workdir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return run, "offline"
+
+
+def download_model_artifact(reference: str) -> str:
+    """Downloads a W&B `model` artifact (`entity/project/name:alias`); returns its local folder."""
+    try:
+        import wandb
+
+        return wandb.Api().artifact(reference, type="model").download()
+    except Exception as e:
+        raise CheckpointError(
+            f"init_from: cannot fetch W&B artifact {reference}: {str(e).splitlines()[0][:200]}"
+        ) from None

@@ -19,8 +19,6 @@ import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
 
-from mnist_flax.tracking import wandb_failed, wandb_failure
-
 
 def _plain(value):
     """A JSON-ready Python scalar from a NumPy/JAX scalar."""
@@ -73,27 +71,31 @@ class JsonlWriter(interface.MetricWriter):
 
 
 class WandbWriter(interface.MetricWriter):
-    """Writes to a W&B run: scalars, images, texts, histograms, hparams.
+    """Writes to a tracker's W&B run: scalars, images, texts, histograms, hparams.
 
     Every record carries our own "step" key, and W&B is told to plot against it
     (`define_metric`), so a resumed run may log a step again without W&B
-    dropping it as out of order.
+    dropping it as out of order. Once W&B fails, the tracker knows, and this
+    writer sends nothing more.
     """
 
-    def __init__(self, run):
+    def __init__(self, tracker):
         import wandb
 
         self._wandb = wandb
-        self._run = run
-        run.define_metric("step")
-        run.define_metric("*", step_metric="step")
+        self._tracker = tracker
+        tracker.run.define_metric("step")
+        tracker.run.define_metric("*", step_metric="step")
+
+    def _send(self, send) -> None:
+        if self._tracker.active:
+            try:
+                send(self._tracker.run)
+            except Exception as e:  # W&B's service died or its disk filled: training goes on without it
+                self._tracker.record_failure(e)
 
     def _log(self, step: int, values: Mapping[str, Any]) -> None:
-        if not wandb_failed():
-            try:
-                self._run.log({"step": int(step), **values})
-            except Exception as e:  # W&B's service died or its disk filled: training goes on without it
-                wandb_failure(e)
+        self._send(lambda run: run.log({"step": int(step), **values}))
 
     def write_scalars(self, step, scalars):
         self._log(step, {k: _plain(v) for k, v in scalars.items()})
@@ -117,11 +119,7 @@ class WandbWriter(interface.MetricWriter):
         )
 
     def write_hparams(self, hparams):
-        if not wandb_failed():
-            try:
-                self._run.config.update(dict(hparams), allow_val_change=True)
-            except Exception as e:
-                wandb_failure(e)
+        self._send(lambda run: run.config.update(dict(hparams), allow_val_change=True))
 
     def write_summaries(self, step, values, metadata=None):
         self.write_scalars(step, {k: v for k, v in values.items() if np.asarray(v).size == 1})
@@ -139,13 +137,13 @@ class WandbWriter(interface.MetricWriter):
         pass  # the run is finished by tracking.Tracker, after artifacts are logged
 
 
-def create_writer(workdir: str, *, tensorboard: bool = True, wandb_run=None, is_primary: bool = True):
-    """The run's MultiWriter of asynchronous sinks (only the primary process writes)."""
+def create_writer(workdir: str, *, tensorboard: bool = True, tracker=None, is_primary: bool = True):
+    """The run's MultiWriter of asynchronous sinks (only the primary process writes; W&B if `tracker` has a run)."""
     if not is_primary:
         return metric_writers.MultiWriter([])
     writers = [metric_writers.LoggingWriter(), JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
     if tensorboard:
         writers.append(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
-    if wandb_run is not None:
-        writers.append(WandbWriter(wandb_run))
+    if tracker is not None and tracker.run is not None:
+        writers.append(WandbWriter(tracker))
     return metric_writers.AsyncMultiWriter(writers)

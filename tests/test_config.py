@@ -122,16 +122,20 @@ def test_auto_or_integer_fields_as_given_on_the_command_line(value):
     # The fields' default is the string "auto", so ml_collections keeps them str
     # fields and `--config.train.steps_per_call=50` arrives as the string "50".
     # An integer given that way must be accepted (and used as that integer).
-    from mnist_flax import models, steps
+    from mnist_flax import resolve
 
     config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
     config.train.steps_per_call = value
     config.train.scan_unroll = value
     config.model.conv_batch_split = value
     config_utils.validate(config)
-    assert steps.resolve_steps_per_call(config.train, backend="gpu") == int(value)
-    assert steps.resolve_scan_unroll(config.train, 7, backend="cpu") == int(value)
-    assert models.resolve_conv_batch_split(config.model.conv_batch_split, 128, backend="cpu") == int(value)
+    assert resolve.steps_per_call(config.train.steps_per_call, backend="gpu") == int(value)
+    assert resolve.scan_unroll(config.train.scan_unroll, 7, backend="cpu") == int(value)
+    assert resolve.conv_batch_split(config.model.conv_batch_split, 128, backend="cpu") == int(value)
+    config.batch_size = 100 * int(value)  # the pieces must divide the batch
+    resolved = resolve.resolve(config, backend="cpu", num_devices=1)
+    assert (resolved.train.steps_per_call, resolved.train.scan_unroll) == (int(value), int(value))
+    assert resolved.model.conv_batch_split == int(value)
 
 
 @pytest.mark.parametrize("field", ["train.steps_per_call", "train.scan_unroll", "model.conv_batch_split"])
@@ -145,15 +149,15 @@ def test_auto_or_integer_fields_reject_other_values(field, value):
 
 
 def test_auto_fused_steps_per_backend():
-    from mnist_flax import steps
+    from mnist_flax import resolve
 
-    train = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py")).train
-    assert (train.steps_per_call, train.scan_unroll) == ("auto", "auto")
+    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
+    assert (config.train.steps_per_call, config.train.scan_unroll) == ("auto", "auto")
     # CPU: a few steps a call, written out with no loop; accelerators: many steps in a scan.
-    assert steps.resolve_steps_per_call(train, backend="cpu") == 3
-    assert steps.resolve_scan_unroll(train, 3, backend="cpu") == 3
-    assert steps.resolve_steps_per_call(train, backend="gpu") == 50
-    assert steps.resolve_scan_unroll(train, 50, backend="gpu") == 1
+    cpu = resolve.resolve(config, backend="cpu", num_devices=1)
+    assert (cpu.train.steps_per_call, cpu.train.scan_unroll) == (3, 3)
+    gpu = resolve.resolve(config, backend="gpu", num_devices=1)
+    assert (gpu.train.steps_per_call, gpu.train.scan_unroll) == (50, 1)
 
 
 def test_nearest_names():

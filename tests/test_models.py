@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mnist_flax import config_utils, models
+from mnist_flax import config_utils, models, resolve
 from mnist_flax.errors import ConfigError
 
 # Float32 tolerances for comparing the "xla" and "shifted_matmul" convolutions.
@@ -22,11 +22,11 @@ GRAD_RTOL = 1e-4
 
 
 def model_config(config_name: str, **fields) -> ml_collections.ConfigDict:
-    """The model section of configs/<config_name>.py, with fields changed."""
+    """The model section of configs/<config_name>.py, with fields changed, resolved for an unknown batch (no split)."""
     config = config_utils.load_config_file(f"configs/{config_name}.py").model
     for key, value in fields.items():
         config[key] = value
-    return config
+    return resolve.model(config, per_device_batch=0, backend="cpu")
 
 
 def init_params(model, seed: int = 0):
@@ -231,10 +231,10 @@ def test_conv_impls_give_the_same_outputs_and_gradients(cnn_pair):
 
 
 def test_resolve_conv_impl():
-    assert models.resolve_conv_impl("auto", backend="cpu") == "xla"
-    assert models.resolve_conv_impl("auto", backend="gpu") == "xla"
-    assert models.resolve_conv_impl("xla", backend="cpu") == "xla"
-    assert models.resolve_conv_impl("shifted_matmul", backend="gpu") == "shifted_matmul"
+    assert resolve.conv_impl("auto", backend="cpu") == "xla"
+    assert resolve.conv_impl("auto", backend="gpu") == "xla"
+    assert resolve.conv_impl("xla", backend="cpu") == "xla"
+    assert resolve.conv_impl("shifted_matmul", backend="gpu") == "shifted_matmul"
 
 
 @pytest.mark.parametrize(
@@ -252,7 +252,7 @@ def test_resolve_conv_impl():
     ],
 )
 def test_resolve_conv_batch_split(value, per_device_batch, backend, expected):
-    assert models.resolve_conv_batch_split(value, per_device_batch, backend) == expected
+    assert resolve.conv_batch_split(value, per_device_batch, backend) == expected
 
 
 @pytest.mark.parametrize("pieces", [2, 4])
@@ -290,7 +290,7 @@ def test_inference_form_gives_the_same_outputs():
     config = config_utils.load_config_file("configs/cnn.py")
     config.model.conv_impl = "shifted_matmul"
     config.model.conv_batch_split = "2"
-    model = models.create_model(config.model)
+    model = models.create_model(resolve.model(config.model, per_device_batch=0, backend="cpu"))
     images = jax.random.uniform(jax.random.PRNGKey(0), (4, 28, 28, 1))
     params = model.init(jax.random.PRNGKey(1), images)["params"]
     fast = models.for_inference(model)
@@ -298,5 +298,5 @@ def test_inference_form_gives_the_same_outputs():
     np.testing.assert_allclose(
         fast.apply({"params": params}, images), model.apply({"params": params}, images), rtol=1e-5, atol=1e-5
     )
-    mlp = models.create_model(config_utils.load_config_file("configs/mlp.py").model)
+    mlp = models.create_model(resolve.model(config_utils.load_config_file("configs/mlp.py").model, 0, "cpu"))
     assert models.for_inference(mlp) is mlp

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
 
-from mnist_flax import checkpoints, config_utils, sync, tracking, wandb_files
+from mnist_flax import checkpoints, config_utils, provenance, sync, tracking, wandb_files
 
 FAKE_TOKEN = "f" * 8 + "0123456789abcdef0123456789abcdef"
 
@@ -178,12 +178,12 @@ def _clone(tmp_path, name) -> str:
 
 def test_dirty_tree_guard(tmp_path):
     clone = _clone(tmp_path, "repo")
-    clean = tracking.git_info(clone)
+    clean = provenance.git_info(clone)
     assert clean["dirty"] is False and len(clean["commit"]) == 40
     tracking.check_dirty(clean, "online", allow_dirty=False)  # clean: allowed
     with open(os.path.join(clone, "configs", "default.py"), "a") as f:
         f.write("\n# an uncommitted change\n")
-    dirty = tracking.git_info(clone)
+    dirty = provenance.git_info(clone)
     assert dirty["dirty"] is True
     with pytest.raises(tracking.TrackingError, match="uncommitted changes"):
         tracking.check_dirty(dirty, "online", allow_dirty=False)
