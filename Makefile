@@ -5,8 +5,11 @@ ARGS ?=
 RUN ?=
 OTHER_RUN ?=
 DATA_DIR := /usr/share/datasets/fashion-mnist
+# What the test suite needs from Debian beyond Python: the data set, git, the container tests' engine and base
+# image builder, the shell linter. `make test` installs whichever are missing, so CI needs nothing else.
+TEST_SYSTEM_PACKAGES := dataset-fashion-mnist git docker.io debootstrap shellcheck
 
-.PHONY: help setup setup-data train test test-fast lint format notebooks bench clean
+.PHONY: help setup setup-data setup-test-system train test test-fast lint format notebooks bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -16,13 +19,19 @@ setup-data:  ## Fashion-MNIST's IDX files from Debian (needs root or sudo once)
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dataset-fashion-mnist; }
 
+setup-test-system:  ## every Debian package the tests use (needs root or sudo once)
+	@missing=$$(for p in $(TEST_SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; fi
+
 setup: setup-data  ## data + pinned Python packages (training, tests, notebooks)
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 
 train: setup  ## train CONFIG (default the CNN) on Fashion-MNIST; ARGS='--config.num_epochs=2 ...'
 	$(PYTHON) main.py --config=$(CONFIG) $(ARGS)
 
-test: setup lint  ## lint, then the whole test suite (about 25 min on 2 cores)
+test: setup-test-system setup lint  ## system packages, lint, then the whole test suite (about 15 min on 2 cores)
 	$(PYTHON) -m pytest -q --durations=15
 
 test-fast:  ## the tests that need no real-data training or container

@@ -2,64 +2,44 @@
 
 Each side is a config file (`configs/cnn.py`, `configs/cnn.py:mnist`, with
 optional `--config.FIELD=VALUE` overrides after it, joined by spaces in one
-argument), a run workdir (its `config.json`), or a W&B run path
-(`entity/project/run_id`, needs a key). Nested keys are flattened. Exit status
-is 0 when equal and 1 when different, like `diff`; 2 for a bad argument.
+argument), a `config.json`, or a run as `mnist_flax.runs` reads it: a workdir
+or an offline W&B run folder, or a W&B run path (`entity/project/run_id`,
+needs a key). A run's side is the config it asked for (file + overrides, "auto"
+as given), so two runs of one config on different machines are equal;
+`--resolved` compares what each run used instead. Nested keys are flattened.
+Exit status is 0 when equal and 1 when different, like `diff`; 2 for a bad
+argument.
 """
 
 import argparse
-import ast
 import json
 import os
 import shlex
 import sys
 
-from mnist_flax import config_utils
+from mnist_flax import config_utils, overrides, runs
 from mnist_flax.errors import ConfigError, MnistFlaxError
 
-IGNORED_PREFIXES = ("git.", "overrides", "config_changes", "_wandb")
 
+def load_flat(spec: str, resolved: bool = False) -> dict:
+    """A flat config from a config file or config.json (+ overrides), a run folder, or a W&B run path.
 
-def _parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply_overrides(flat: dict, overrides: list[str]) -> dict:
-    """Applies `--config.a.b=value` overrides to a flat config (unknown fields are an error)."""
-    flat = dict(flat)
-    for override in overrides:
-        if not override.startswith("--config.") or "=" not in override:
-            raise ConfigError(f"malformed override {override!r} (expected --config.FIELD=VALUE)")
-        name, _, value = override[len("--config.") :].partition("=")
-        if name not in flat:
-            raise ConfigError(f"unknown config field {name!r}")
-        parsed = _parse_value(value)
-        flat[name] = list(parsed) if isinstance(parsed, tuple) else parsed
-    return flat
-
-
-def load_flat(spec: str) -> dict:
-    """A flat config from a config file (+ overrides), a workdir or config.json, or a W&B run path."""
+    A run gives the config it asked for, or with `resolved` the concrete one it trained with.
+    """
     parts = shlex.split(spec)
     if not parts:
         raise ConfigError("empty config spec")
-    head, overrides = parts[0], parts[1:]
-    path = head.partition(":")[0]
-    if os.path.isdir(head):
-        config_json = os.path.join(head, "config.json")
-        if not os.path.isfile(config_json):
-            raise ConfigError(f"{head} is not a run workdir (no config.json)")
-        return apply_overrides(_read_json_config(config_json), overrides)
+    head, assignments = parts[0], parts[1:]
     if head.endswith(".json") and os.path.isfile(head):
-        return apply_overrides(_read_json_config(head), overrides)
-    if path.endswith(".py"):
-        return apply_overrides(config_utils.flatten(config_utils.load_config_file(head)), overrides)
-    if head.count("/") == 2 and not head.startswith(("/", ".", "~")) and not os.path.exists(head):
-        return _wandb_config(head)
-    raise ConfigError(f"{head}: not a config file, run workdir, config.json or W&B run path (entity/project/id)")
+        flat = _read_json_config(head)
+    elif head.partition(":")[0].endswith(".py") and not os.path.isdir(head):
+        flat = config_utils.flatten(config_utils.load_config_file(head))
+    elif os.path.isdir(head) or runs.is_wandb_path(head):
+        record = runs.load(head, history=False, predictions=False)
+        flat = record.config if resolved else record.requested_config
+    else:
+        raise ConfigError(f"{head}: not a config file, run workdir, config.json or W&B run path (entity/project/id)")
+    return overrides.apply(flat, assignments, where="malformed override")
 
 
 def _read_json_config(path: str) -> dict:
@@ -68,16 +48,6 @@ def _read_json_config(path: str) -> dict:
             return config_utils.flatten(json.load(f))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
-
-
-def _wandb_config(run_path: str) -> dict:
-    try:
-        import wandb
-
-        config = dict(wandb.Api().run(run_path).config)
-    except Exception as e:
-        raise ConfigError(f"cannot read W&B run {run_path}: {str(e).splitlines()[0][:200]}") from None
-    return {k: v for k, v in config.items() if not k.startswith(IGNORED_PREFIXES)}
 
 
 def diff(a: dict, b: dict) -> dict:
@@ -111,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("a", help="config file [overrides], workdir, config.json, or entity/project/run_id")
     parser.add_argument("b")
     parser.add_argument("--json", action="store_true", help="print the difference as JSON")
+    parser.add_argument("--resolved", action="store_true", help="compare the configs the runs trained with")
     args = parser.parse_args(argv)
     try:
-        difference = diff(load_flat(args.a), load_flat(args.b))
+        difference = diff(load_flat(args.a, args.resolved), load_flat(args.b, args.resolved))
     except MnistFlaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,3 +27,9 @@ class CheckpointError(MnistFlaxError):
 
 class TrackingError(MnistFlaxError):
     """Experiment tracking refused to start (dirty tree, rejected token, ...)."""
+
+
+class Preempted(MnistFlaxError):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can resume (exit status 3)."""
+
+    exit_code = 3

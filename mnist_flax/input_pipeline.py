@@ -177,7 +177,7 @@ def load_tfds_split(name: str, split: str, data_dir: str | None) -> Split:
 # ---------------------------------------------------------------- splits
 
 
-def _resolve_source(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
+def resolve_source(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
     """Returns ("idx", folder) or ("tfds", name) for the configured data set."""
     name, source, local_dir = data_config.name, data_config.source, data_config.local_dir
     if name not in DATASETS:
@@ -217,7 +217,7 @@ def _head(split: Split, count: int) -> Split:
 
 def load_datasets(data_config: ml_collections.ConfigDict) -> Datasets:
     """Loads, validates and splits the configured data set on the host."""
-    kind, where = _resolve_source(data_config)
+    kind, where = resolve_source(data_config)
     if kind == "idx":
         full_train, test = load_idx_split(where, "train"), load_idx_split(where, "test")
     else:

@@ -110,7 +110,7 @@ def resolve(
         )
     fused = steps_per_call(config.train.steps_per_call, backend)
     fields["train"].update(steps_per_call=fused, scan_unroll=scan_unroll(config.train.scan_unroll, fused, backend))
-    source, location = input_pipeline._resolve_source(config.data)  # noqa: SLF001 (made public after the TFDS test change)
+    source, location = input_pipeline.resolve_source(config.data)
     fields["data"]["source"] = source
     if source == "idx":
         fields["data"]["local_dir"] = location

@@ -31,10 +31,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from mnist_flax import config_diff, config_utils
+from mnist_flax import config_diff, config_utils, overrides
+from mnist_flax import runs as run_records
 from mnist_flax.errors import ConfigError, MnistFlaxError
 
-FIELD_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 # Overrides the runner adds to every run; they differ by design, so the table leaves them out.
 RUNNER_FIELDS = ("wandb.name", "wandb.group")
 ABSENT = "(absent)"
@@ -83,20 +83,11 @@ def split_values(text: str) -> list[str]:
     return values
 
 
-def parse_assignment(text: str, where: str) -> tuple[str, str]:
-    """`FIELD=VALUE` (or `--config.FIELD=VALUE`) -> (field, value); `where` names the source in errors."""
-    name, sep, value = text.removeprefix("--config.").partition("=")
-    name = name.strip()
-    if not sep or not FIELD_PATTERN.fullmatch(name) or not value.strip():
-        raise ConfigError(f"{where} {text!r}: expected FIELD=VALUE, e.g. optimizer.learning_rate=0.01")
-    return name, value.strip()
-
-
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
     """The --grid options: field -> its values, in the order given."""
     grid = {}
     for item in items:
-        name, text = parse_assignment(item, "--grid")
+        name, text = overrides.parse_assignment(item, "--grid")
         values = split_values(text)
         if any(not v for v in values):
             raise ConfigError(f"--grid {item!r}: empty value (expected FIELD=V1,V2,...)")
@@ -120,7 +111,7 @@ def read_runs_file(path: str) -> list[dict[str, str]]:
         except ValueError as e:
             raise ConfigError(f"{path}:{number}: {e}") from None
         if words:
-            run_sets.append(dict(parse_assignment(word, f"{path}:{number}:") for word in words))
+            run_sets.append(dict(overrides.parse_assignment(word, f"{path}:{number}:") for word in words))
     if not run_sets:
         raise ConfigError(f"--runs {path}: no runs in the file")
     return run_sets
@@ -157,14 +148,14 @@ def plan(config_spec: str, combos: list[dict], fixed: dict, root: str, wandb_mod
     base = config_utils.flatten(config_utils.load_config_file(config_spec))
     group = os.path.basename(os.path.abspath(root))
     runs = []
-    for index, overrides in enumerate(combos):
-        varied = {k: v for k, v in overrides.items() if k not in fixed}
+    for index, combo in enumerate(combos):
+        varied = {k: v for k, v in combo.items() if k not in fixed}
         name = run_name(index, varied)
         extra = {"wandb.mode": wandb_mode, "wandb.group": group, "wandb.name": f"{group}/{name}"}
-        extra = {k: v for k, v in extra.items() if k not in overrides}
-        run = Run(index, overrides, name, os.path.join(root, name), extra=extra)
+        extra = {k: v for k, v in extra.items() if k not in combo}
+        run = Run(index, combo, name, os.path.join(root, name), extra=extra)
         try:
-            run.planned = config_diff.apply_overrides(base, run.arguments())
+            run.planned = overrides.apply(base, run.arguments())
             config_utils.validate(run.planned)
         except ConfigError as e:
             described = " ".join(f"{k}={v}" for k, v in varied.items()) or "(no overrides)"
@@ -189,7 +180,8 @@ def check_root(root: str, config_spec: str, runs: list[Run]) -> None:
 
 def train(run: Run, config_spec: str, verbose: bool, timeout: float | None) -> None:
     """Runs main.py for one run; its output goes to WORKDIR/sweep.log (and the terminal with -v)."""
-    if os.path.isfile(os.path.join(run.workdir, "final_metrics.json")):
+    record = member_record(run)
+    if record is not None and record.finished:
         run.status = "ok (earlier)"
         return
     os.makedirs(run.workdir, exist_ok=True)
@@ -240,15 +232,22 @@ def train(run: Run, config_spec: str, verbose: bool, timeout: float | None) -> N
         run.message = (errors or [line for line in tail if line.strip()] or ["no output"])[-1][:300]
 
 
+def member_record(run: Run) -> run_records.RunRecord | None:
+    """The run's record (config, status, final report), None before it wrote its config."""
+    try:
+        return run_records.load(run.workdir, history=False, predictions=False)
+    except ConfigError:  # not trained (yet), or failed before writing config.json
+        return None
+
+
 def summary_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
     """The fields that differ between the runs, and one row per run with values and accuracies."""
-    flats = []
-    for run in runs:
-        try:
-            flat = config_diff.load_flat(run.workdir)
-        except ConfigError:  # not trained (yet), or failed before writing config.json
-            flat = run.planned
-        flats.append({k: v for k, v in flat.items() if k not in RUNNER_FIELDS})
+    records = [member_record(run) for run in runs]
+    # The requested config (file and overrides, "auto" as given), like `planned` for a run not trained yet.
+    flats = [
+        {k: v for k, v in (record.requested_config if record else run.planned).items() if k not in RUNNER_FIELDS}
+        for run, record in zip(runs, records, strict=True)
+    ]
     fields = []
     for other in flats[1:]:
         difference = config_diff.diff(flats[0], other)
@@ -258,19 +257,14 @@ def summary_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
     order = {name: i for i, name in enumerate(runs[0].overrides)} if runs else {}
     fields.sort(key=lambda name: (order.get(name, len(order)), name))
     rows = []
-    for run, flat in zip(runs, flats, strict=True):
-        final = {}
-        final_path = os.path.join(run.workdir, "final_metrics.json")
-        if os.path.isfile(final_path):
-            with open(final_path) as f:
-                final = json.load(f)
+    for run, record, flat in zip(runs, records, flats, strict=True):
         rows.append(
             {
                 "run": run.name,
                 "workdir": run.workdir,
                 "config": {name: flat.get(name, ABSENT) for name in fields},
-                "best_val_accuracy": (final.get("best_validation") or {}).get("val_accuracy"),
-                "test_accuracy": (final.get("test") or {}).get("accuracy"),
+                "best_val_accuracy": record.best_val_accuracy if record else None,
+                "test_accuracy": record.test_accuracy if record else None,
                 "status": run.status,
                 "seconds": round(run.seconds, 1),
                 "error": run.message,
@@ -335,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root or os.path.join("runs", f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     try:
         grid = parse_grid(args.grid)
-        fixed = dict(parse_assignment(item, "--set") for item in args.set)
+        fixed = dict(overrides.parse_assignment(item, "--set") for item in args.set)
         run_sets = read_runs_file(args.runs) if args.runs else []
         if not grid and not run_sets:
             raise ConfigError("nothing to sweep: give --grid FIELD=V1,V2,... and/or --runs FILE")

@@ -101,8 +101,12 @@ class Tracker:
         overrides: dict,
         config_changes: dict | None = None,
         is_primary: bool = True,
+        requested: dict | None = None,
     ):
-        """Starts (or resumes, with the workdir's run id) the run in the resolved `config.wandb.mode`."""
+        """Starts (or resumes, with the workdir's run id) the run in the resolved `config.wandb.mode`.
+
+        `requested` is the config as the file and overrides gave it (before "auto" was resolved), for the record.
+        """
         mode = config.wandb.mode
         check_dirty(git, mode, config.wandb.allow_dirty)
         if mode == "disabled" or not is_primary:
@@ -117,6 +121,7 @@ class Tracker:
             **{f"git.{k}": v for k, v in git.items()},
             "overrides": overrides,
             "config_changes": config_changes or {},
+            "config_requested": requested or {},
         }
         run, mode = _init_run(mode, workdir, _init_kwargs(config, workdir, run_id, run_config, git))
         with open(id_path, "w") as f:
@@ -206,6 +211,11 @@ class Tracker:
         artifact = wandb.Artifact(f"predictions-{self.run.id}", type="predictions")
         artifact.add_file(predictions_path)
         self.run.log_artifact(artifact)
+
+    @_survives_wandb_failure
+    def mark_preempting(self) -> None:
+        """Tells W&B the run is being preempted (shown as such, not as failed)."""
+        self.run.mark_preempting()
 
     @_survives_wandb_failure
     def set_summary(self, values: dict) -> None:

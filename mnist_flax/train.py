@@ -24,7 +24,7 @@ from mnist_flax import checkpoints as checkpoints_lib
 from mnist_flax import config_utils, distributed, input_pipeline, metrics, models, periodic, progress, provenance, steps
 from mnist_flax import resolve as resolve_lib
 from mnist_flax import workdir as workdir_lib
-from mnist_flax.errors import ConfigError, MnistFlaxError
+from mnist_flax.errors import ConfigError, MnistFlaxError, Preempted
 
 SYNC_CPU_DEVICES = os.environ.get("MNIST_FLAX_NO_CPU_SYNC") != "1"  # off only to show the deadlock in a test
 STOPPED_FILE = "stopped.json"
@@ -44,12 +44,6 @@ CLASS_NAMES = {
         "Ankle boot",
     ],
 }
-
-
-class Preempted(MnistFlaxError):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can resume."""
-
-    exit_code = 3
 
 
 @dataclasses.dataclass
@@ -151,7 +145,9 @@ def setup(config, requested, workdir: str, overrides: dict, config_changes: dict
         workdir_lib.write_json(os.path.join(workdir, "config_requested.json"), requested.to_dict())
         workdir_lib.write_json(os.path.join(workdir, "config_changes.json"), config_changes)
     git = provenance.git_info()
-    tracker = tracking.Tracker.start(config, workdir, git, overrides, config_changes, is_primary=primary)
+    tracker = tracking.Tracker.start(
+        config, workdir, git, overrides, config_changes, is_primary=primary, requested=requested.to_dict()
+    )
     writer = writers.create_writer(workdir, tensorboard=config.tensorboard, tracker=tracker, is_primary=primary)
     if resumed_from is None:
         writer.write_hparams(config_utils.flatten(config))
@@ -353,8 +349,10 @@ def shutdown(training: Training, error: MnistFlaxError | None = None) -> None:
     quiet = checkpoints_lib.quiet_background_errors() if error else contextlib.nullcontext()
     with quiet:
         if error is not None:
-            if isinstance(error, Preempted) and training.checkpointer:
-                training.checkpointer.save(training, training.step)
+            if isinstance(error, Preempted):
+                training.tracker.mark_preempting()
+                if training.checkpointer:
+                    training.checkpointer.save(training, training.step)
             _record_stop(training, error)
         if training.checkpoints:
             checkpoints, training.checkpoints = training.checkpoints, None

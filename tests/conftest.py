@@ -60,7 +60,7 @@ def tiny_data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def fashion_dir() -> str:
-    """The real Fashion-MNIST files (Debian's dataset-fashion-mnist; .ci/run installs it)."""
+    """The real Fashion-MNIST files (Debian's dataset-fashion-mnist; `make test` installs it)."""
     assert os.path.isfile(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")), (
         f"{FASHION_DIR} is missing: apt-get install dataset-fashion-mnist"
     )

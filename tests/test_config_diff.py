@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from mnist_flax import config_diff, config_utils
+from mnist_flax import config_diff, config_utils, overrides
 from mnist_flax.workdir import write_json
 
 
@@ -21,9 +21,9 @@ def _workdir(tmp_path, name, spec):
     """A workdir as a run leaves it, as far as config_diff reads it: config.json of the resolved config."""
     path = tmp_path / name
     path.mkdir()
-    file, *overrides = spec.split()
+    file, *assignments = spec.split()
     config = config_utils.load_config_file(file)
-    flat = config_diff.apply_overrides(config_utils.flatten(config), overrides)
+    flat = overrides.apply(config_utils.flatten(config), assignments)
     for key, value in flat.items():
         section, _, leaf = key.rpartition(".")
         target = config

@@ -2,8 +2,9 @@
 
 Each test writes an env file, parses it the way Docker does, and runs the script
 in an environment holding only those variables (like `env -i`). A local HTTP
-server stands in for the W&B API, so the online token check is exercised for
-real: accepted, rejected, unreachable.
+server stands in for the W&B API, so the online token check (W&B's own client,
+mnist_flax/wandb_login.py) is exercised for real: accepted, rejected,
+unreachable, and sent to the server the run would use.
 """
 
 import base64
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from conftest import REPO_ROOT
@@ -72,9 +74,13 @@ def stderr_lines(result) -> list[str]:
 
 
 class FakeWandb:
-    """A local stand-in for the W&B GraphQL API that answers with a fixed status."""
+    """A local stand-in for the W&B GraphQL API that answers with a fixed status.
 
-    def __init__(self, status: int):
+    Status 200 answers the viewer query with an account, or with none (`viewer: null`) when
+    `account` is False. Only GraphQL requests are recorded: wandb also posts its own telemetry.
+    """
+
+    def __init__(self, status: int, account: bool = True):
         self.status = status
         self.requests = []  # (authorization header, token seen on any process's command line)
         outer = self
@@ -82,8 +88,10 @@ class FakeWandb:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.requests.append((self.headers.get("Authorization", ""), token_on_a_command_line()))
-                body = json.dumps({"data": {"viewer": {"id": "VXNlcjox"}}} if outer.status == 200 else {}).encode()
+                if self.path.rstrip("/").endswith("/graphql"):
+                    outer.requests.append((self.headers.get("Authorization", ""), token_on_a_command_line()))
+                viewer = {"id": "VXNlcjox", "entity": "tester", "username": "tester"} if account else None
+                body = json.dumps({"data": {"viewer": viewer}} if outer.status == 200 else {}).encode()
                 self.send_response(outer.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -120,6 +128,22 @@ def fake_wandb(request):
     server = FakeWandb(getattr(request, "param", 200))
     yield server
     server.close()
+
+
+def files_holding_the_token(folder) -> list[str]:
+    """Files under `folder` (the test's HOME and working directory) holding the fake token: a ~/.netrc, a log, ...
+
+    The env file the test wrote it into is not counted.
+    """
+    found = []
+    for root, _, names in os.walk(folder):
+        for path in (os.path.join(root, name) for name in names):
+            if path == os.path.join(folder, "test.env"):
+                continue
+            with open(path, "rb") as f:
+                if FAKE_TOKEN.encode() in f.read():
+                    found.append(path)
+    return found
 
 
 def closed_port_url() -> str:
@@ -179,9 +203,10 @@ def test_online_token_is_checked_through_the_environment_and_accepted(tmp_path, 
     assert on_command_line is False  # not in any argv while the check ran
     assert stderr_lines(result) == []
     assert FAKE_TOKEN not in result.stdout + result.stderr
+    assert not (tmp_path / ".netrc").exists() and files_holding_the_token(tmp_path) == []  # not on disk
 
 
-@pytest.mark.parametrize("fake_wandb", [401], indirect=True)
+@pytest.mark.parametrize("fake_wandb", [401, 403], indirect=True)
 def test_rejected_token_is_one_clear_line_and_exit_2(tmp_path, fake_wandb):
     marker = tmp_path / "command_ran"
     result = run_entrypoint(
@@ -190,8 +215,43 @@ def test_rejected_token_is_one_clear_line_and_exit_2(tmp_path, fake_wandb):
     assert result.returncode == 2
     lines = stderr_lines(result)
     assert len(lines) == 1 and "rejected" in lines[0]
+    assert f"rejected by {fake_wandb.url} (HTTP {fake_wandb.status})" in lines[0]  # names the server it asked
+    assert len(fake_wandb.requests) == 1  # the server WANDB_BASE_URL names is the one asked
     assert FAKE_TOKEN not in result.stdout + result.stderr
+    assert files_holding_the_token(tmp_path) == []
     assert not marker.exists()  # the command never started
+
+
+def test_an_answer_naming_no_account_is_a_rejection(tmp_path):
+    server = FakeWandb(200, account=False)
+    try:
+        result = run_entrypoint(tmp_path, f"WANDB_API_KEY={FAKE_TOKEN}\nWANDB_BASE_URL={server.url}\n", reporter())
+    finally:
+        server.close()
+    assert result.returncode == 2
+    lines = stderr_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("entrypoint: error:") and f"rejected by {server.url}" in lines[0]
+
+
+def test_check_asks_the_server_wandb_is_configured_for(tmp_path, fake_wandb):
+    """No WANDB_BASE_URL: the check goes where wandb itself would send the run (here its settings file)."""
+    settings = tmp_path / ".config" / "wandb" / "settings"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(f"[default]\nbase_url = {fake_wandb.url}\n")
+    command = [sys.executable, "-c", "import wandb; print(wandb.setup().settings.base_url)"]
+    result = run_entrypoint(tmp_path, f"WANDB_API_KEY={FAKE_TOKEN}\n", command)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == fake_wandb.url  # where the run's wandb goes ...
+    assert len(fake_wandb.requests) == 1  # ... is where the check went
+    assert not [line for line in stderr_lines(result) if line.startswith("entrypoint:")]  # accepted: nothing to say
+
+
+def test_token_not_shaped_like_a_key_stops_without_asking(tmp_path, fake_wandb):
+    result = run_entrypoint(tmp_path, f"WANDB_API_KEY=short-token\nWANDB_BASE_URL={fake_wandb.url}\n", reporter())
+    assert result.returncode == 2
+    lines = stderr_lines(result)
+    assert len(lines) == 1 and "is not a W&B API key" in lines[0] and "short-token" not in lines[0]
+    assert fake_wandb.requests == []
 
 
 @pytest.mark.parametrize("fake_wandb", [503], indirect=True)
@@ -213,6 +273,24 @@ def test_unreachable_server_warns_once_and_continues_offline(tmp_path):
     lines = stderr_lines(result)
     assert len(lines) == 1 and "unreachable" in lines[0] and "offline" in lines[0]
     assert FAKE_TOKEN not in result.stdout + result.stderr
+
+
+def test_a_server_that_never_answers_costs_the_timeout_then_offline(tmp_path):
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        result = run_entrypoint(
+            tmp_path,
+            f"WANDB_API_KEY={FAKE_TOKEN}\nWANDB_BASE_URL={url}\nMNIST_FLAX_TOKEN_CHECK_TIMEOUT=2\n",
+            reporter(),
+        )
+        elapsed = time.monotonic() - started
+    assert report_of(result)["mode"] == "offline"
+    lines = stderr_lines(result)
+    assert len(lines) == 1 and f"{url} is unreachable (no answer in 2 s)" in lines[0]
+    assert elapsed < 20  # the timeout, plus starting and stopping wandb's service
 
 
 def test_offline_config_override_skips_the_check(tmp_path, fake_wandb):
@@ -241,3 +319,9 @@ def test_no_command_is_an_error(tmp_path):
     result = run_entrypoint(tmp_path, "", [])
     assert result.returncode == 2
     assert len(stderr_lines(result)) == 1
+
+
+def test_missing_command_is_exit_127(tmp_path):
+    result = run_entrypoint(tmp_path, "WANDB_MODE=disabled\n", ["no-such-command-here", "x"])
+    assert result.returncode == 127
+    assert stderr_lines(result) == ["entrypoint: no-such-command-here: command not found"]

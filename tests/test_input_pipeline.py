@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_missing_file(tmp_path):
 
 def test_missing_folder():
     with pytest.raises(DataError, match="data.local_dir: /nonexistent/mnist is not a folder"):
-        input_pipeline._resolve_source(data_config(local_dir="/nonexistent/mnist"))
+        input_pipeline.resolve_source(data_config(local_dir="/nonexistent/mnist"))
 
 
 def test_unreadable_path(tmp_path):
@@ -231,27 +232,27 @@ def no_standard_dirs(monkeypatch, tmp_path):
 
 
 def test_source_local_dir(tiny_data_dir, no_standard_dirs):
-    assert input_pipeline._resolve_source(data_config(local_dir=tiny_data_dir)) == ("idx", tiny_data_dir)
+    assert input_pipeline.resolve_source(data_config(local_dir=tiny_data_dir)) == ("idx", tiny_data_dir)
     # local_dir wins over an installed standard folder, and works for either name.
-    assert input_pipeline._resolve_source(data_config(name="mnist", local_dir=tiny_data_dir)) == ("idx", tiny_data_dir)
+    assert input_pipeline.resolve_source(data_config(name="mnist", local_dir=tiny_data_dir)) == ("idx", tiny_data_dir)
 
 
 def test_source_standard_dir(monkeypatch, tmp_path):
     monkeypatch.setattr(input_pipeline, "STANDARD_DIRS", {"fashion_mnist": str(tmp_path), "mnist": "/nonexistent"})
-    assert input_pipeline._resolve_source(data_config()) == ("idx", str(tmp_path))
-    assert input_pipeline._resolve_source(data_config(source="idx")) == ("idx", str(tmp_path))
+    assert input_pipeline.resolve_source(data_config()) == ("idx", str(tmp_path))
+    assert input_pipeline.resolve_source(data_config(source="idx")) == ("idx", str(tmp_path))
     # "tfds" is forced even where the files are installed.
-    assert input_pipeline._resolve_source(data_config(source="tfds")) == ("tfds", "fashion_mnist")
+    assert input_pipeline.resolve_source(data_config(source="tfds")) == ("tfds", "fashion_mnist")
 
 
 def test_source_falls_back_to_tfds(no_standard_dirs):
-    assert input_pipeline._resolve_source(data_config()) == ("tfds", "fashion_mnist")
-    assert input_pipeline._resolve_source(data_config(name="mnist")) == ("tfds", "mnist")
+    assert input_pipeline.resolve_source(data_config()) == ("tfds", "fashion_mnist")
+    assert input_pipeline.resolve_source(data_config(name="mnist")) == ("tfds", "mnist")
 
 
 def test_source_idx_without_files(no_standard_dirs):
     with pytest.raises(DataError) as error:
-        input_pipeline._resolve_source(data_config(name="mnist", source="idx"))
+        input_pipeline.resolve_source(data_config(name="mnist", source="idx"))
     message = str(error.value)
     assert no_standard_dirs["mnist"] in message and "--config.data.local_dir=DIR" in message
 
@@ -266,34 +267,36 @@ def test_source_idx_without_files(no_standard_dirs):
 )
 def test_source_unknown_names(fields, expected):
     with pytest.raises(ConfigError) as error:
-        input_pipeline._resolve_source(data_config(**fields))
+        input_pipeline.resolve_source(data_config(**fields))
     assert str(error.value).startswith(expected)
 
 
 @pytest.fixture
-def tfds_offline(monkeypatch, no_standard_dirs):
-    """TFDS with no prepared data and no network: no test touches the network or the TFDS cache."""
-    tfds = pytest.importorskip("tensorflow_datasets")
-    calls = {"builder": [], "load": []}
+def no_network(monkeypatch):
+    """A machine with no network: every name lookup fails at once, as offline; returns the hosts asked for.
 
-    class NotPreparedBuilder:
-        data_dir = "/root/tensorflow_datasets/mnist/3.0.1"
+    Blocks `socket.getaddrinfo`, which every TCP connection from Python starts
+    with (`socket.create_connection`, urllib3 under requests), so neither the
+    reachability check nor a TFDS download can leave the machine, and no proxy
+    is set.
+    """
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    hosts = []
 
-        def is_prepared(self):
-            return False
+    def getaddrinfo(host, port, *args, **kwargs):
+        hosts.append((host, port))
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
-    def builder(name, **kwargs):
-        calls["builder"].append(name)
-        return NotPreparedBuilder()
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return hosts
 
-    def load(name, **kwargs):
-        calls["load"].append(name)
-        raise ConnectionError("Failed to establish a new connection: [Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(tfds, "builder", builder)
-    monkeypatch.setattr(tfds, "load", load)
-    monkeypatch.setattr(input_pipeline, "_download_host_reachable", lambda timeout=5.0: False)
-    return calls
+@pytest.fixture
+def tfds_dir(tmp_path, no_standard_dirs, no_network) -> str:
+    """An empty TFDS data_dir (never the user's ~/tensorflow_datasets), on a machine with no network."""
+    pytest.importorskip("tensorflow_datasets")
+    return str(tmp_path / "tensorflow_datasets")
 
 
 def assert_offline_hint(message: str) -> None:
@@ -301,27 +304,102 @@ def assert_offline_hint(message: str) -> None:
     assert "--config.data.local_dir=DIR" in message and "--config.data.name=fashion_mnist" in message
 
 
-def test_mnist_through_tfds_without_network(tfds_offline):
+MOCK_EXAMPLES = 64
+
+
+def write_tfds_metadata(data_dir: str, name: str, num_examples: int) -> str:
+    """Writes what TFDS's download_and_prepare leaves beside the records: dataset_info.json and features.json.
+
+    Built by TFDS from the data set's own builder (features from its code, the
+    train and test splits with `num_examples` each), so `builder.is_prepared()`
+    holds and `tfds.testing.mock_data(policy=USE_FILES)` reads it, as it reads
+    the real metadata files.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(
+                    name=split,
+                    shard_lengths=[num_examples],
+                    num_bytes=0,
+                    filename_template=tfds.core.ShardedFileTemplate(
+                        data_dir=builder.data_path, dataset_name=name, split=split, filetype_suffix="tfrecord"
+                    ),
+                )
+                for split in ("train", "test")
+            ]
+        )
+    )
+    builder.data_path.mkdir(parents=True, exist_ok=True)
+    builder.info.write_to_directory(builder.data_path)
+    return str(builder.data_path)
+
+
+def test_mnist_through_tfds_mock_data(tfds_dir, no_network):
+    # The real tfds.builder / tfds.load / as_dataset run against TFDS's own test
+    # facility: only the records are generated (random, deterministic), the
+    # metadata is read from tfds_dir as it would be from a prepared cache.
+    import tensorflow_datasets as tfds
+
+    metadata_dir = write_tfds_metadata(tfds_dir, "mnist", MOCK_EXAMPLES)
+    config = data_config(name="mnist", tfds_data_dir=tfds_dir, validation_size=16)
+    with tfds.testing.mock_data(
+        num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=tfds_dir
+    ):
+        assert tfds.builder("mnist", data_dir=tfds_dir).is_prepared()
+        full_train = input_pipeline.load_tfds_split("mnist", "train", tfds_dir)
+        datasets = input_pipeline.load_datasets(config)
+    assert datasets.source == "tfds:mnist" and datasets.name == "mnist"
+    assert (len(datasets.train), len(datasets.validation), len(datasets.test)) == (48, 16, MOCK_EXAMPLES)
+    for split in (full_train, datasets.train, datasets.validation, datasets.test):
+        assert split.images.dtype == np.uint8 and split.images.shape[1:] == (28, 28, 1)
+        assert split.labels.dtype == np.int32
+        assert 0 <= split.labels.min() and split.labels.max() <= 9
+    assert len(np.unique(full_train.labels)) > 1 and 0 < full_train.images.mean() < 255
+    # The validation split is held out of train: disjoint, and together they are the whole file.
+    train_hashes, val_hashes = set(image_hashes(datasets.train.images)), set(image_hashes(datasets.validation.images))
+    assert not train_hashes & val_hashes
+    assert train_hashes | val_hashes == set(image_hashes(full_train.images))
+    # A prepared cache needs no network: the reachability check was not even made.
+    assert no_network == []
+    assert os.path.isfile(os.path.join(metadata_dir, "dataset_info.json"))
+
+
+def test_mnist_through_tfds_without_network(tfds_dir, no_network):
+    # No mock: the real tfds.builder finds nothing prepared in tfds_dir and the
+    # real reachability check finds no network, so the run stops in seconds
+    # (tfds.load would retry the download for minutes).
     with pytest.raises(DataError) as error:
-        input_pipeline.load_datasets(data_config(name="mnist"))
+        input_pipeline.load_datasets(data_config(name="mnist", tfds_data_dir=tfds_dir))
     message = str(error.value)
     # Asked TFDS for MNIST only (no silent switch to another data set), and failed
-    # before a download was tried.
-    assert tfds_offline == {"builder": ["mnist"], "load": []}
-    assert message.startswith("mnist is not in the TFDS cache (/root/tensorflow_datasets/mnist/3.0.1)")
+    # before a download was tried: one lookup, of the download host, and no download folder.
+    assert message.startswith(f"mnist is not in the TFDS cache ({tfds_dir}/mnist/3.0.1)")
     assert "cannot be reached" in message
     assert_offline_hint(message)
+    assert no_network == [(input_pipeline.TFDS_DOWNLOAD_HOST, 443)]
+    assert not os.path.exists(os.path.join(tfds_dir, "downloads"))
 
 
-def test_mnist_through_tfds_failing_load(tfds_offline, monkeypatch):
-    # The host answers (or a proxy is set) but the download fails all the same.
+def test_mnist_through_tfds_failing_load(tfds_dir, no_network, monkeypatch):
+    # The host answers (or a proxy is set) but the download fails all the same:
+    # the real tfds.load tries it and fails; one try per file, not TFDS's seven with backoff.
+    from tensorflow_datasets.core.download import downloader
+
     monkeypatch.setattr(input_pipeline, "_download_host_reachable", lambda timeout=5.0: True)
+    monkeypatch.setattr(downloader, "MAX_RETRIES", 0)
     with pytest.raises(DataError) as error:
-        input_pipeline.load_datasets(data_config(name="mnist"))
+        input_pipeline.load_datasets(data_config(name="mnist", tfds_data_dir=tfds_dir))
     message = str(error.value)
-    assert tfds_offline["load"] == ["mnist"]
-    assert message.startswith("mnist could not be loaded through tensorflow-datasets (Failed to establish")
+    assert message.startswith("mnist could not be loaded through tensorflow-datasets (")
+    assert input_pipeline.TFDS_DOWNLOAD_HOST in message
     assert_offline_hint(message)
+    # tfds.load did try to download MNIST.
+    assert (input_pipeline.TFDS_DOWNLOAD_HOST, 443) in no_network
+    assert os.path.isdir(os.path.join(tfds_dir, "downloads"))
 
 
 def test_download_host_reachable(monkeypatch):

@@ -94,7 +94,7 @@ def test_render_fails_when_a_cell_fails(tmp_path):
     status = render.main(["--only", "02_runs", "--run", str(not_a_run), "--other-run", "none", "--out", str(out)])
     assert status == 1
     html = (out / "02_runs.html").read_text()
-    assert "FileNotFoundError" in html and "not a finished run workdir" in html
+    assert "ConfigError" in html and "is not a run workdir (no config.json)" in html  # runs.load's one line
 
 
 # ---------------------------------------------------------------- executed against real runs

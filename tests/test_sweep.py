@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-from mnist_flax import config_diff, config_utils, sweep
+from mnist_flax import config_diff, config_utils, overrides, sweep
 from mnist_flax.errors import ConfigError
 
 SWEEP_FILE = os.path.join(REPO_ROOT, "launch", "sweep.yaml")
@@ -74,7 +74,7 @@ def test_every_sweep_combination_is_accepted_by_the_config():
         command = {"args": {name: {"value": value} for name, value in zip(names, values, strict=True)}}
         arguments = sweep_utils.create_sweep_command_args(command)["args"]
         assert all(argument.startswith("--config.") for argument in arguments)
-        flat = config_diff.apply_overrides(base, arguments)
+        flat = overrides.apply(base, arguments)
         config_utils.validate(flat)
         for name, value in zip(names, values, strict=True):
             assert flat[name.removeprefix("config.")] == value

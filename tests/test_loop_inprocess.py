@@ -1,0 +1,167 @@
+"""`train.train_and_evaluate` called in the test process on the tiny IDX data, as flax's train_test.py does.
+
+The subprocess tests (test_e2e.py, test_train.py) check what a user sees from
+`main.py`; these check the loop itself where it runs: the report, the files it
+writes, the checkpoints, resume and eval_only, for the MLP and the CNN config.
+"""
+
+import csv
+import json
+import os
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mnist_flax import config_utils, input_pipeline, train
+
+TRAIN_EXAMPLES = 1200  # conftest.write_idx_dataset
+TEST_EXAMPLES = 300
+VALIDATION_SIZE = 200
+BATCH_SIZE = 50
+STEPS_PER_EPOCH = (TRAIN_EXAMPLES - VALIDATION_SIZE) // BATCH_SIZE  # 20
+# The tiny data set is a bright block at one of ten places: a trained model
+# reaches 100% in two epochs (MLP and CNN, seed 0); chance is 10%.
+MIN_TEST_ACCURACY = 0.9
+
+
+def tiny_config(config_file: str, data_dir: str, **fields) -> ml_collections.ConfigDict:
+    """The config file with conftest.tiny_overrides' values, W&B off, checkpoints on; `fields` on top."""
+    config = config_utils.load_config_file(config_file)
+    config.data.local_dir = data_dir
+    config.data.validation_size = VALIDATION_SIZE
+    config.num_epochs = 2
+    config.batch_size = BATCH_SIZE
+    config.eval_batch_size = 100
+    config.log_every_steps = 5
+    config.tensorboard = False
+    config.wandb.mode = "disabled"
+    config.checkpoint.enabled = True
+    for key, value in fields.items():
+        config[key] = value
+    return config
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_predictions_csv(path: str) -> tuple[list[str], np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], np.asarray(rows[1:], dtype=float)
+
+
+def checkpoint_steps(workdir: str) -> set[int]:
+    return {int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()}
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory, tiny_data_dir) -> tuple[str, dict]:
+    """configs/mlp.py for two epochs: (workdir, report). Tests that change a workdir copy it first."""
+    workdir = str(tmp_path_factory.mktemp("mlp_run"))
+    report = train.train_and_evaluate(tiny_config("configs/mlp.py", tiny_data_dir), workdir)
+    return workdir, report
+
+
+def assert_trained(report: dict, workdir: str, num_epochs: int = 2) -> None:
+    """What every finished run gives: learned, the right number of steps, a checkpoint at each epoch end."""
+    assert report["steps"] == num_epochs * STEPS_PER_EPOCH
+    assert report["test"]["accuracy"] >= MIN_TEST_ACCURACY, report["test"]
+    assert report["best_validation"]["val_accuracy"] >= MIN_TEST_ACCURACY
+    assert report["best_validation"]["step"] in checkpoint_steps(workdir)
+    assert {STEPS_PER_EPOCH * (epoch + 1) for epoch in range(num_epochs)} <= checkpoint_steps(workdir)
+
+
+def test_mlp_trains_and_writes_its_records(mlp_run, tiny_data_dir):
+    workdir, report = mlp_run
+    assert_trained(report, workdir)
+    assert checkpoint_steps(workdir) == {STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH}
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved_config = json.load(f)
+    assert saved_config["model"]["name"] == "mlp" and saved_config["num_epochs"] == 2
+    assert saved_config["batch_size"] == BATCH_SIZE and saved_config["data"]["local_dir"] == tiny_data_dir
+
+    # metrics.jsonl: the training loss, logged every few steps, falls.
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    losses = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+    assert len(losses) >= 2 * STEPS_PER_EPOCH // 5
+    assert [step for step, _ in losses] == sorted({step for step, _ in losses})
+    assert losses[-1][0] == 2 * STEPS_PER_EPOCH
+    first_loss, last_loss = losses[0][1], losses[-1][1]
+    assert last_loss < 0.6 * first_loss, losses
+    assert any("val/accuracy" in r for r in records) and any("test/accuracy" in r for r in records)
+
+    # final_metrics.json holds the returned report, numbers as numbers.
+    with open(os.path.join(workdir, "final_metrics.json")) as f:
+        final = json.load(f)
+    assert final == json.loads(json.dumps(report, default=str))
+    assert final["test"]["accuracy"] == report["test"]["accuracy"] and isinstance(final["test"]["accuracy"], float)
+    assert final["steps"] == report["steps"]
+
+    # predictions.csv: one row per test image, the predicted class is the most probable one.
+    header, table = read_predictions_csv(os.path.join(workdir, "predictions.csv"))
+    assert header[:4] == ["index", "label", "predicted", "confidence"]
+    assert table.shape == (TEST_EXAMPLES, 4 + 10)
+    probs = table[:, 4:]
+    np.testing.assert_array_equal(probs.argmax(axis=1), table[:, 2].astype(int))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(table[:, 3], probs.max(axis=1), atol=1e-6)
+    test_labels = input_pipeline.load_idx_split(tiny_data_dir, "test").labels
+    np.testing.assert_array_equal(table[:, 1].astype(int), test_labels)
+    assert np.mean(table[:, 2] == table[:, 1]) == pytest.approx(report["test"]["accuracy"], abs=1e-6)
+
+
+def test_resume_with_more_epochs(mlp_run, tiny_data_dir, tmp_path, capsys):
+    first_workdir, first_report = mlp_run
+    workdir = str(tmp_path / "resumed")
+    shutil.copytree(first_workdir, workdir)
+    lines_before = len(read_jsonl(os.path.join(workdir, "metrics.jsonl")))
+    capsys.readouterr()
+
+    report = train.train_and_evaluate(tiny_config("configs/mlp.py", tiny_data_dir, num_epochs=3), workdir)
+
+    saved_step = 2 * STEPS_PER_EPOCH
+    assert f"resumed at step {saved_step}" in capsys.readouterr().out
+    assert_trained(report, workdir, num_epochs=3)
+    assert 3 * STEPS_PER_EPOCH in checkpoint_steps(workdir)
+    # Only the third epoch was trained: every train line this run appended is past the saved step.
+    appended = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[lines_before:]
+    train_steps = [r["step"] for r in appended if "train/loss" in r]
+    assert train_steps and min(train_steps) > saved_step and max(train_steps) == 3 * STEPS_PER_EPOCH
+    assert min(r["step"] for r in appended) >= saved_step
+    assert first_report["steps"] == saved_step
+
+
+def test_eval_only_reproduces_the_best_checkpoint(mlp_run, tiny_data_dir, tmp_path):
+    first_workdir, first_report = mlp_run
+    # The first run's validation accuracy ties at its last epoch, and among equals the latest is
+    # best: its latest checkpoint, which init_from=workdir loads, is the model its report is for.
+    assert first_report["best_validation"]["step"] == max(checkpoint_steps(first_workdir))
+    workdir = str(tmp_path / "eval_only")
+    config = tiny_config("configs/mlp.py", tiny_data_dir, init_from=first_workdir, eval_only=True)
+
+    report = train.train_and_evaluate(config, workdir)
+
+    assert report["test"]["accuracy"] == first_report["test"]["accuracy"]
+    assert report["test"]["loss"] == pytest.approx(first_report["test"]["loss"], rel=1e-5)
+    _, first_table = read_predictions_csv(os.path.join(first_workdir, "predictions.csv"))
+    _, table = read_predictions_csv(os.path.join(workdir, "predictions.csv"))
+    np.testing.assert_allclose(table, first_table, atol=1e-5)
+    # Nothing was trained and no checkpoint of its own was written.
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert not any("train/loss" in r for r in records)
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints")) or checkpoint_steps(workdir) == set()
+
+
+def test_cnn_trains(tiny_data_dir, tmp_path):
+    workdir = str(tmp_path / "cnn")
+    report = train.train_and_evaluate(tiny_config("configs/cnn.py", tiny_data_dir), workdir)
+    assert_trained(report, workdir)
+    for name in ("config.json", "metrics.jsonl", "final_metrics.json", "predictions.csv"):
+        assert os.path.isfile(os.path.join(workdir, name)), name
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["name"] == "cnn"
