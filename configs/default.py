@@ -97,6 +97,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.async_save = True
     config.checkpoint.upload_to_wandb = True
 
+    # Resuming a workdir with a config or data that would change the training
+    # stops, naming each changed field (mnist_flax/drift.py lists the fields that
+    # may change: names, log frequency, ...). True changes them deliberately; the
+    # workdir's config_history.json keeps the earlier config and the step.
+    config.resume = ml_collections.ConfigDict()
+    config.resume.allow_config_changes = False
+    config.resume.allow_data_changes = False
+
     # A checkpoint to start from: a local checkpoint directory, a run workdir, or
     # a W&B artifact ("entity/project/name:alias"). Empty = random init.
     config.init_from = ""

@@ -85,6 +85,13 @@ class Checkpoints:
         """Restores (state, meta) at `step` into the structure of `target_state`."""
         return restore_from_directory(self.directory, target_state, step=step, manager=self.manager)
 
+    def read_meta(self, step: int) -> dict:
+        """The metadata saved beside the state at `step` (config, best, provenance), without the state."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            raise CheckpointError(f"checkpoint {self.directory} step {step} has no readable metadata: {e}") from None
+
     def wait(self) -> None:
         """Blocks until every started save is on disk; a failed background save raises here."""
         try:

@@ -30,6 +30,22 @@ IDX_FILES = {
 }
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+# Class names by data set, in label order.
+CLASS_NAMES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion_mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
+}
 # The validation split is a fixed draw, the same for every run seed, so runs
 # with different seeds are selected on the same examples.
 SPLIT_SEED = 20_231_129

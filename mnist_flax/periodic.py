@@ -169,6 +169,8 @@ class Checkpointer(PeriodicAction):
             "git": self.tracker.git,
             "wandb_run_id": self.tracker.run_id,
             "metrics": epoch_metrics,
+            "provenance": training.provenance,
+            "config_history": training.config_history,
         }
         has_val = "val_accuracy" in epoch_metrics
         self.checkpoints.save(

@@ -22,7 +22,7 @@ from mnist_flax.errors import ConfigError, MnistFlaxError, Preempted
 
 STATUSES = ("finished", "preempted", "failed", "incomplete")
 # Keys of a W&B run's config that are not config fields.
-WANDB_EXTRA_KEYS = ("git.", "overrides", "config_changes", "config_requested", "_wandb")
+WANDB_EXTRA_KEYS = ("git.", "overrides", "config_changes", "config_requested", "provenance", "config_history", "_wandb")
 PER_CLASS = ("precision", "recall", "f1", "auroc")
 
 

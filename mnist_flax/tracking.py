@@ -102,10 +102,12 @@ class Tracker:
         config_changes: dict | None = None,
         is_primary: bool = True,
         requested: dict | None = None,
+        extra: dict | None = None,
     ):
         """Starts (or resumes, with the workdir's run id) the run in the resolved `config.wandb.mode`.
 
-        `requested` is the config as the file and overrides gave it (before "auto" was resolved), for the record.
+        `requested` is the config as the file and overrides gave it (before "auto" was resolved), and `extra`
+        more of the record (provenance, config history), both logged in the W&B config beside the fields.
         """
         mode = config.wandb.mode
         check_dirty(git, mode, config.wandb.allow_dirty)
@@ -122,6 +124,7 @@ class Tracker:
             "overrides": overrides,
             "config_changes": config_changes or {},
             "config_requested": requested or {},
+            **(extra or {}),
         }
         run, mode = _init_run(mode, workdir, _init_kwargs(config, workdir, run_id, run_config, git))
         with open(id_path, "w") as f:
@@ -137,6 +140,8 @@ class Tracker:
                 "metric is still written to metrics.jsonl, TensorBoard and the log"
             )
             print(f"warning: {self.failure}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):  # no more printed lines forwarded to the dead service
+                self.run._console_stop()
 
     @property
     def active(self) -> bool:
@@ -231,12 +236,38 @@ class Tracker:
             except Exception as e:  # the service is gone: what it wrote stays in the run's .wandb file
                 self.record_failure(e)
             if self.failure:
-                import wandb
-
-                # Tear down the broken service connection now, quietly, rather than in wandb's atexit hook.
-                with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
-                    wandb.teardown()
+                _stop_broken_wandb(self.run)
             self.run = None
+
+
+def _stop_broken_wandb(run) -> None:
+    """After W&B's service died: stops every W&B thread and hook in this process, so none outlives the run.
+
+    run.finish() and wandb.teardown() each stop at their first message to the dead service, before they restore
+    sys.stdout/sys.stderr and before teardown joins W&B's asyncio thread (a daemon thread). Left so, every line
+    printed afterwards (the final summary) schedules a task on that thread, and each task re-raises W&B's cached
+    ConnectionResetError with `with_traceback(...)`, which frees the traceback it carried until then. That
+    traceback holds the loop's frames, and so the training's JAX arrays: they were freed on W&B's thread,
+    racing with interpreter shutdown. A JAX array's C++ destructor releases the GIL; once the main thread is
+    finalizing, CPython ends a thread that asks for the GIL back with pthread_exit, whose forced unwind cannot
+    pass the noexcept destructor: std::terminate, "FATAL: exception not rethrown", SIGABRT after a finished run
+    (found with a core dump; tests/test_faults.py kills W&B's service mid-run).
+
+    Uses two private names of wandb (pinned in requirements.txt; check them when upgrading): Run._console_stop,
+    which run.finish() calls when it succeeds, and the setup's _asyncer, which wandb.teardown() joins.
+    """
+    import wandb
+
+    asyncer = getattr(getattr(run, "_wl", None), "_asyncer", None)
+    with contextlib.suppress(Exception):
+        run._console_stop()  # stop forwarding stdout/stderr to the dead service
+    with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
+        wandb.teardown()  # unregisters wandb's atexit hook, then fails at the service before joining its thread
+    if asyncer is not None:
+        with contextlib.suppress(Exception):
+            # The queued tasks fail at once (the mailbox closed with the connection); then the thread ends, and
+            # nothing of W&B runs Python after this, so nothing is freed on its thread at exit.
+            asyncer.join()
 
 
 def _init_kwargs(config: ml_collections.ConfigDict, workdir: str, run_id: str, run_config: dict, git: dict) -> dict:

@@ -21,29 +21,24 @@ import ml_collections
 import numpy as np
 
 from mnist_flax import checkpoints as checkpoints_lib
-from mnist_flax import config_utils, distributed, input_pipeline, metrics, models, periodic, progress, provenance, steps
+from mnist_flax import (
+    config_utils,
+    distributed,
+    drift,
+    input_pipeline,
+    metrics,
+    models,
+    periodic,
+    progress,
+    provenance,
+    steps,
+)
 from mnist_flax import resolve as resolve_lib
 from mnist_flax import workdir as workdir_lib
 from mnist_flax.errors import ConfigError, MnistFlaxError, Preempted
 
 SYNC_CPU_DEVICES = os.environ.get("MNIST_FLAX_NO_CPU_SYNC") != "1"  # off only to show the deadlock in a test
 STOPPED_FILE = "stopped.json"
-
-CLASS_NAMES = {
-    "mnist": [str(d) for d in range(10)],
-    "fashion_mnist": [
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ],
-}
 
 
 @dataclasses.dataclass
@@ -65,6 +60,8 @@ class Training:
     best: dict  # {"val_accuracy", "step", "report"} of the best validation so far
     best_params: Any
     resumed_from: int | None
+    provenance: dict  # {"git", "data", "environment"}: what produced the run
+    config_history: list  # [{"step", "changed", "previous_config"}]: configs changed on resume
     compiled: dict = dataclasses.field(default_factory=dict)  # train_step, predict_val, predict_test, order
     actions: list = dataclasses.field(default_factory=list)  # periodic.PeriodicAction, in order
     checkpointer: periodic.Checkpointer | None = None
@@ -109,6 +106,9 @@ def train_and_evaluate(
         except MnistFlaxError as e:  # preempted, non-finite loss, a failed checkpoint: stop cleanly
             shutdown(training, e)
             raise
+        except BaseException:  # a bug: keep its traceback, but let W&B go before the interpreter exits
+            training.tracker.finish(exit_code=1)
+            raise
     if training.primary:
         progress.print_summary(report, workdir, sync_hint)
     return report
@@ -131,26 +131,14 @@ def setup(config, requested, workdir: str, overrides: dict, config_changes: dict
     schedule = steps.make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
     state = steps.create_train_state(model, steps.make_optimizer(config.optimizer, schedule), config.seed)
     state = distributed.put_replicated(state, mesh)
-    checkpoints = None
-    if config.checkpoint.enabled:
-        checkpoints = checkpoints_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint)
-    state, best, best_params, resumed_from = _restore(config, checkpoints, state)
-
-    # TensorFlow (clu's writers) and W&B load only now, after the data and checkpoint checks.
-    from mnist_flax import tracking, writers
-
+    record = {"git": provenance.git_info(), "data": provenance.data_fingerprint(datasets)}
+    record["environment"] = provenance.environment()
+    checkpoints, resumed_from, config_history = _open_checkpoints(config, workdir, record)
+    state, best, best_params = _restore(config, checkpoints, resumed_from, state)
     primary = distributed.is_primary()
-    if primary:
-        workdir_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-        workdir_lib.write_json(os.path.join(workdir, "config_requested.json"), requested.to_dict())
-        workdir_lib.write_json(os.path.join(workdir, "config_changes.json"), config_changes)
-    git = provenance.git_info()
-    tracker = tracking.Tracker.start(
-        config, workdir, git, overrides, config_changes, is_primary=primary, requested=requested.to_dict()
+    tracker, writer = _start_records(
+        config, requested, workdir, overrides, config_changes, record, config_history, resumed_from
     )
-    writer = writers.create_writer(workdir, tensorboard=config.tensorboard, tracker=tracker, is_primary=primary)
-    if resumed_from is None:
-        writer.write_hparams(config_utils.flatten(config))
     device_data = {
         "train": input_pipeline.to_device(datasets.train, mesh=mesh),
         "validation": input_pipeline.to_device(datasets.validation, config.eval_batch_size, mesh=mesh),
@@ -173,16 +161,60 @@ def setup(config, requested, workdir: str, overrides: dict, config_changes: dict
         best=best,
         best_params=best_params,
         resumed_from=resumed_from,
+        provenance=record,
+        config_history=config_history,
     )
     _describe(training, model)
     _compile(training, model, schedule, mesh)
     return training
 
 
-def _restore(config, checkpoints, state):
-    """(state, best, best_params, resumed_from): where the run starts."""
+def _open_checkpoints(config, workdir: str, record: dict):
+    """(checkpoints or None, the step to resume from or None, the config history), the resume checked."""
+    if not config.checkpoint.enabled:
+        return None, None, []
+    checkpoints = checkpoints_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint)
+    resumed_from = checkpoints.latest_step()
+    if resumed_from is None:
+        return checkpoints, None, []
+    # Before the state is restored: a change of model would otherwise fail there, less clearly.
+    return (
+        checkpoints,
+        resumed_from,
+        drift.check_resume(config, checkpoints.read_meta(resumed_from), record, resumed_from, checkpoints.directory),
+    )
+
+
+def _start_records(config, requested, workdir, overrides, config_changes, record, config_history, resumed_from):
+    """(tracker, writer): the workdir's record files, the W&B run and the metric writers."""
+    # TensorFlow (clu's writers) and W&B load only now, after the data and checkpoint checks.
+    from mnist_flax import tracking, writers
+
+    primary = distributed.is_primary()
+    if primary:
+        files = {
+            "config.json": config.to_dict(),
+            "config_requested.json": requested.to_dict(),
+            "config_changes.json": config_changes,
+            "provenance.json": record,
+        }
+        if config_history:
+            files["config_history.json"] = config_history
+        for name, payload in files.items():
+            workdir_lib.write_json(os.path.join(workdir, name), payload)
+    extra = {"provenance": record, "config_history": config_history}
+    tracker = tracking.Tracker.start(
+        config, workdir, record["git"], overrides, config_changes, primary, requested.to_dict(), extra
+    )
+    writer = writers.create_writer(workdir, tensorboard=config.tensorboard, tracker=tracker, is_primary=primary)
+    if resumed_from is None:
+        writer.write_hparams(config_utils.flatten(config))
+    return tracker, writer
+
+
+def _restore(config, checkpoints, resumed_from: int | None, state):
+    """(state, best, best_params): where the run starts."""
     best = {"val_accuracy": -1.0, "step": None}
-    resumed_from = checkpoints.latest_step() if checkpoints else None
     # 1. This run's own latest checkpoint: a resumed run continues exactly where it stopped.
     if resumed_from is not None:
         state, meta = checkpoints.restore(resumed_from, state)
@@ -203,7 +235,7 @@ def _restore(config, checkpoints, state):
     step = int(distributed.to_host(state.step))
     if best["step"] is not None and best["step"] != step and best["step"] in checkpoints.all_steps():
         best_params = checkpoints.restore(best["step"], state)[0].params
-    return state, best, best_params, resumed_from
+    return state, best, best_params
 
 
 def _compile(training: Training, model, schedule, mesh) -> None:
@@ -315,6 +347,7 @@ def finish(training: Training) -> dict:
         "seconds": seconds,
         "data": {"name": datasets.name, "source": datasets.source},
         "git": tracker.git,
+        "provenance": {k: v for k, v in training.provenance.items() if k != "git"},
         "wandb": {"mode": tracker.mode, "run_id": tracker.run_id},
     }
     if training.primary:
@@ -324,7 +357,7 @@ def finish(training: Training) -> dict:
             os.remove(os.path.join(workdir, STOPPED_FILE))
     tracker.log_results(
         test_report, test_log_probs, test_labels, datasets.test.images, predictions_path,
-        config.wandb.log_misclassified, CLASS_NAMES[datasets.name],
+        config.wandb.log_misclassified, input_pipeline.CLASS_NAMES[datasets.name],
     )  # fmt: skip
     tracker.set_summary(
         {

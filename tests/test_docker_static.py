@@ -22,6 +22,7 @@ SHELL_SCRIPTS = [
     "launch/sync.sh",
     "launch/wandb_env.sh",
     "launch/slurm.sbatch",
+    "tools/repeat_test.sh",
 ]
 SECRET_NAMES = ("WANDB_API_KEY", "WANDB_TOKEN", "API_KEY", "TOKEN", "PASSWORD", "SECRET")
 

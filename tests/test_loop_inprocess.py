@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mnist_flax import config_utils, input_pipeline, train
+from mnist_flax.errors import ConfigError
 
 TRAIN_EXAMPLES = 1200  # conftest.write_idx_dataset
 TEST_EXAMPLES = 300
@@ -122,7 +123,12 @@ def test_resume_with_more_epochs(mlp_run, tiny_data_dir, tmp_path, capsys):
     lines_before = len(read_jsonl(os.path.join(workdir, "metrics.jsonl")))
     capsys.readouterr()
 
-    report = train.train_and_evaluate(tiny_config("configs/mlp.py", tiny_data_dir, num_epochs=3), workdir)
+    longer = tiny_config("configs/mlp.py", tiny_data_dir, num_epochs=3)
+    # More epochs change the schedule: refused as config drift, unless asked for deliberately.
+    with pytest.raises(ConfigError, match=r"num_epochs: 2 -> 3"):
+        train.train_and_evaluate(longer, workdir)
+    longer.resume.allow_config_changes = True
+    report = train.train_and_evaluate(longer, workdir)
 
     saved_step = 2 * STEPS_PER_EPOCH
     assert f"resumed at step {saved_step}" in capsys.readouterr().out
