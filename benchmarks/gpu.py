@@ -6,9 +6,10 @@ time, time to 90% Fashion-MNIST test accuracy with the data on the device, and P
 
 DIR holds the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...); the default is
 benchmarks/_work/fashion-mnist (git-ignored, so it can travel to a device machine as a carried path) if it exists,
-else Debian's folder. It imports the training core only (mnist_flax.models, input_pipeline, steps, metrics,
-distributed: JAX with its GPU plugin, flax, optax, ml_collections, clu; no TensorFlow, W&B or orbax) and torch
-with CUDA for the comparison. Prints the tables; with $OUT set, writes $OUT/gpu_results.json.
+else Debian's folder. It times the library's compiled step through pieces.py, which imports the training core only
+(mnist_flax.models, input_pipeline, steps, metrics: JAX with its GPU plugin, flax, optax, ml_collections, clu; no
+TensorFlow, W&B or orbax), and torch with CUDA for the comparison. Prints the tables; with $OUT set, writes
+$OUT/gpu_results.json.
 
 On a device machine of this project (the `device` tool), for example:
 
@@ -20,6 +21,7 @@ Throughput rounds are timed, not counted: each contender's round is sized from a
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -29,16 +31,18 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import fmt, format_table, median  # noqa: E402
+from benchmarks import common, report  # noqa: E402
+from benchmarks.common import median  # noqa: E402
 
 
 def default_data_dir() -> str:
+    """The carried copy of the IDX files if there is one, else Debian's folder."""
     carried = os.path.join(REPO_ROOT, "benchmarks", "_work", "fashion-mnist")
     return carried if os.path.isdir(carried) else common.FASHION_DIR
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module's docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=default_data_dir(), help="folder of the four IDX files")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run (CPU is fine)")
@@ -66,16 +70,16 @@ def calibrate(run, unit: int, seconds: float) -> int:
 
 def throughput(data, args, settings) -> list[dict]:
     """Ours (fused steps, data on the device) against PyTorch's DataLoader loop, per batch size."""
-    from benchmarks import jax_loops
+    from benchmarks import pieces
 
     torch_device = settings["torch_device"]
     rows = []
     for batch_size in settings["batch_sizes"]:
-        # Fused steps in a lax.scan (what "auto" gives on a GPU), also when this script is checked on CPU.
-        config = jax_loops.model_config("cnn", **{"train.scan_unroll": "1"})
+        # The whole batch and fused steps in a lax.scan (what "auto" gives on a GPU), also when checked on CPU.
+        config = pieces.load_config(batch_size=batch_size)
         contenders, units = {}, {}
         start = time.perf_counter()
-        ours = jax_loops.OursContender(config, data, batch_size, steps_per_call=settings["steps_per_call"])
+        ours = pieces.StepTimer(config, data, steps_per_call=settings["steps_per_call"], scan_unroll=1)
         compile_wall = time.perf_counter() - start
         ours.run(ours.steps_per_call)  # warm
         contenders["ours"], units["ours"] = ours, ours.steps_per_call
@@ -95,7 +99,7 @@ def throughput(data, args, settings) -> list[dict]:
             "batch_size": batch_size,
             "steps_per_call": ours.steps_per_call,
             "conv_impl": ours.model.conv_impl,
-            "ours_images_per_second": timed["ours"].median_images_per_second(),
+            "ours_images_per_second": median(ours_ips),
             "ours_rounds": ours_ips,
             "compile_train_seconds": ours.compile_train_seconds,
             "compile_predict_seconds": ours.compile_predict_seconds,
@@ -104,9 +108,9 @@ def throughput(data, args, settings) -> list[dict]:
         }
         if "torch" in timed:
             torch_ips = timed["torch"].images_per_second()
-            row["torch_images_per_second"] = timed["torch"].median_images_per_second()
+            row["torch_images_per_second"] = median(torch_ips)
             row["torch_rounds"] = torch_ips
-            row["ours_vs_torch"] = median([a / b for a, b in zip(ours_ips, torch_ips, strict=True)])
+            row["ours_vs_torch"] = common.ratio(ours_ips, torch_ips)
         eval_seconds, _ = ours.evaluate()
         row["eval_seconds"] = min(eval_seconds, ours.evaluate()[0])
         rows.append(row)
@@ -124,17 +128,16 @@ def time_to_90(data, spec: str, settings) -> dict:
 
     The test set is used only as a stopwatch, never for model selection.
     """
-    from benchmarks import jax_loops
+    from benchmarks import pieces
 
     batch_size, learning_rate, num_epochs = spec.split(":")
-    config = jax_loops.model_config(
-        "cnn",
-        **{"optimizer.learning_rate": float(learning_rate), "num_epochs": int(num_epochs), "train.scan_unroll": "1"},
-    )
     batch_size = int(batch_size)
+    config = pieces.load_config(
+        batch_size=batch_size, optimizer__learning_rate=float(learning_rate), num_epochs=int(num_epochs)
+    )
     steps_per_epoch = len(data.train_labels) // batch_size
     start = time.perf_counter()
-    ours = jax_loops.OursContender(config, data, batch_size, steps_per_call=steps_per_epoch)
+    ours = pieces.StepTimer(config, data, steps_per_call=steps_per_epoch, scan_unroll=1)
     compile_seconds = time.perf_counter() - start
     train_seconds, epochs = 0.0, []
     for epoch in range(settings["t90_max_epochs"] or config.num_epochs):
@@ -164,32 +167,25 @@ def time_to_90(data, spec: str, settings) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import jax
-
-    from benchmarks import jax_loops
-
-    backend = jax.default_backend()
-    settings = {
+def settings_from(args: argparse.Namespace) -> dict:
+    """Sizes of the run from the command line (quick: small enough for a CPU)."""
+    t90 = args.t90 or ("128:0.002:10" if args.quick else "128:0.002:10,512:0.004:10,1024:0.006:10")
+    return {
         "batch_sizes": [int(b) for b in args.batch_sizes.split(",") if b]
-        or ([128, 256] if args.quick else [128, 512, 2048, 8192]),
-        "steps_per_call": args.steps_per_call or (10 if args.quick else 100),
+        or ([64, 128] if args.quick else [128, 512, 2048, 8192]),
+        "steps_per_call": args.steps_per_call or (4 if args.quick else 100),
         "rounds": args.rounds or (2 if args.quick else 3),
         "round_seconds": args.round_seconds or (0.3 if args.quick else 2.0),
-        "t90": [
-            s
-            for s in (args.t90 or ("128:0.002:10" if args.quick else "128:0.002:10,512:0.004:10,1024:0.006:10")).split(
-                ","
-            )
-            if s
-        ],
+        "t90": [s for s in t90.split(",") if s],
         "t90_max_epochs": 1 if args.quick else 0,
         "torch_device": None,
     }
-    versions = common.package_versions(
-        ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax", "torch", "numpy")
-    )
+
+
+def environment(args: argparse.Namespace, settings: dict) -> dict:
+    """The machine, versions, JAX's devices and PyTorch's device (set in `settings`)."""
+    import jax
+
     torch_info = {}
     if not args.no_torch:
         try:
@@ -204,61 +200,60 @@ def main(argv=None) -> int:
             }
         except ImportError:
             torch_info = {"device": None, "note": "torch not installed"}
-    info = {
+    return {
         "machine": common.machine_facts(),
-        "versions": versions,
-        "jax_backend": backend,
+        "versions": common.package_versions(
+            ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax", "torch", "numpy")
+        ),
+        "jax_backend": jax.default_backend(),
         "jax_devices": [f"{d.device_kind} ({d.platform})" for d in jax.devices()],
         "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
         "torch": torch_info,
         "settings": settings,
     }
-    print(f"JAX {versions['jax']} on {info['jax_devices'][0]} x{len(jax.devices())}; torch: {torch_info}", flush=True)
-    data = jax_loops.load_host_data(args.data_dir)
-    if args.quick:  # a slice of the training set: the smoke run checks the code, not the figures
-        import dataclasses
 
-        data = dataclasses.replace(data, train_images=data.train_images[:8192], train_labels=data.train_labels[:8192])
 
+THROUGHPUT_COLUMNS = [
+    ["batch", "batch_size", "{}"],
+    ["ours images/s", "ours_images_per_second", "{:,.0f}"],
+    ["PyTorch images/s", "torch_images_per_second", "{:,.0f}"],
+    ["ours / PyTorch", "ours_vs_torch", "{:.2f}x"],
+    ["compile s (train)", "compile_train_seconds", "{:.1f}"],
+    ["compile s (predict)", "compile_predict_seconds", "{:.1f}"],
+    ["eval 10k s", "eval_seconds", "{:.3f}"],
+]
+T90_COLUMNS = [
+    ["batch:lr:epochs", "spec", "{}"],
+    ["reached 90%", "reached", "{}"],
+    ["epochs", "epochs", "{}"],
+    ["training s", "train_seconds", "{:.2f}"],
+    ["setup + compile s", "setup_and_compile_seconds", "{:.1f}"],
+]
+
+
+def main(argv=None) -> int:
+    """Runs both measurements, prints the tables and writes $OUT/gpu_results.json."""
+    args = parse_args(argv)
+    from benchmarks import pieces
+
+    settings = settings_from(args)
+    info = environment(args, settings)
+    print(
+        f"JAX {info['versions']['jax']} on {info['jax_devices'][0]} x{len(info['jax_devices'])}; torch: {info['torch']}"
+    )
+    data = pieces.load_host_data(args.data_dir)
+    if args.quick:  # a slice of the training set (steps in a lax.scan run 10x slower on CPU: jax#12868)
+        data = dataclasses.replace(data, train_images=data.train_images[:2048], train_labels=data.train_labels[:2048])
     print("== throughput", flush=True)
     rows = throughput(data, args, settings)
     print("== time to 90% test accuracy", flush=True)
     t90 = [time_to_90(data, spec, settings) for spec in settings["t90"]]
-
-    table = format_table(
-        ["batch", "ours images/s", "PyTorch images/s", "ours / PyTorch", "compile s (train + predict)", "eval 10k s"],
-        [
-            [
-                r["batch_size"],
-                fmt(r["ours_images_per_second"]),
-                fmt(r.get("torch_images_per_second")),
-                fmt(r.get("ours_vs_torch"), 2, "x"),
-                f"{r['compile_train_seconds']:.1f} + {r['compile_predict_seconds']:.1f}",
-                fmt(r["eval_seconds"], 3),
-            ]
-            for r in rows
-        ],
-        "rrrrrr",
-    )
-    t90_table = format_table(
-        ["batch:lr:epochs", "reached 90%", "epochs", "training s", "setup + compile s"],
-        [
-            [
-                t["spec"],
-                "yes" if t["reached"] else "no",
-                t["epochs"],
-                fmt(t["train_seconds"], 2),
-                fmt(t["setup_and_compile_seconds"], 1),
-            ]
-            for t in t90
-        ],
-        "lrrrr",
-    )
-    print(f"\nCNN throughput ({settings['steps_per_call']} fused steps a call, data on the device):\n\n{table}")
-    print(f"\nTime to 90% test accuracy (one fused call per epoch; the test set only as a stopwatch):\n\n{t90_table}")
-    out = os.environ.get("OUT")
-    if out:
-        path = os.path.join(out, "gpu_results.json")
+    caption = f"CNN throughput ({settings['steps_per_call']} fused steps a call, data on the device):"
+    print("\n" + report.render_table({"caption": caption, "columns": THROUGHPUT_COLUMNS, "rows": rows}))
+    caption = "Time to 90% test accuracy (one fused call per epoch; the test set only as a stopwatch):"
+    print("\n" + report.render_table({"caption": caption, "columns": T90_COLUMNS, "rows": t90}))
+    if os.environ.get("OUT"):
+        path = os.path.join(os.environ["OUT"], "gpu_results.json")
         with open(path, "w") as f:
             json.dump({**info, "throughput": rows, "time_to_90": t90}, f, indent=1, default=str)
         print(f"\nwrote {path}")

@@ -1,0 +1,141 @@
+"""This project's contender: `mnist_flax.train.train_and_evaluate` itself, run in a fresh process of a checkout.
+
+`run_in_child(spec, tree)` starts `python benchmarks/library.py SPEC` with `tree` as its working directory, so the
+child imports that checkout's own `mnist_flax` and `configs` (the baseline section runs an old commit beside this
+one). The child loads the config file, changes the spec's fields, runs the loop and reads back what the run
+recorded: the report (`steps`, `seconds`, `compile_seconds`, `test`) and `metrics.jsonl`, whose
+`train/images_per_second` per log interval gives the steady throughput (the median of the intervals after the
+first, which holds the warm-up). The standard library only at module level; nothing here copies the loop.
+"""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+RESULT_MARKER = "LIBRARY_RESULT "
+# Tracking, TensorBoard and checkpoints off unless a spec turns them on (the overhead section does).
+BARE = {"wandb.mode": "disabled", "tensorboard": False, "checkpoint.enabled": False}
+
+
+def run_in_child(spec: dict, tree: str, env: dict | None = None, timeout: float = 3600) -> dict:
+    """Runs `measure(spec)` in a fresh Python whose working directory is the checkout `tree`; returns its result.
+
+    Args:
+      spec: `config` (a config file, relative to the tree; default configs/cnn.py), `changes` ({"a.b": value}),
+        `data_dir` (the IDX files), and optionally `cores` (CPU affinity, set before JAX starts),
+        `num_cpu_devices` (`jax_num_cpu_devices`) and `keep_probs` (test probabilities to return).
+      tree: the checkout whose `mnist_flax` runs.
+      env: variables to set in the child (XLA_FLAGS).
+    """
+    command = [sys.executable, os.path.abspath(__file__), json.dumps(spec)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if done.returncode or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
+        raise RuntimeError(f"train_and_evaluate in {tree} failed (exit {done.returncode}): " + " | ".join(tail))
+    return json.loads(lines[-1][len(RESULT_MARKER) :])
+
+
+def set_fields(config, changes: dict) -> None:
+    """Sets "a.b" fields of an ml_collections config in place."""
+    for key, value in changes.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+
+
+def measure(spec: dict) -> dict:
+    """Runs `train_and_evaluate` on the spec's config in this process (see `run_in_child`); returns the figures."""
+    if spec.get("cores"):
+        os.sched_setaffinity(0, set(spec["cores"]))  # before XLA sizes its thread pool from the affinity
+    import jax
+
+    if spec.get("num_cpu_devices"):
+        jax.config.update("jax_num_cpu_devices", spec["num_cpu_devices"])
+    import mnist_flax
+    from mnist_flax import config_utils, train
+
+    config = config_utils.load_config_file(spec.get("config", "configs/cnn.py"))
+    set_fields(config, {**BARE, "data.local_dir": spec["data_dir"], **spec.get("changes", {})})
+    workdir = tempfile.mkdtemp(prefix="mnist_flax_bench_run_")
+    try:
+        start = time.perf_counter()
+        report = train.train_and_evaluate(config, workdir)
+        wall_seconds = time.perf_counter() - start
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        probs = _test_probabilities(os.path.join(workdir, "predictions.csv"), spec.get("keep_probs", 0))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        **steady_throughput(records),
+        **epochs_and_evaluation(records, config),
+        "steps": report["steps"],
+        "seconds": report["seconds"],
+        "compile_seconds": report["compile_seconds"],
+        "wall_seconds": wall_seconds,
+        "test_accuracy": report["test"]["accuracy"],
+        "test_loss": report["test"]["loss"],
+        "best_val_accuracy": report["best_validation"]["val_accuracy"],
+        "best_step": report["best_validation"]["step"],
+        "peak_rss_mb": _peak_rss_mb(),
+        "devices": [str(d) for d in jax.devices()],
+        "mnist_flax": os.path.dirname(os.path.abspath(mnist_flax.__file__)),
+        "test_probs": probs,
+    }
+
+
+def steady_throughput(records: list[dict]) -> dict:
+    """Training images/s from the log intervals of `metrics.jsonl`: the median of those after the first."""
+    rates = [r["train/images_per_second"] for r in records if "train/images_per_second" in r]
+    steady = rates[1:] or rates
+    return {
+        "images_per_second": statistics.median(steady) if steady else float("nan"),
+        "interval_images_per_second": rates,
+    }
+
+
+def epochs_and_evaluation(records: list[dict], config) -> dict:
+    """Each validation's step and accuracy with the training seconds before it; validation images/s."""
+    train_seconds, last_step, epochs, eval_seconds = 0.0, 0, [], []
+    for r in records:
+        if "train/images_per_second" in r:
+            train_seconds += (r["step"] - last_step) * config.batch_size / r["train/images_per_second"]
+            last_step = r["step"]
+        if "val/accuracy" in r:
+            epochs.append({"step": r["step"], "val_accuracy": r["val/accuracy"], "train_seconds": train_seconds})
+            eval_seconds += [r["val/eval_seconds"]] if "val/eval_seconds" in r else []
+    validation = config.data.validation_size
+    validation = min(validation, config.data.eval_subset) if config.data.eval_subset else validation
+    return {
+        "epochs": epochs,
+        "eval_images_per_second": validation / statistics.median(eval_seconds) if eval_seconds else None,
+    }
+
+
+def _test_probabilities(path: str, count: int) -> list | None:
+    """The first `count` rows of class probabilities from predictions.csv (6 decimals)."""
+    if not count:
+        return None
+    import numpy as np
+
+    return np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)[:count, 4:].tolist()
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next((float(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), float("nan"))
+
+
+if __name__ == "__main__":
+    # The checkout to measure is the working directory; this file's folder must not shadow anything.
+    sys.path[0] = os.getcwd()
+    print(RESULT_MARKER + json.dumps(measure(json.loads(sys.argv[1]))), flush=True)
