@@ -25,7 +25,8 @@ def _git(repo, *args) -> str:
 
 def _commit(repo, message) -> str:
     _git(repo, "add", "-A")
-    _git(repo, *GIT_USER, "commit", "-qm", message)
+    # --allow-empty: from a clean checkout (CI's fresh clone) the working tree adds nothing to the clone's HEAD.
+    _git(repo, *GIT_USER, "commit", "-q", "--allow-empty", "-m", message)
     return _git(repo, "rev-parse", "HEAD")
 
 
