@@ -95,3 +95,29 @@ def run_main(args: list[str], env: dict | None = None, timeout: int = 600, **kwa
         timeout=timeout,
         **kwargs,
     )
+
+
+def start_main(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Starts `python main.py ARGS` from the repo root with its output piped (to signal it mid-run)."""
+    return subprocess.Popen(
+        [sys.executable, "main.py", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **SUBPROCESS_ENV, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_sweep(root: str, config: str, grid: str, data_dir: str, **settings) -> subprocess.CompletedProcess:
+    """`python -m mnist_flax.sweep` over one `--grid FIELD=V1,V2` on the tiny data, each run set with `settings`."""
+    fixed = [item for o in tiny_overrides(data_dir, **settings) for item in ("--set", o.removeprefix("--config."))]
+    command = [sys.executable, "-m", "mnist_flax.sweep", f"--config={config}", f"--root={root}", "--grid", grid]
+    return subprocess.run(
+        [*command, *fixed],
+        cwd=REPO_ROOT,
+        env={**os.environ, **SUBPROCESS_ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

@@ -9,12 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import jax
 import ml_collections
 import pytest
-from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
+from conftest import run_main, start_main, tiny_overrides
 
 from mnist_flax import checkpoints, models, steps
 from mnist_flax import workdir as workdir_lib
@@ -33,20 +32,9 @@ def _args(data_dir, workdir):
     ]
 
 
-def _start(args):
-    return subprocess.Popen(
-        [sys.executable, "main.py", *args],
-        cwd=REPO_ROOT,
-        env={**os.environ, **SUBPROCESS_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _run_until(args, trigger: str, sig: int) -> tuple[int, str]:
     """Starts a run, sends `sig` when a stdout line contains `trigger`; returns (exit code, stderr)."""
-    process = _start(args)
+    process = start_main(args)
     fired = False
     for line in process.stdout:
         if trigger in line:
@@ -120,7 +108,7 @@ def test_kills_and_preemptions_lose_nothing(tiny_data_dir, tmp_path):
 
 def test_second_run_on_the_same_workdir_refuses(tiny_data_dir, tmp_path):
     args = [*_args(tiny_data_dir, tmp_path), "--config.num_epochs=500"]  # still running when the second starts
-    first = _start(args)
+    first = start_main(args)
     try:
         for line in first.stdout:
             if "step 2/" in line:
@@ -190,7 +178,7 @@ def _children(pid: int, name: str) -> list[int]:
 
 def test_wandb_dying_mid_run_does_not_stop_training(tiny_data_dir, tmp_path):
     args = [*_args(tiny_data_dir, tmp_path), "--config.num_epochs=6"]
-    process = _start(args)
+    process = start_main(args)
     killed = []
     for line in process.stdout:
         if "step 30/" in line:

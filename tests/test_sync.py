@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
+from conftest import REPO_ROOT, run_main, start_main, tiny_overrides
 
 from mnist_flax import runs, sync, tracking
 
@@ -25,14 +25,7 @@ def resumed_run(tiny_data_dir, tmp_path_factory) -> str:
     """A tiny offline run stopped with SIGTERM inside its first epoch (exit 3), then resumed to the end."""
     workdir = str(tmp_path_factory.mktemp("sync") / "run")
     args = ["--config=configs/mlp.py", *tiny_overrides(tiny_data_dir, num_epochs=2, log_every_steps=1)]
-    process = subprocess.Popen(
-        [sys.executable, "main.py", *args, f"--workdir={workdir}"],
-        cwd=REPO_ROOT,
-        env={**os.environ, **SUBPROCESS_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_main([*args, f"--workdir={workdir}"])
     for line in process.stdout:  # the first progress line: a call or more into epoch 1 of 2
         progress = re.search(r"step (\d+)/", line)
         if progress and int(progress.group(1)) < 20:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
+from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, start_main, tiny_overrides
 
 from mnist_flax import checkpoints, config_utils, provenance, sync, tracking, wandb_files
 
@@ -99,14 +99,7 @@ def test_resume_after_sigterm_ends_with_the_same_metrics(tiny_data_dir, tmp_path
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     workdir = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [sys.executable, "main.py", *args, f"--workdir={workdir}"],
-        cwd=REPO_ROOT,
-        env={**os.environ, **SUBPROCESS_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_main([*args, f"--workdir={workdir}"])
     fired = False
     for line in process.stdout:  # stop inside the second epoch (20 steps each; fused steps a call, as by default)
         progress = re.search(r"step (\d+)/", line)
