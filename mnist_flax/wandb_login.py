@@ -18,14 +18,19 @@ MNIST_FLAX_SKIP_TOKEN_CHECK=1 (trust the token unchecked).
 
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
+import time
 
 from mnist_flax import overrides, tracking
 from mnist_flax.errors import ConfigError
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
+START_SECONDS = 8.0  # beyond the timeout: starting Python, wandb and its wandb-core service on a loaded machine
+STOP_SECONDS = 3.0  # after the verdict: wandb.teardown() stopping wandb-core
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN_NAMES = "the W&B token (WANDB_API_KEY or WANDB_TOKEN)"
 
@@ -43,8 +48,12 @@ def run_mode(command: list[str]) -> str:
     return given.get("wandb.mode", os.environ.get("WANDB_MODE", "")).lower()
 
 
-def check_token(seconds: float) -> dict:
+def check_token(seconds: float, say_server=lambda server: None) -> dict:
     """Asks the W&B server the run will use whether WANDB_API_KEY is valid.
+
+    Args:
+      seconds: the time the server has to answer each request.
+      say_server: called with the server's URL before it is asked (so a caller can name it if the check hangs).
 
     Returns:
         {"server": URL, "verdict": "accepted" | "rejected" | "malformed" | "unreachable", "reason": short text}.
@@ -62,6 +71,7 @@ def check_token(seconds: float) -> dict:
         )
     ).settings
     server = settings.base_url
+    say_server(server)
     try:
         wandb.Api(overrides={"base_url": server}, api_key=tracking.read_token(), timeout=seconds)
     except AuthenticationError as e:
@@ -98,24 +108,41 @@ def _short_reason(message: str, status: int, seconds: float) -> str:
 
 
 def _checked_in_a_child(seconds: float) -> dict:
-    """`check_token` in a child process: its wandb-core service ends with it, and a hang costs a bounded wait."""
+    """`check_token` in a child process: its wandb-core service ends with it, and a hang costs a bounded wait.
+
+    The child prints the server it asks, then the verdict, each as a JSON line. The parent waits for the verdict
+    at most `seconds` plus the time wandb-core takes to start (a loaded machine can take several), then gives
+    the child a moment to stop wandb-core and kills it: the wait is bounded however wandb behaves.
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mnist_flax.wandb_login", "--check", str(seconds)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in child.stdout], daemon=True).start()
+    found, deadline = {}, time.monotonic() + seconds + START_SECONDS
+    while "verdict" not in found and time.monotonic() < deadline:
+        try:
+            found.update(json.loads(lines.get(timeout=max(0.0, deadline - time.monotonic()))))
+        except queue.Empty:
+            break
+        except ValueError:
+            continue
     try:
-        child = subprocess.run(
-            [sys.executable, "-m", "mnist_flax.wandb_login", "--check", str(seconds)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=seconds + 20,  # + starting wandb-core and stopping it
-        )
+        child.wait(timeout=STOP_SECONDS)
     except subprocess.TimeoutExpired:
-        return {"verdict": "unreachable", "reason": f"no answer in {seconds:g} s"}
-    try:
-        return json.loads(child.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        last_words = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1][:160]
-        return {"verdict": "unreachable", "reason": f"the check failed: {last_words}"}
+        child.kill()
+        child.wait()
+    if "verdict" not in found:
+        failed = f"the check failed (exit status {child.returncode})"
+        reason = f"no answer in {seconds:g} s" if child.returncode in (0, -9) else failed
+        found.update(verdict="unreachable", reason=reason)
+    return found
 
 
 def prepare_environment(command: list[str]) -> int | None:
@@ -187,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--check"]:  # the child of _checked_in_a_child
-        print(json.dumps(check_token(float(sys.argv[2]))))
+    if sys.argv[1:2] == ["--check"]:  # the child of _checked_in_a_child: the server, then the verdict
+        verdict = check_token(float(sys.argv[2]), lambda server: print(json.dumps({"server": server}), flush=True))
+        print(json.dumps(verdict), flush=True)
     else:
         sys.exit(main())
