@@ -78,7 +78,11 @@ class Training:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, overrides: dict | None = None, config_changes: dict | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    overrides: dict | None = None,
+    config_changes: dict | None = None,
+    on_validation: tuple = (),
 ) -> dict:
     """Trains and evaluates; resumes from the workdir's latest checkpoint if there is one.
 
@@ -87,6 +91,8 @@ def train_and_evaluate(
       workdir: where the run writes (created if needed).
       overrides: the command-line overrides, as given, for the record.
       config_changes: how `config` differs from its config file (config_diff.diff), for the record.
+      on_validation: callbacks fn(step, report) called after each validation (a sweep's pruning hooks in here;
+        an exception they raise leaves through the same shutdown as any other stop).
 
     Returns:
       The final report: best validation metrics, test metrics and file paths.
@@ -97,7 +103,7 @@ def train_and_evaluate(
     workdir = workdir_lib.prepare_workdir(workdir)
     lock = workdir_lib.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext()
     with lock, _StopSignal() as stop:
-        training = setup(resolved, config, workdir, overrides or {}, config_changes or {})
+        training = setup(resolved, config, workdir, overrides or {}, config_changes or {}, on_validation)
         try:
             train(training, stop)
             report = finish(training)
@@ -117,7 +123,7 @@ def train_and_evaluate(
 # ---------------------------------------------------------------- setup
 
 
-def setup(config, requested, workdir: str, overrides: dict, config_changes: dict) -> Training:
+def setup(config, requested, workdir: str, overrides: dict, config_changes: dict, on_validation=()) -> Training:
     """Data, model, state (resumed or fresh), tracking and the compiled steps: a Training ready to run."""
     started = time.perf_counter()
     mesh = distributed.make_mesh()
@@ -165,7 +171,7 @@ def setup(config, requested, workdir: str, overrides: dict, config_changes: dict
         config_history=config_history,
     )
     _describe(training, model)
-    _compile(training, model, schedule, mesh)
+    _compile(training, model, schedule, mesh, on_validation)
     return training
 
 
@@ -238,7 +244,7 @@ def _restore(config, checkpoints, resumed_from: int | None, state):
     return state, best, best_params
 
 
-def _compile(training: Training, model, schedule, mesh) -> None:
+def _compile(training: Training, model, schedule, mesh, on_validation=()) -> None:
     """Compiles the train and predict steps ahead of time (compile time is reported apart) and builds the actions."""
     config, data = training.config, training.device_data
     train_step = steps.make_train_step(
@@ -264,15 +270,19 @@ def _compile(training: Training, model, schedule, mesh) -> None:
     training.compile_stats = {"seconds": compiles.seconds, "ahead_of_time": compiles.count, "per_epoch": []}
     training.writer.write_scalars(training.step, {"compile_seconds": compiles.seconds})
     _say(training, f"compiled in {compiles.seconds:.1f} s")
-    _build_actions(training, schedule)
+    _build_actions(training, schedule, on_validation)
 
 
-def _build_actions(training: Training, schedule) -> None:
-    """The periodic actions, in the order they run after a call: log, evaluate, save."""
+def _build_actions(training: Training, schedule, on_validation=()) -> None:
+    """The periodic actions, in the order they run after a call: log, evaluate (then `on_validation`), save."""
     config = training.config
     rules = periodic.rules(config, training.steps_per_epoch)
     training.evaluator = periodic.Evaluator(
-        rules["evaluate"], training.compiled["predict_val"], training.device_data["validation"], config.eval_batch_size
+        rules["evaluate"],
+        training.compiled["predict_val"],
+        training.device_data["validation"],
+        config.eval_batch_size,
+        callbacks=on_validation,
     )
     training.actions = [periodic.TrainReporter(rules["log"], schedule, config.train.on_nonfinite), training.evaluator]
     if training.checkpoints:

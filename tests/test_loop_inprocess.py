@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mnist_flax import config_utils, input_pipeline, train
-from mnist_flax.errors import ConfigError
+from mnist_flax.errors import ConfigError, MnistFlaxError
 
 TRAIN_EXAMPLES = 1200  # conftest.write_idx_dataset
 TEST_EXAMPLES = 300
@@ -171,3 +171,29 @@ def test_cnn_trains(tiny_data_dir, tmp_path):
         assert os.path.isfile(os.path.join(workdir, name)), name
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["model"]["name"] == "cnn"
+
+
+def test_validation_callbacks_see_every_validation_and_can_stop_the_run(tiny_data_dir, tmp_path):
+    seen = []
+    config = tiny_config("configs/mlp.py", tiny_data_dir, num_epochs=3)
+    report = train.train_and_evaluate(
+        config, str(tmp_path / "watched"), on_validation=(lambda step, val: seen.append((step, val["accuracy"])),)
+    )
+    assert [step for step, _ in seen] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]
+    assert max(accuracy for _, accuracy in seen) == report["best_validation"]["val_accuracy"]
+
+    class Pruned(MnistFlaxError):
+        """What a sweep's pruner would raise."""
+
+    def prune(step, val):
+        raise Pruned(f"pruned at step {step}")
+
+    workdir = tmp_path / "pruned"
+    with pytest.raises(Pruned, match=f"pruned at step {STEPS_PER_EPOCH}"):
+        train.train_and_evaluate(
+            tiny_config("configs/mlp.py", tiny_data_dir, num_epochs=3), str(workdir), on_validation=(prune,)
+        )
+    # Out through the one shutdown path: the stop is recorded, and the run did not finish.
+    stopped = json.load(open(workdir / "stopped.json"))
+    assert stopped["status"] == "failed" and stopped["step"] == STEPS_PER_EPOCH
+    assert not (workdir / "final_metrics.json").exists()
