@@ -156,19 +156,6 @@ def machine_facts() -> dict:
     }
 
 
-def package_versions(names: Sequence[str]) -> dict[str, str]:
-    """Installed versions of the named distributions ("absent" where not installed)."""
-    from importlib import metadata
-
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
-
-
 def load_average() -> tuple[float, float, float]:
     """The 1, 5 and 15 minute load averages."""
     return tuple(round(x, 2) for x in os.getloadavg())

@@ -33,6 +33,7 @@ if REPO_ROOT not in sys.path:
 
 from benchmarks import common, report  # noqa: E402
 from benchmarks.common import median  # noqa: E402
+from mnist_flax import provenance  # noqa: E402
 
 
 def default_data_dir() -> str:
@@ -202,7 +203,7 @@ def environment(args: argparse.Namespace, settings: dict) -> dict:
             torch_info = {"device": None, "note": "torch not installed"}
     return {
         "machine": common.machine_facts(),
-        "versions": common.package_versions(
+        "versions": provenance.package_versions(
             ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax", "torch", "numpy")
         ),
         "jax_backend": jax.default_backend(),

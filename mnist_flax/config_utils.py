@@ -107,13 +107,6 @@ def nearest_names(name: str, valid: Iterable[str], count: int = 3) -> list[str]:
     return close[:count]
 
 
-def unknown_field_message(name: str, config: ml_collections.ConfigDict) -> str:
-    """One line for an override of a field that does not exist."""
-    suggestions = nearest_names(name, flatten(config))
-    hint = f" (did you mean {', '.join(suggestions)}?)" if suggestions else ""
-    return f"unknown config field {name!r}{hint}"
-
-
 def _check_range(name: str, value, bounds) -> None:
     low, high, exclusive = bounds
     if isinstance(value, bool) or not isinstance(value, (int, float)):

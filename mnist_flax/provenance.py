@@ -50,20 +50,25 @@ def git_info(repo_dir: str = config_utils.REPO_ROOT) -> dict:
 ENVIRONMENT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "clu", "wandb", "numpy")
 
 
-def environment() -> dict:
-    """Python and library versions, backend, device kind and count, usable CPU cores, process count."""
-    import jax
-
+def package_versions(names) -> dict[str, str]:
+    """Installed versions of the named distributions ("not installed" where absent)."""
     versions = {}
-    for name in ENVIRONMENT_PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    return versions
+
+
+def environment() -> dict:
+    """Python and library versions, backend, device kind and count, usable CPU cores, process count."""
+    import jax
+
     devices = jax.devices()
     return {
         "python": platform.python_version(),
-        **versions,
+        **package_versions(ENVIRONMENT_PACKAGES),
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
