@@ -135,3 +135,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.distributed.num_processes = 0
     config.distributed.process_id = -1
     return config
+
+
+# Search spaces for `python -m mnist_flax.sweep --config=configs/default.py --sweep[=NAME]`, in W&B's
+# parameter vocabulary (mnist_flax/search_space.py): launch/sweep.yaml is generated from sweep().
+
+
+def sweep():
+    """Architecture, optimizer, learning rate, batch size and loss: a grid of 2 x 2 x 3 x 2 x 2 = 48 trials."""
+    return {
+        "model.name": {"values": ["cnn", "mlp"]},
+        "optimizer.name": {"values": ["adamw", "momentum"]},
+        "optimizer.learning_rate": {"values": [0.0003, 0.001, 0.003]},
+        "batch_size": {"values": [64, 128]},
+        "loss.name": {"values": ["cross_entropy", "focal"]},
+    }
+
+
+def sweep_lr():
+    """Learning rate, weight decay and label smoothing, for random or TPE sampling (`--trials N`)."""
+    return {
+        "optimizer.learning_rate": {"min": 1e-4, "max": 1e-2, "distribution": "log_uniform_values"},
+        "optimizer.weight_decay": {"min": 1e-6, "max": 1e-2, "distribution": "log_uniform_values"},
+        "loss.label_smoothing": {"min": 0.0, "max": 0.2},
+    }

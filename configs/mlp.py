@@ -1,6 +1,7 @@
 """A two-hidden-layer MLP on the flattened image."""
 
 from configs import default
+from configs.default import sweep_lr  # noqa: F401 (the learning-rate search space: --sweep=lr)
 
 
 def get_config(arg: str | None = None):

@@ -60,13 +60,19 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def train(config, workdir: str, argv: list[str]) -> None:
     """Validates, then trains; the training modules load only now, so `--help` stays fast."""
-    from mnist_flax import config_diff
+    from mnist_flax import config_diff, study
     from mnist_flax import train as train_lib
 
     config_utils.validate(config)
     file_config = config_utils.load_config_file(_config_spec(argv))
     changes = config_diff.diff(config_utils.flatten(file_config), config_utils.flatten(config))
-    train_lib.train_and_evaluate(config, workdir, overrides=overrides.from_argv(argv[1:]), config_changes=changes)
+    train_lib.train_and_evaluate(
+        config,
+        workdir,
+        overrides=overrides.from_argv(argv[1:]),
+        config_changes=changes,
+        on_validation=study.reporter_from_environment(),  # a sweep's trial reports to its study and may be pruned
+    )
 
 
 def run_main(fn) -> int:

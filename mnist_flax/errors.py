@@ -1,7 +1,7 @@
 """The exceptions a user can act on.
 
-`main.py` turns each of them into one line on stderr and exit status 2; anything
-else is a bug and keeps its traceback.
+`main.py` turns each of them into one line on stderr and exit status 2 (3 for
+Preempted, 4 for Pruned); anything else is a bug and keeps its traceback.
 """
 
 
@@ -33,3 +33,11 @@ class Preempted(MnistFlaxError):
     """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can resume (exit status 3)."""
 
     exit_code = 3
+    status = "preempted"
+
+
+class Pruned(MnistFlaxError):
+    """A sweep's pruner stopped the trial after a validation: not a failure, a verdict (exit status 4)."""
+
+    exit_code = 4
+    status = "pruned"

@@ -106,7 +106,7 @@ class TrainReporter(PeriodicAction):
 
 
 class Evaluator(PeriodicAction):
-    """Validation: the report, the best model so far (by accuracy), then each callback(step, report)."""
+    """Validation: the report, the best model so far (by accuracy), then each callback(step, report + "epoch")."""
 
     def __init__(self, rule: Periodic, predict, split, batch_size: int, callbacks: Iterable[Callable] = ()):
         super().__init__(rule)
@@ -136,8 +136,9 @@ class Evaluator(PeriodicAction):
             f"epoch {step // training.steps_per_epoch}: val loss {report['loss']:.4f} acc {report['accuracy']:.4f} "
             f"f1 {report['f1_macro']:.4f} auroc {report['auroc_macro']:.4f}"
         )
+        # The callbacks also see the epoch (evaluations fall on epoch ends), as a sweep's pruner counts epochs.
         for callback in self.callbacks:
-            callback(step, report)
+            callback(step, {**report, "epoch": step // training.steps_per_epoch})
 
 
 class Checkpointer(PeriodicAction):

@@ -20,7 +20,7 @@ import numpy as np
 from mnist_flax import config_utils, wandb_files, workdir
 from mnist_flax.errors import ConfigError, MnistFlaxError, Preempted
 
-STATUSES = ("finished", "preempted", "failed", "incomplete")
+STATUSES = ("finished", "preempted", "pruned", "failed", "incomplete")  # pruned: stopped by a sweep's pruner
 # Keys of a W&B run's config that are not config fields.
 WANDB_EXTRA_KEYS = ("git.", "overrides", "config_changes", "config_requested", "provenance", "config_history", "_wandb")
 PER_CLASS = ("precision", "recall", "f1", "auroc")
@@ -92,12 +92,22 @@ def is_sweep_root(path: str) -> bool:
 
 
 def sweep_members(root: str) -> list[str]:
-    """The workdirs of a sweep root's runs, in the sweep's order (trained or not)."""
+    """The workdirs of a sweep root's trials, by trial number (an Optuna sweep: each holds `trial.json`).
+
+    A root from the grid runner before Optuna lists its runs in `sweep.json` (trained or not); those are read too.
+    """
+    root = os.path.abspath(root)
     record = _read_json(os.path.join(root, "sweep.json"))
-    try:
-        return [os.path.join(os.path.abspath(root), run["name"]) for run in record["runs"]]
-    except (KeyError, TypeError):
-        raise ConfigError(f"{root}/sweep.json does not list the sweep's runs") from None
+    if isinstance(record, dict) and "runs" in record:
+        try:
+            return [os.path.join(root, run["name"]) for run in record["runs"]]
+        except (KeyError, TypeError):
+            raise ConfigError(f"{root}/sweep.json does not list the sweep's runs") from None
+    trials = []
+    for path in glob.glob(os.path.join(root, "*", "trial.json")):
+        number = _read_json(path).get("number")
+        trials.append((number if isinstance(number, int) else 10**9, os.path.dirname(path)))
+    return [folder for _, folder in sorted(trials)]
 
 
 def offline_run_folders(path: str) -> list[str]:
@@ -163,7 +173,7 @@ def _load_workdir(path: str, history: bool, predictions: bool) -> RunRecord:
     final = _read_json(os.path.join(path, "final_metrics.json"), None)
     stopped = _read_json(os.path.join(path, "stopped.json"), None)
     if stopped is not None:  # stopped.json is removed when a later start finishes, so it is the latest word
-        status = stopped.get("status") if stopped.get("status") in ("preempted", "failed") else "failed"
+        status = stopped.get("status") if stopped.get("status") in ("preempted", "pruned", "failed") else "failed"
     else:
         status = "finished" if final is not None else "incomplete"
     predictions_path = os.path.join(path, "predictions.csv")
@@ -255,7 +265,10 @@ def _online_status(state: str, summary: dict) -> str:
     if state in ("preempted", "preempting"):
         return "preempted"
     if state == "failed":
-        return "preempted" if str(summary.get("stopped", "")).startswith(("SIGTERM", "SIGINT")) else "failed"
+        stopped = str(summary.get("stopped", ""))
+        if stopped.startswith("pruned by"):
+            return "pruned"
+        return "preempted" if stopped.startswith(("SIGTERM", "SIGINT")) else "failed"
     return "incomplete"  # running, pending, crashed, killed
 
 
@@ -271,7 +284,7 @@ def _from_wandb(
     if status == "finished" and "test/accuracy" in scalars:
         final = _final(scalars, rows, predictions, git, {"mode": source.removeprefix("wandb_"), "run_id": wandb_id})
     stopped = None
-    if status in ("preempted", "failed"):
+    if status in ("preempted", "pruned", "failed"):
         reason = str(summary.get("stopped", ""))
         stopped = {"status": status, "reason": reason, "step": scalars.get("step"), "exit_code": run["exit_code"]}
     fields = {k: v for k, v in config.items() if not k.startswith(WANDB_EXTRA_KEYS)}

@@ -1,138 +1,54 @@
-"""A local sweep that needs no W&B server: train every combination, then compare.
+"""Sweeps on Optuna, from one laptop to many machines: no W&B server needed.
 
   python -m mnist_flax.sweep --config=configs/cnn.py \\
       --grid model.name=cnn,mlp --grid optimizer.learning_rate=0.001,0.01 \\
       --set num_epochs=1 --root runs/sweep-lr
+  python -m mnist_flax.sweep --config=configs/cnn.py --sweep=lr --sampler tpe --trials 20 \\
+      --pruner median --root runs/sweep-tpe            # the config file's sweep_lr() space
 
-Each combination trains as its own `main.py` process, one after another, in
-ROOT/NN-VALUES/, as an offline W&B run grouped under ROOT's name (upload them
-later with launch/sync.sh). `--runs FILE` adds override sets from a file, one
-run per line (`FIELD=VALUE ...`, `#` comments); with `--grid` too, every line is
-crossed with every grid point. Every combination is checked against the config
-before anything trains. Running the same command again skips the runs that
-finished and resumes the others. At the end a table shows the fields that
-differ between the runs and each run's best validation and test accuracy (also
-written to ROOT/summary.json).
+The search space comes from the config file (`--sweep` takes its `sweep()`,
+`--sweep=NAME` its `sweep_NAME()`; see mnist_flax/search_space.py) or the
+command line (`--grid FIELD=V1,V2,...`, `--uniform FIELD=LOW,HIGH`,
+`--log-uniform FIELD=LOW,HIGH`; `--runs FILE` adds a choice of override sets,
+one per line). Grid sampling trains every point; random and TPE sampling train
+`--trials` points. Each trial is `main.py` in ROOT/NNN-VALUES/ (an offline W&B
+run grouped under the study's name) and reports each epoch's validation
+accuracy to the study, so a pruner can stop a poor trial early. The objective
+is the best validation accuracy.
 
-Exit status: 0 when every run finished, 1 when any failed, 2 for bad arguments.
+The study lives in SQLite at ROOT/study.db unless `--storage URL` names another
+(`postgresql://user:password@host/db`, any SQLAlchemy URL Optuna takes): start
+the same command on as many machines as you like and they share the trials.
+Running the command again continues the study: finished trials are kept, and
+the trial of a worker that died is trained again from its last checkpoint.
+At the end, `compare`'s table of the trials in ROOT (also in ROOT/summary.json).
+
+Exit status: 0 when every trial finished or was pruned, 1 when any failed, 2
+for bad arguments, 3 when the worker was stopped (SIGTERM; its trial is queued
+again), 130 on Ctrl-C.
 """
 
 import argparse
 import datetime
-import itertools
 import json
 import os
-import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
-from mnist_flax import config_diff, config_utils, overrides
-from mnist_flax import runs as run_records
+from mnist_flax import compare, config_utils, overrides, search_space, study
 from mnist_flax.errors import ConfigError, MnistFlaxError
 
-# Overrides the runner adds to every run; they differ by design, so the table leaves them out.
-RUNNER_FIELDS = ("wandb.name", "wandb.group")
-ABSENT = "(absent)"
+SAMPLER_METHODS = {"grid": "grid", "random": "random", "tpe": "bayes"}  # ours -> W&B's sweep method
+SIGNAL_EXIT = {"SIGTERM": 3, "SIGINT": 130}
 
 
-@dataclass
-class Run:
-    """One planned training: its overrides (field -> value text) and its workdir."""
-
-    index: int
-    overrides: dict[str, str]
-    name: str
-    workdir: str
-    status: str = "pending"
-    exit_code: int | None = None
-    seconds: float = 0.0
-    message: str = ""
-    extra: dict[str, str] = field(default_factory=dict)  # the runner's own overrides
-    planned: dict = field(default_factory=dict)  # the flat config it should train with
-
-    def arguments(self) -> list[str]:
-        """Its `--config.FIELD=VALUE` arguments for main.py."""
-        return [f"--config.{k}={v}" for k, v in {**self.overrides, **self.extra}.items()]
-
-
-def split_values(text: str) -> list[str]:
-    """Splits `a,b,(1,2)` on the commas outside brackets and quotes: ['a', 'b', '(1,2)']."""
-    values, current, depth, quote = [], [], 0, ""
-    for char in text:
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            values.append("".join(current).strip())
-            current = []
-            continue
-        current.append(char)
-    if quote or depth:
-        raise ConfigError(f"unbalanced brackets or quotes in {text!r}")
-    values.append("".join(current).strip())
-    return values
-
-
-def parse_grid(items: list[str]) -> dict[str, list[str]]:
-    """The --grid options: field -> its values, in the order given."""
-    grid = {}
-    for item in items:
-        name, text = overrides.parse_assignment(item, "--grid")
-        values = split_values(text)
-        if any(not v for v in values):
-            raise ConfigError(f"--grid {item!r}: empty value (expected FIELD=V1,V2,...)")
-        if name in grid:
-            raise ConfigError(f"--grid {name} is given twice; list all its values in one --grid")
-        grid[name] = values
-    return grid
-
-
-def read_runs_file(path: str) -> list[dict[str, str]]:
-    """Override sets from a file: one run per line, `FIELD=VALUE` pairs; `#` starts a comment."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise ConfigError(f"--runs {path}: {e.strerror}") from None
-    run_sets = []
-    for number, line in enumerate(lines, 1):
-        try:
-            words = shlex.split(line, comments=True)
-        except ValueError as e:
-            raise ConfigError(f"{path}:{number}: {e}") from None
-        if words:
-            run_sets.append(dict(overrides.parse_assignment(word, f"{path}:{number}:") for word in words))
-    if not run_sets:
-        raise ConfigError(f"--runs {path}: no runs in the file")
-    return run_sets
-
-
-def combinations(fixed: dict, run_sets: list[dict], grid: dict) -> list[dict[str, str]]:
-    """Every run's overrides: the fixed ones, one run set, one grid point."""
-    combos = []
-    for run_set in run_sets or [{}]:
-        for point in itertools.product(*grid.values()):
-            grid_values = dict(zip(grid, point, strict=True))
-            for name in (fixed.keys() & run_set.keys()) | (fixed.keys() & grid_values.keys()):
-                raise ConfigError(f"{name} is both fixed by --set and varied by the sweep")
-            combos.append({**fixed, **run_set, **grid_values})
-    return combos
-
-
-def run_name(index: int, varied: dict[str, str]) -> str:
-    """A folder name: the index and the varied values, e.g. `01-mlp-0.01`."""
-    values = "-".join(re.sub(r"[^A-Za-z0-9.+_]+", "_", v).strip("_") for v in varied.values())
-    return f"{index:02d}-{values[:60]}".rstrip("-")
+# ---------------------------------------------------------------- the plan
 
 
 def resolve_config(spec: str) -> str:
@@ -143,157 +59,305 @@ def resolve_config(spec: str) -> str:
     return os.path.abspath(path) + sep + arg
 
 
-def plan(config_spec: str, combos: list[dict], fixed: dict, root: str, wandb_mode: str) -> list[Run]:
-    """Checks each combination against the config file; returns the runs (nothing trains yet)."""
-    base = config_utils.flatten(config_utils.load_config_file(config_spec))
-    group = os.path.basename(os.path.abspath(root))
-    runs = []
-    for index, combo in enumerate(combos):
-        varied = {k: v for k, v in combo.items() if k not in fixed}
-        name = run_name(index, varied)
-        extra = {"wandb.mode": wandb_mode, "wandb.group": group, "wandb.name": f"{group}/{name}"}
-        extra = {k: v for k, v in extra.items() if k not in combo}
-        run = Run(index, combo, name, os.path.join(root, name), extra=extra)
+def declared_space(args, config_spec: str, base: dict) -> dict:
+    """The search space of the config file's sweep function and the command line, checked against the config."""
+    space = search_space.from_config_file(config_spec, args.sweep) if args.sweep is not None else {}
+    sources = [search_space.from_command_line(base, args.grid, args.uniform, args.log_uniform)]
+    if args.runs:
+        sources.append(search_space.from_runs_file(args.runs))
+    for source in sources:
+        for name in source.keys() & space.keys():
+            raise ConfigError(f"{name} is declared twice (the config file's sweep function and the command line)")
+        space.update(source)
+    if not space:
+        raise ConfigError("nothing to sweep: give --sweep[=NAME], --grid FIELD=V1,V2,..., --uniform or --runs FILE")
+    return search_space.normalise(space, base)
+
+
+def make_plan(args, base: dict, space: dict, fixed: dict) -> tuple[dict, list[dict]]:
+    """What the study records (every worker must bring the same) and each planned trial's fixed parameters."""
+    for name in fixed.keys() & space.keys():
+        raise ConfigError(f"{name} is both fixed by --set and varied by the sweep")
+    sampler = args.sampler or ("grid" if search_space.is_grid(space) and not args.trials else "tpe")
+    if sampler == "grid":
+        if not search_space.is_grid(space):
+            ranged = next(name for name, spec in space.items() if "values" not in spec)
+            raise ConfigError(f"--sampler grid needs a list of values for every field; {ranged} is a range")
+        if args.trials:
+            raise ConfigError("--trials is for random and TPE sampling; a grid trains each of its points once")
+        planned = search_space.grid_points(space)
+    else:
+        if not args.trials or args.trials < 1:
+            raise ConfigError(f"--sampler {sampler} needs --trials N (how many trials the study trains)")
+        planned = [{} for _ in range(args.trials)]
+    pruner = {"name": args.pruner, "startup_trials": args.prune_startup, "warmup_epochs": args.prune_warmup}
+    plan = {
+        "config": args.config,
+        "space": space,
+        "fixed": fixed,
+        "sampler": sampler,
+        "seed": args.seed,
+        "trials": len(planned),
+        "pruner": pruner,
+        "metric": study.METRIC,
+    }
+    planned = [{name: search_space.optuna_choice(v) for name, v in point.items()} for point in planned]
+    return json.loads(json.dumps(plan)), planned
+
+
+def check_points(base: dict, space: dict, fixed: dict, planned: list[dict]) -> None:
+    """Every grid point (or every choice and both ends of every range) is a config the runs accept."""
+    points = planned if planned and planned[0] else search_space.corners(space)
+    for index, point in enumerate(points):
         try:
-            run.planned = overrides.apply(base, run.arguments())
-            config_utils.validate(run.planned)
+            config_utils.validate(overrides.apply(base, {**fixed, **search_space.assignments(point)}))
         except ConfigError as e:
-            described = " ".join(f"{k}={v}" for k, v in varied.items()) or "(no overrides)"
-            raise ConfigError(f"run {index} ({described}): {e}") from None
-        runs.append(run)
-    return runs
+            where = f"trial {index}" if planned and planned[0] else "the search space"
+            raise ConfigError(f"{where} ({search_space.describe(point)}): {e}") from None
 
 
-def check_root(root: str, config_spec: str, runs: list[Run]) -> None:
-    """Records the sweep in ROOT/sweep.json; refuses a root that holds a different sweep."""
-    record = {"config": config_spec, "runs": [{"name": r.name, "overrides": r.arguments()} for r in runs]}
+def check_root(root: str, record: dict) -> None:
+    """Records the sweep in ROOT/sweep.json; refuses a root that holds another sweep."""
     path = os.path.join(root, "sweep.json")
     if os.path.exists(path):
-        with open(path) as f:
-            if json.load(f) != record:
-                raise ConfigError(f"{root} already holds a different sweep (see {path}); choose another --root")
+        try:
+            with open(path) as f:
+                existing = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None
+        if existing != record:
+            raise ConfigError(f"{root} already holds a different sweep (see {path}); choose another --root")
         return
     os.makedirs(root, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
+    _write_json(path, record)
 
 
-def train(run: Run, config_spec: str, verbose: bool, timeout: float | None) -> None:
-    """Runs main.py for one run; its output goes to WORKDIR/sweep.log (and the terminal with -v)."""
-    record = member_record(run)
-    if record is not None and record.finished:
-        run.status = "ok (earlier)"
-        return
-    os.makedirs(run.workdir, exist_ok=True)
-    command = [sys.executable, "main.py", f"--config={config_spec}", f"--workdir={os.path.abspath(run.workdir)}"]
-    command += run.arguments()
-    tail = deque(maxlen=20)
-    start = time.monotonic()
-    with open(os.path.join(run.workdir, "sweep.log"), "a") as log:
-        log.write(f"$ {shlex.join(command)}\n")
-        log.flush()
-        process = subprocess.Popen(
-            command,
-            cwd=config_utils.REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        # SIGTERM: main.py saves a checkpoint and stops; a rerun of the sweep resumes it.
-        timed_out = threading.Event()
-
-        def stop() -> None:
-            timed_out.set()
-            process.terminate()
-
-        watchdog = threading.Timer(timeout, stop) if timeout else None
-        if watchdog:
-            watchdog.start()
-        try:
-            for line in process.stdout:
-                log.write(line)
-                tail.append(line.rstrip())
-                if verbose:
-                    print(f"  | {line}", end="", flush=True)
-            run.exit_code = process.wait()
-        except KeyboardInterrupt:
-            process.wait()  # the child got the same SIGINT and stops the same way
-            raise
-        finally:
-            if watchdog:
-                watchdog.cancel()
-    run.seconds = time.monotonic() - start
-    run.status = "ok" if run.exit_code == 0 else f"FAILED (exit {run.exit_code})"
-    if timed_out.is_set():
-        run.status = f"FAILED (stopped after the {timeout:g} s timeout)"
-    if run.exit_code != 0:
-        errors = [line for line in tail if line.startswith("error:")]
-        run.message = (errors or [line for line in tail if line.strip()] or ["no output"])[-1][:300]
-
-
-def member_record(run: Run) -> run_records.RunRecord | None:
-    """The run's record (config, status, final report), None before it wrote its config."""
+def _read_json(path: str) -> dict | None:
     try:
-        return run_records.load(run.workdir, history=False, predictions=False)
-    except ConfigError:  # not trained (yet), or failed before writing config.json
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
         return None
 
 
-def summary_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
-    """The fields that differ between the runs, and one row per run with values and accuracies."""
-    records = [member_record(run) for run in runs]
-    # The requested config (file and overrides, "auto" as given), like `planned` for a run not trained yet.
-    flats = [
-        {k: v for k, v in (record.requested_config if record else run.planned).items() if k not in RUNNER_FIELDS}
-        for run, record in zip(runs, records, strict=True)
-    ]
-    fields = []
-    for other in flats[1:]:
-        difference = config_diff.diff(flats[0], other)
-        for name in [*difference["changed"], *difference["added"], *difference["removed"]]:
-            if name not in fields:
-                fields.append(name)
-    order = {name: i for i, name in enumerate(runs[0].overrides)} if runs else {}
-    fields.sort(key=lambda name: (order.get(name, len(order)), name))
-    rows = []
-    for run, record, flat in zip(runs, records, flats, strict=True):
-        rows.append(
-            {
-                "run": run.name,
-                "workdir": run.workdir,
-                "config": {name: flat.get(name, ABSENT) for name in fields},
-                "best_val_accuracy": record.best_val_accuracy if record else None,
-                "test_accuracy": record.test_accuracy if record else None,
-                "status": run.status,
-                "seconds": round(run.seconds, 1),
-                "error": run.message,
-            }
+def _write_json(path: str, payload) -> None:
+    """Atomically, and safely beside other workers writing the same file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def wandb_sweep_file(space: dict, sampler: str, config: str) -> str:
+    """The W&B sweep file of this space (`launch/sweep.yaml` is this, for configs/default.py's sweep())."""
+    import yaml  # noqa: PLC0415 (only this option needs it)
+
+    body = {
+        "program": "launch/sweep_run.sh",
+        "name": "mnist-flax-sweep",
+        "method": SAMPLER_METHODS[sampler],
+        "metric": {"name": study.METRIC, "goal": "maximize"},
+        "parameters": search_space.wandb_parameters(space),
+        "command": ["${env}", "bash", "${program}", "${args}"],
+    }
+    header = (
+        f"# A W&B sweep, generated from {config}'s search space by\n"
+        f"#   python -m mnist_flax.sweep --config={config} --sweep --wandb-yaml > launch/sweep.yaml\n"
+        "# (tests/test_sweep.py checks that it still is). Create it and start agents with launch/sweep.sh;\n"
+        '# each parameter is a config field with a "config." prefix, which the agent passes to main.py as\n'
+        "# --config.FIELD=VALUE; launch/sweep_run.sh gives each run its own workdir.\n"
+    )
+    return header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------- one trial
+
+
+class Worker:
+    """Takes queued trials and trains each as its own main.py until the study has none left."""
+
+    def __init__(self, args, the_study, storage, url: str, plan: dict, config_spec: str, root: str):
+        self.args, self.study, self.storage, self.url = args, the_study, storage, url
+        self.plan, self.config_spec, self.root = plan, config_spec, root
+        self.stopped = None  # "SIGTERM" or "SIGINT" once asked to stop
+        self.process = None
+
+    def stop(self, signum, frame) -> None:
+        self.stopped = signal.Signals(signum).name
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # it saves a checkpoint; its retry resumes from it
+
+    def run(self) -> None:
+        waiting_said = False
+        while not self.stopped:
+            taken = study.take_trial(self.study, self.storage, self.plan["sampler"], self.plan["seed"])
+            if taken is None:
+                study.fail_stale(self.study)  # a dead worker's trial: failed now, its retry queued
+                states = study.counts(self.study)
+                if states.get("waiting"):
+                    continue
+                if not states.get("running"):
+                    return
+                if not waiting_said:
+                    print(f"waiting for {states['running']} trial(s) running on other workers", flush=True)
+                    waiting_said = True
+                time.sleep(min(self.args.heartbeat, 5.0))
+                continue
+            waiting_said = False
+            self.train(*taken)
+
+    def train(self, trial, trial_id: int) -> None:
+        params = search_space.suggest(trial, self.plan["space"])
+        number = study.original_number(self.storage, trial_id)
+        name = search_space.folder_name(number, params)
+        workdir = os.path.join(self.root, name)
+        group = self.study.study_name
+        extra = {"wandb.mode": self.args.wandb_mode, "wandb.group": group, "wandb.name": f"{group}/{name}"}
+        assigned = {**self.plan["fixed"], **search_space.assignments(params)}
+        arguments = [f"--config.{k}={v}" for k, v in {**{k: v for k, v in extra.items() if k not in assigned},
+                                                      **assigned}.items()]  # fmt: skip
+        attempt = "" if number == trial.number else f" (retry of trial {number}, as trial {trial.number})"
+        print(f"[trial {number}]{attempt} {search_space.describe(params)} -> {workdir}", flush=True)
+        os.makedirs(workdir, exist_ok=True)
+        record = {
+            "study": group,
+            "storage": study.shown_url(self.url),
+            "number": number,
+            "attempt_trial_number": trial.number,
+            "params": params,
+            "host": socket.gethostname(),
+            "worker_pid": os.getpid(),
+        }
+        trial.set_user_attr("workdir", os.path.abspath(workdir))
+        trial.set_user_attr("host", record["host"])
+        command = [sys.executable, "main.py", f"--config={self.config_spec}", f"--workdir={os.path.abspath(workdir)}"]
+        env = study.trial_environment(self.url, group, trial_id, self.plan["pruner"])
+        start = time.monotonic()
+        with study.Heartbeat(self.storage, trial_id, self.args.heartbeat):
+            exit_code, message, timed_out = self._main(command + arguments, workdir, env, record)
+        seconds = time.monotonic() - start
+        state = self._tell(trial, workdir, exit_code, timed_out)
+        record.update(state=state, exit_code=exit_code, seconds=round(seconds, 1), message=message)
+        final = _read_json(os.path.join(workdir, "final_metrics.json"))
+        if final and isinstance(final.get("seconds"), (int, float)):
+            # What a trial costs beyond its training: main.py's start-up, imports, W&B and the closing writes.
+            record.update(
+                train_seconds=round(final["seconds"], 1), overhead_seconds=round(seconds - final["seconds"], 1)
+            )
+        _write_json(os.path.join(workdir, "trial.json"), record)
+        print(f"  {state} in {seconds:.0f} s" + (f": {message}" if message else ""), flush=True)
+
+    def _main(self, command: list[str], workdir: str, env: dict, record: dict) -> tuple[int, str, bool]:
+        """Runs main.py; its output goes to WORKDIR/sweep.log (and the terminal with -v)."""
+        tail = deque(maxlen=20)
+        with open(os.path.join(workdir, "sweep.log"), "a") as log:
+            log.write(f"$ {shlex.join(command)}\n")
+            log.flush()
+            self.process = subprocess.Popen(
+                command,
+                cwd=config_utils.REPO_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=_stop_with_parent,
+            )
+            record["pid"] = self.process.pid
+            _write_json(os.path.join(workdir, "trial.json"), record)
+            timed_out = threading.Event()
+
+            def time_out() -> None:
+                timed_out.set()
+                self.process.terminate()
+
+            watchdog = threading.Timer(self.args.timeout, time_out) if self.args.timeout else None
+            if watchdog:
+                watchdog.start()
+            try:
+                for line in self.process.stdout:
+                    log.write(line)
+                    tail.append(line.rstrip())
+                    if self.args.verbose:
+                        print(f"  | {line}", end="", flush=True)
+                exit_code = self.process.wait()
+            finally:
+                if watchdog:
+                    watchdog.cancel()
+        message = ""
+        if exit_code != 0:
+            errors = [line for line in tail if line.startswith("error:")]
+            message = (errors or [line for line in tail if line.strip()] or ["no output"])[-1][:300]
+            message = message.removeprefix("error: ")
+        if timed_out.is_set():
+            message = f"stopped after the {self.args.timeout:g} s timeout"
+        return exit_code, message, timed_out.is_set()
+
+    def _tell(self, trial, workdir: str, exit_code: int, timed_out: bool) -> str:
+        """The trial's outcome, told to the study: complete (with its value), pruned, failed, or queued again."""
+        optuna = study.load_optuna()
+        if exit_code == 0:
+            try:
+                value = float(
+                    _read_json(os.path.join(workdir, "final_metrics.json"))["best_validation"]["val_accuracy"]
+                )
+            except (KeyError, TypeError, ValueError):
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                return "failed (no final_metrics.json)"
+            self.study.tell(trial, value)
+            return f"complete: best val acc {value:.4f}"
+        if exit_code == 4:
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return "pruned"
+        if exit_code == 3 and not timed_out:  # preempted: checkpoint saved; the retry resumes from it
+            study.retry_now(self.study, trial)
+            return "stopped, queued again"
+        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return f"failed (exit {exit_code})"
+
+
+def _stop_with_parent() -> None:
+    """In the child: SIGTERM when the worker dies (even by SIGKILL), so no trial trains on without its worker."""
+    import ctypes  # noqa: PLC0415
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+# ---------------------------------------------------------------- the closing table
+
+
+def summarise(the_study, root: str) -> tuple[str, dict]:
+    """compare's table of the trials in ROOT, and the study's counts and best trial."""
+    records, errors = compare.gather([root]) if os.path.isfile(os.path.join(root, "sweep.json")) else ([], [])
+    fields, rows = compare.build_rows(records) if records else ([], [])
+    states = study.counts(the_study)
+    done = [t for t in study.latest_attempts(the_study) if t.state.name == "COMPLETE"]
+    best = max(done, key=lambda t: t.value) if done else None
+    lines = [compare.format_table(fields, rows)] if rows else []
+    lines += [f"error: {e}" for e in errors]
+    here = len(rows)
+    total = sum(states.values())
+    lines.append(
+        f"study {the_study.study_name}: {', '.join(f'{n} {s}' for s, n in sorted(states.items()))}"
+        + (f" ({total - here} trained elsewhere)" if total > here else "")
+    )
+    if best is not None:
+        lines.append(
+            f"best: trial {best.number}, {study.METRIC} {best.value:.4f}, "
+            f"{search_space.describe(best.params)} ({best.user_attrs.get('workdir', '?')})"
         )
-    return fields, rows
+    summary = {
+        "study": the_study.study_name,
+        "states": states,
+        "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
+                                           "workdir": best.user_attrs.get("workdir")},
+        "fields": fields,
+        "runs": rows,
+    }  # fmt: skip
+    return "\n".join(lines), summary
 
 
-def format_summary(fields: list[str], rows: list[dict]) -> str:
-    """The comparison table as aligned text."""
-
-    def value(v) -> str:
-        return v if isinstance(v, str) else json.dumps(v)
-
-    def accuracy(v) -> str:
-        return "-" if v is None else f"{v:.4f}"
-
-    header = ["run", *fields, "best val acc", "test acc", "status"]
-    table = [
-        [row["run"], *(value(row["config"][f]) for f in fields)]
-        + [accuracy(row["best_val_accuracy"]), accuracy(row["test_accuracy"]), row["status"]]
-        for row in rows
-    ]
-    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
-
-    def join(cells: list[str]) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-
-    return "\n".join([join(header), join(["-" * width for width in widths]), *map(join, table)])
+# ---------------------------------------------------------------- the command
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -303,73 +367,78 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="config file every run starts from, e.g. configs/cnn.py")
-    parser.add_argument(
-        "--grid", action="append", default=[], metavar="FIELD=V1,V2,...", help="a field and its values (repeatable)"
-    )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE", help="an override for every run (repeatable)"
-    )
-    parser.add_argument("--runs", metavar="FILE", help="override sets, one run per line: FIELD=VALUE ...")
-    parser.add_argument("--root", help="folder of the sweep's workdirs (default: runs/sweep-TIMESTAMP)")
-    parser.add_argument(
-        "--wandb-mode",
-        default="offline",
-        choices=("offline", "online", "disabled"),
-        help="W&B mode of the runs, unless --set wandb.mode=... (default: offline)",
-    )
-    parser.add_argument("--timeout", type=float, help="stop a run after this many seconds")
-    parser.add_argument("--dry-run", action="store_true", help="check and list the runs, train nothing")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show each run's output as it trains")
+    add = parser.add_argument
+    add("--config", required=True, help="config file every trial starts from, e.g. configs/cnn.py")
+    add("--sweep", nargs="?", const="", metavar="NAME", help="the config file's sweep() (or sweep_NAME()) space")
+    add("--grid", action="append", default=[], metavar="FIELD=V1,V2,...", help="a field and its values")
+    add("--uniform", action="append", default=[], metavar="FIELD=LOW,HIGH", help="a range (ints: int range)")
+    add("--log-uniform", action="append", default=[], metavar="FIELD=LOW,HIGH", help="a range on a log scale")
+    add("--runs", metavar="FILE", help="override sets, one trial choice per line: FIELD=VALUE ...")
+    add("--set", action="append", default=[], metavar="FIELD=VALUE", help="an override for every trial")
+    add("--sampler", choices=study.SAMPLERS, help="default: grid for a space of values, else tpe")
+    add("--trials", type=int, help="how many trials random or TPE sampling trains (all workers together)")
+    add("--seed", type=int, default=0, help="the sampler's seed (trial N samples with seed+N; default 0)")
+    add("--pruner", choices=study.PRUNERS, default="median", help="stops poor trials early (default: median)")
+    add("--prune-startup", type=int, default=3, metavar="N", help="trials to finish before pruning (default 3)")
+    add("--prune-warmup", type=int, default=0, metavar="EPOCHS", help="epochs a trial always trains (default 0)")
+    add("--root", help="folder of the trials' workdirs (default: runs/sweep-TIMESTAMP)")
+    add("--storage", metavar="URL", help="the study's database (default: sqlite:///ROOT/study.db)")
+    add("--study", metavar="NAME", help="the study's name (default: ROOT's name; also the W&B group)")
+    add("--wandb-mode", default="offline", choices=("offline", "online", "disabled"), help="the trials' W&B mode")
+    add("--timeout", type=float, help="stop a trial after this many seconds (it fails)")
+    add("--heartbeat", type=float, default=60.0, metavar="S", help="a dead worker's trial is retried after 2xS")
+    add("--dry-run", action="store_true", help="check and list the plan, train nothing")
+    add("--wandb-yaml", action="store_true", help="print the W&B sweep file of this space and stop")
+    add("-v", "--verbose", action="store_true", help="show each trial's output as it trains")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = args.root or os.path.join("runs", f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    name = args.study or os.path.basename(os.path.abspath(root))
     try:
-        grid = parse_grid(args.grid)
-        fixed = dict(overrides.parse_assignment(item, "--set") for item in args.set)
-        run_sets = read_runs_file(args.runs) if args.runs else []
-        if not grid and not run_sets:
-            raise ConfigError("nothing to sweep: give --grid FIELD=V1,V2,... and/or --runs FILE")
         config_spec = resolve_config(args.config)
-        runs = plan(config_spec, combinations(fixed, run_sets, grid), fixed, root, args.wandb_mode)
-        if not args.dry_run:
-            check_root(root, args.config, runs)
+        base = config_utils.flatten(config_utils.load_config_file(config_spec))
+        fixed = dict(overrides.parse_assignment(item, "--set") for item in args.set)
+        space = declared_space(args, config_spec, base)
+        plan, planned = make_plan(args, base, space, fixed)
+        check_points(base, space, fixed, planned)
+        if args.wandb_yaml:
+            print(wandb_sweep_file(space, plan["sampler"], args.config), end="")
+            return 0
+        if args.heartbeat <= 0:
+            raise ConfigError("--heartbeat must be positive")
+        url = study.storage_url(root, args.storage)
+        print(f"study {name}: {plan['trials']} trial(s), {plan['sampler']} sampling, {args.pruner} pruning, "
+              f"in {study.shown_url(url)}; workdirs in {root}", flush=True)  # fmt: skip
+        if args.dry_run:
+            for index, point in enumerate(planned):
+                print(f"[{index + 1}/{len(planned)}] {search_space.describe(point) or '(sampled)'}")
+            return 0
+        check_root(root, {"study": name, "storage": study.shown_url(url), "plan": plan})
+        storage = study.open_storage(url, args.heartbeat)
+        the_study = study.open_study(storage, name, plan, planned)
     except (MnistFlaxError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    print(f"sweep of {len(runs)} run(s) from {args.config} in {root}", flush=True)
-    interrupted = False
-    for run in runs:
-        described = " ".join(f"{k}={v}" for k, v in run.overrides.items() if k not in fixed)
-        print(f"[{run.index + 1}/{len(runs)}] {described} -> {run.workdir}", flush=True)
-        if args.dry_run:
-            run.status = "planned"
-            continue
-        try:
-            train(run, config_spec, args.verbose, args.timeout)
-        except KeyboardInterrupt:
-            run.status, interrupted = "interrupted", True
-            break
-        timing = f" in {run.seconds:.0f} s" if run.seconds else ""
-        print(f"  {run.status}{timing}" + (f": {run.message}" if run.message else ""), flush=True)
-
-    fields, rows = summary_rows(runs)
+    worker = Worker(args, the_study, storage, url, plan, config_spec, root)
+    previous = {sig: signal.signal(sig, worker.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        worker.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    table, summary = summarise(the_study, root)
     print()
-    print(format_summary(fields, rows))
-    if not args.dry_run:
-        with open(os.path.join(root, "summary.json"), "w") as f:
-            json.dump({"fields": fields, "runs": rows}, f, indent=2, default=str)
-        print(f"\nsummary: {os.path.join(root, 'summary.json')}")
-        finished = [row["workdir"] for row in rows if row["status"].startswith("ok")]
-        if len(finished) >= 2:
-            print(f"compare two runs' configs: python -m mnist_flax.config_diff {finished[0]} {finished[-1]}")
-    if interrupted:
-        return 130
-    return 1 if any(run.status.startswith("FAILED") for run in runs) else 0
+    print(table)
+    _write_json(os.path.join(root, "summary.json"), summary)
+    print(f"\nsummary: {os.path.join(root, 'summary.json')}")
+    if worker.stopped:
+        print(f"stopped by {worker.stopped}; run the same command again to continue the study", file=sys.stderr)
+        return SIGNAL_EXIT[worker.stopped]
+    return 1 if summary["states"].get("fail") else 0
 
 
 if __name__ == "__main__":

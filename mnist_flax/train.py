@@ -416,7 +416,7 @@ def _record_stop(training: Training, error: MnistFlaxError) -> None:
     training.tracker.set_summary({"stopped": str(error)})
     if training.primary:
         record = {
-            "status": "preempted" if isinstance(error, Preempted) else "failed",
+            "status": getattr(error, "status", "failed"),  # "preempted", "pruned" (by a sweep) or "failed"
             "reason": str(error),
             "step": training.step,
             "exit_code": exit_code,

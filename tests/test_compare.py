@@ -19,7 +19,7 @@ from mnist_flax import compare, tracking
 
 # Plain SGD at a constant rate: 0.01 and 0.1 train (to different accuracies), 1e12 diverges at once and fails.
 RATES = ("0.01", "0.1", "1e12")
-MEMBERS = ("00-0.01", "01-0.1", "02-1e12")
+MEMBERS = ("000-0.01", "001-0.1", "002-1e12")
 SETTINGS = {"checkpoint.enabled": False, "optimizer.name": "sgd", "optimizer.schedule": "constant"}
 WITHOUT_TOKEN = {k: v for k, v in os.environ.items() if k not in tracking.TOKEN_VARIABLES}
 
@@ -30,7 +30,7 @@ def sweep_root(tiny_data_dir, tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("compare") / "lr")
     result = run_sweep(root, "configs/mlp.py", f"optimizer.learning_rate={','.join(RATES)}", tiny_data_dir, **SETTINGS)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]  # 1: a member failed
-    assert sorted(os.listdir(root)) == [*MEMBERS, "summary.json", "sweep.json"]
+    assert sorted(os.listdir(root)) == [*MEMBERS, "study.db", "summary.json", "sweep.json"]
     return root
 
 
@@ -71,8 +71,8 @@ def test_the_table_names_each_run_its_differing_fields_and_a_failed_member(sweep
             cells[9] == str(final["steps"])
             and cells[10] == final["git"]["commit"][:7] + "-dirty" * final["git"]["dirty"]
         )
-    assert rows["02-1e12"][1:3] == ["failed", "1e+12"] and rows["02-1e12"][3:9] == ["-"] * 6
-    (note,) = [line for line in lines if line.startswith("02-1e12: failed: ")]
+    assert rows["002-1e12"][1:3] == ["failed", "1e+12"] and rows["002-1e12"][3:9] == ["-"] * 6
+    (note,) = [line for line in lines if line.startswith("002-1e12: failed: ")]
     assert "non-finite" in note  # the run's own reason, from stopped.json
 
 
@@ -92,7 +92,7 @@ def test_json_parses_and_holds_what_each_run_wrote(sweep_root):
         assert row["best_val_accuracy"] == final["best_validation"]["val_accuracy"]
         assert row["seconds"] == final["seconds"] and row["steps"] == final["steps"]
     assert rows[0]["test_accuracy"] != rows[1]["test_accuracy"]
-    with open(os.path.join(sweep_root, "02-1e12", "stopped.json")) as f:
+    with open(os.path.join(sweep_root, "002-1e12", "stopped.json")) as f:
         stopped = json.load(f)
     assert rows[2]["reason"] == stopped["reason"] and rows[2]["steps"] == stopped["step"]
     assert rows[2]["test_accuracy"] is None and rows[2]["seconds"] is None
@@ -104,8 +104,8 @@ def test_sort_orders_best_first_and_keeps_blanks_last(sweep_root, capsys):
         return [row["run"] for row in json.loads(capsys.readouterr().out)["runs"]]
 
     best_first = sorted(MEMBERS[:2], key=lambda m: -_final(sweep_root, m)["test"]["accuracy"])
-    assert order("--sort", "test_accuracy") == [*best_first, "02-1e12"]
-    assert order("--sort", "test_accuracy", "--reverse") == [*best_first[::-1], "02-1e12"]
+    assert order("--sort", "test_accuracy") == [*best_first, "002-1e12"]
+    assert order("--sort", "test_accuracy", "--reverse") == [*best_first[::-1], "002-1e12"]
     assert order("--sort", "optimizer.learning_rate", "--reverse") == list(MEMBERS[::-1])
     assert compare.main([sweep_root, "--sort", "nonsense"]) == 2
     err = capsys.readouterr().err
@@ -115,12 +115,12 @@ def test_sort_orders_best_first_and_keeps_blanks_last(sweep_root, capsys):
 def test_runs_that_share_a_name_are_told_apart(sweep_root, tmp_path, capsys):
     other = str(tmp_path / "again")
     shutil.copytree(sweep_root, other)
-    offline = next((tmp_path / "again" / "00-0.01" / "wandb").glob("offline-run-*"))
+    offline = next((tmp_path / "again" / "000-0.01" / "wandb").glob("offline-run-*"))
     assert compare.main([sweep_root, other, str(offline), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     names = [row["run"] for row in report["runs"]]
-    assert names[:2] == ["lr/00-0.01 (workdir)", "lr/01-0.1 (workdir)"] and names[3] == "again/00-0.01 (workdir)"
-    assert names[-1] == "00-0.01 (W&B offline)" and len(set(names)) == len(names) == 7
+    assert names[:2] == ["lr/000-0.01 (workdir)", "lr/001-0.1 (workdir)"] and names[3] == "again/000-0.01 (workdir)"
+    assert names[-1] == "000-0.01 (W&B offline)" and len(set(names)) == len(names) == 7
     assert report["fields"] == ["optimizer.learning_rate"]  # the W&B group (the sweep's name) is the runner's
     assert report["runs"][-1]["test_accuracy"] == report["runs"][0]["test_accuracy"]  # one run, two sources
 
@@ -138,11 +138,11 @@ def test_a_folder_that_is_no_run_is_one_line_and_exit_2(tmp_path):
 
 def test_each_bad_reference_is_one_line_and_the_good_runs_are_still_compared(sweep_root, tmp_path):
     half = tmp_path / "half-written"
-    shutil.copytree(os.path.join(sweep_root, "00-0.01"), half)
+    shutil.copytree(os.path.join(sweep_root, "000-0.01"), half)
     text = (half / "final_metrics.json").read_text()
     (half / "final_metrics.json").write_text(text[: len(text) // 2])  # killed while writing it
     garbled = tmp_path / "garbled"
-    shutil.copytree(os.path.join(sweep_root, "01-0.1"), garbled)
+    shutil.copytree(os.path.join(sweep_root, "001-0.1"), garbled)
     lines = (garbled / "metrics.jsonl").read_text().splitlines()
     (garbled / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
     bad = [str(tmp_path / "missing"), str(half), str(garbled), "my-team/mnist/abc12345"]
@@ -165,18 +165,23 @@ def test_each_bad_reference_is_one_line_and_the_good_runs_are_still_compared(swe
 def test_a_member_that_never_trained_is_a_row_not_dropped(sweep_root, tmp_path, capsys):
     root = tmp_path / "partial"
     shutil.copytree(sweep_root, root)
-    member = root / "01-0.1"
-    log = (member / "sweep.log").read_text()
+    member = root / "001-0.1"
+    log, trial = (member / "sweep.log").read_text(), (member / "trial.json").read_text()
     shutil.rmtree(member)
-    member.mkdir()  # it failed before writing its config: only the runner's log of it is there
+    member.mkdir()  # it failed before writing its config: only the worker's records of it are there
+    (member / "trial.json").write_text(trial)
     (member / "sweep.log").write_text(log.split("\n")[0] + "\nerror: data folder /nowhere is missing\n")
-    shutil.rmtree(root / "02-1e12")  # the sweep never got to it
+    never = root / "002-1e12"  # a worker took this trial and died before its main.py started
+    trial = (never / "trial.json").read_text()
+    shutil.rmtree(never)
+    never.mkdir()
+    (never / "trial.json").write_text(trial)
     assert compare.main([str(root), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["runs"]
     assert [(r["run"], r["status"]) for r in rows] == [
-        ("00-0.01", "finished"),
-        ("01-0.1", "failed"),
-        ("02-1e12", "incomplete"),
+        ("000-0.01", "finished"),
+        ("001-0.1", "failed"),
+        ("002-1e12", "incomplete"),
     ]
     assert rows[1]["reason"] == "before training: error: data folder /nowhere is missing"
     assert rows[2]["reason"] == "not started" and rows[2]["config"] == {}  # nothing known, nothing differs
@@ -193,7 +198,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 def test_the_html_report_is_one_self_contained_page(sweep_root, tmp_path):
     odd = tmp_path / 'a<b>&"c'  # a run name that must be escaped
-    shutil.copytree(os.path.join(sweep_root, "00-0.01"), odd)
+    shutil.copytree(os.path.join(sweep_root, "000-0.01"), odd)
     page_path = tmp_path / "report.html"
     assert compare.main([sweep_root, str(odd), "--html", str(page_path)]) == 0
     page = page_path.read_text()
@@ -209,7 +214,7 @@ def test_the_html_report_is_one_self_contained_page(sweep_root, tmp_path):
     assert "non-finite" in page and "optimizer.learning_rate" in page
 
     epochs = tmp_path / "epochs.html"
-    assert compare.main([os.path.join(sweep_root, "01-0.1"), "--html", str(epochs), "--x-axis", "epoch"]) == 0
+    assert compare.main([os.path.join(sweep_root, "001-0.1"), "--html", str(epochs), "--x-axis", "epoch"]) == 0
     assert "Learning curves (by epoch)" in epochs.read_text()
 
 
@@ -286,7 +291,7 @@ def test_the_html_report_renders_in_headless_chromium_without_a_network(sweep_ro
     found = json.loads(html.unescape(dumped[1]))
     assert found["blocked"] == []  # the page asked for nothing outside itself
     images = {img["alt"]: img for img in found["images"]}
-    assert list(images) == ["learning curves", "confusion matrix of 00-0.01", "confusion matrix of 01-0.1"]
+    assert list(images) == ["learning curves", "confusion matrix of 000-0.01", "confusion matrix of 001-0.1"]
 
     shot = tmp_path / "shot.png"
     _chromium(tmp_path, f"--screenshot={shot}", page.as_uri())

@@ -101,8 +101,8 @@ def test_a_workdir_and_its_offline_wandb_folder_read_the_same(workdir):
 
 def test_a_sweep_member_reads_the_same_as_its_workdir_and_wandb_folder(sweep_root):
     members = runs.expand(sweep_root)
-    names = [run["name"] for run in _read(os.path.join(sweep_root, "sweep.json"))["runs"]]
-    assert [m.name for m in members] == names == ["00-0", "01-1"]
+    names = [os.path.basename(path) for path in runs.sweep_members(sweep_root)]
+    assert [m.name for m in members] == names == ["000-0", "001-1"]
     assert [m.config["seed"] for m in members] == [0, 1]
     for member in members:
         assert member.config["wandb.group"] == "seeds" and member.config["wandb.name"] == f"seeds/{member.name}"

@@ -1,28 +1,34 @@
-"""Sweeps: the W&B sweep file and its agent command, and the local sweep runner end to end."""
+"""Sweeps: the W&B sweep file and its agent command, and the Optuna sweep end to end (SQLite; PostgreSQL in
+test_sweep_postgresql.py)."""
 
 import itertools
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import services
 import yaml
 from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-from mnist_flax import config_diff, config_utils, overrides, sweep
+from mnist_flax import config_diff, config_utils, overrides, search_space, sweep
 from mnist_flax.errors import ConfigError
 
 SWEEP_FILE = os.path.join(REPO_ROOT, "launch", "sweep.yaml")
 SWEEP_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")  # launch/sweep_run.sh's default
 
 
-def tiny_settings(data_dir: str, leave_out: tuple[str, ...] = ()) -> list[str]:
-    """tiny_overrides as `--set FIELD=VALUE` options, one epoch, no checkpoints."""
-    overrides = tiny_overrides(data_dir, num_epochs=1, **{"checkpoint.enabled": False})
-    overrides = [o.removeprefix("--config.") for o in overrides]
-    return [item for o in overrides if o.split("=")[0] not in leave_out for item in ("--set", o)]
+# Plain SGD at a constant rate on the tiny data: 0.05 and 0.1 learn, 1e-7 stays at chance (a clearly bad trial).
+SGD = {"optimizer.name": "sgd", "optimizer.schedule": "constant"}
+
+
+def tiny_settings(data_dir: str, **extra) -> list[str]:
+    """tiny_overrides as `--set FIELD=VALUE` options (default: one epoch, no checkpoints)."""
+    overrides = tiny_overrides(data_dir, **{"num_epochs": 1, "checkpoint.enabled": False, **extra})
+    return [item for o in overrides for item in ("--set", o.removeprefix("--config."))]
 
 
 def run_sweep(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -34,6 +40,12 @@ def run_sweep(args: list[str], timeout: int = 600) -> subprocess.CompletedProces
         text=True,
         timeout=timeout,
     )
+
+
+def load_study(root):
+    import optuna
+
+    return optuna.load_study(study_name=os.path.basename(root), storage=f"sqlite:///{root}/study.db")
 
 
 def sweep_values(spec: dict) -> list:
@@ -108,27 +120,56 @@ def test_sweep_run_script_trains_in_a_workdir_named_after_the_run(tiny_data_dir,
     assert (workdir / "final_metrics.json").is_file()
 
 
-# -- the local runner: argument parsing -----------------------------------------------------
+def test_the_sweep_file_is_generated_from_the_config_files_search_space():
+    """launch/sweep.yaml and the local study read one declaration: configs/default.py's sweep()."""
+    result = run_sweep(["--config=configs/default.py", "--sweep", "--wandb-yaml"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    with open(SWEEP_FILE) as f:
+        assert f.read() == result.stdout  # regenerate with the command in the file's header
+    space = search_space.from_config_file(SWEEP_CONFIG, "")
+    parameters = sweep_utils.load_sweep_config(SWEEP_FILE)["parameters"]
+    assert parameters == {f"config.{name}": spec for name, spec in space.items()}
+
+
+# -- the Optuna sweep: declaring and checking the space -------------------------------------
 
 
 def test_grid_values_split_outside_brackets_and_quotes():
-    assert sweep.split_values("cnn,mlp") == ["cnn", "mlp"]
-    assert sweep.split_values("(512,256),(128,)") == ["(512,256)", "(128,)"]
-    assert sweep.split_values("'a,b',c") == ["'a,b'", "c"]
+    assert search_space.split_values("cnn,mlp") == ["cnn", "mlp"]
+    assert search_space.split_values("(512,256),(128,)") == ["(512,256)", "(128,)"]
+    assert search_space.split_values("'a,b',c") == ["'a,b'", "c"]
     with pytest.raises(ConfigError):
-        sweep.split_values("(1,2")
+        search_space.split_values("(1,2")
 
 
-def test_grid_and_runs_file_combine_as_a_product(tmp_path):
+def test_the_command_line_declares_what_a_config_file_does():
+    base = config_utils.flatten(config_utils.load_config_file(SWEEP_CONFIG))
+    from_file = search_space.normalise(search_space.from_config_file(SWEEP_CONFIG, "lr"), base)
+    from_flags = search_space.from_command_line(
+        base,
+        [],
+        ["loss.label_smoothing=0.0,0.2"],
+        ["optimizer.learning_rate=1e-4,1e-2", "optimizer.weight_decay=1e-6,1e-2"],
+    )
+    assert search_space.normalise(from_flags, base) == from_file
+    grid = search_space.from_command_line(base, ["model.dense_features=(512,256),(128,)", "batch_size=64,128"], [], [])
+    assert grid == {"model.dense_features": {"values": [[512, 256], [128]]}, "batch_size": {"values": [64, 128]}}
+    assert search_space.assignments({"model.dense_features": [512, 256], "batch_size": 64}) == {
+        "model.dense_features": "(512, 256)",
+        "batch_size": "64",
+    }
+
+
+def test_a_runs_file_is_one_choice_crossed_with_the_grid(tmp_path):
     runs_file = tmp_path / "runs.txt"
     runs_file.write_text("# two architectures\nmodel.name=cnn\nmodel.name=mlp loss.name=focal\n\n")
-    grid = sweep.parse_grid(["optimizer.learning_rate=0.001,0.01"])
-    combos = sweep.combinations({"num_epochs": "1"}, sweep.read_runs_file(str(runs_file)), grid)
-    assert combos == [
-        {"num_epochs": "1", "model.name": "cnn", "optimizer.learning_rate": "0.001"},
-        {"num_epochs": "1", "model.name": "cnn", "optimizer.learning_rate": "0.01"},
-        {"num_epochs": "1", "model.name": "mlp", "loss.name": "focal", "optimizer.learning_rate": "0.001"},
-        {"num_epochs": "1", "model.name": "mlp", "loss.name": "focal", "optimizer.learning_rate": "0.01"},
+    space = {**search_space.from_runs_file(str(runs_file)), "optimizer.learning_rate": {"values": [0.001, 0.01]}}
+    points = [search_space.assignments(point) for point in search_space.grid_points(space)]
+    assert points == [
+        {"model.name": "cnn", "optimizer.learning_rate": "0.001"},
+        {"model.name": "cnn", "optimizer.learning_rate": "0.01"},
+        {"model.name": "mlp", "loss.name": "focal", "optimizer.learning_rate": "0.001"},
+        {"model.name": "mlp", "loss.name": "focal", "optimizer.learning_rate": "0.01"},
     ]
 
 
@@ -140,83 +181,154 @@ def test_grid_and_runs_file_combine_as_a_product(tmp_path):
         (["--grid", "model.name=cnn,,mlp"], "empty value"),
         (["--grid", "model.name=cnn", "--grid", "model.name=mlp"], "given twice"),
         (["--grid", "model.nmae=cnn,mlp"], "unknown config field 'model.nmae'"),
-        (["--grid", "model.name=cnn,transformer"], "run 1 (model.name=transformer): model.name: unknown value"),
+        (["--grid", "model.name=cnn,transformer"], "trial 1 (model.name=transformer): model.name: unknown value"),
         (["--grid", "batch_size=64", "--set", "batch_size=32"], "both fixed by --set and varied"),
+        (["--grid", "batch_size=64,sixty"], "--grid batch_size: expects int, got 'sixty'"),
         (["--set", "num_epochs=1"], "nothing to sweep"),
         (["--runs", "/nonexistent/runs.txt"], "--runs /nonexistent/runs.txt"),
+        (["--uniform", "optimizer.learning_rate=0.1"], "expected FIELD=LOW,HIGH"),
+        (["--uniform", "optimizer.learning_rate=0.1,0.01"], "min < max"),
+        (["--log-uniform", "optimizer.weight_decay=0,0.01"], "needs min > 0"),
+        (
+            ["--uniform", "optimizer.learning_rate=-1,0.01", "--trials", "3"],
+            "the search space (optimizer.learning_rate=-1): ",
+        ),
+        (["--log-uniform", "optimizer.learning_rate=1e-4,1e-2"], "--sampler tpe needs --trials N"),
+        (["--grid", "seed=0,1", "--sampler", "grid", "--trials", "3"], "--trials is for random and TPE sampling"),
+        (["--uniform", "seed=0,9", "--sampler", "grid"], "seed is a range"),
+        (["--sweep=nothing"], "has no sweep_nothing() function"),
+        (["--sweep", "--grid", "batch_size=32,64"], "batch_size is declared twice"),
+        (["--grid", "seed=0,1", "--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args, message, tmp_path, capsys):
-    code = sweep.main(["--config=configs/cnn.py", f"--root={tmp_path / 'sweep'}", *args])
+    code = sweep.main(["--config=configs/default.py", f"--root={tmp_path / 'sweep'}", *args])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
-    assert not (tmp_path / "sweep").exists()  # nothing ran, nothing was written
+    if "--storage" not in args:
+        assert not (tmp_path / "sweep").exists()  # nothing ran, nothing was written
 
 
-def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path, capsys):
+def test_dry_run_lists_the_grid_and_trains_nothing(tmp_path, capsys):
     root = tmp_path / "dry"
-    code = sweep.main(
-        ["--config=configs/cnn.py", f"--root={root}", "--grid", "model.name=cnn,mlp", "--grid", "batch_size=32,64"]
-        + ["--dry-run"]
-    )
+    args = ["--config=configs/cnn.py", f"--root={root}", "--grid", "model.name=cnn,mlp", "--grid", "batch_size=32,64"]
+    assert sweep.main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert code == 0
+    assert "study dry: 4 trial(s), grid sampling, median pruning" in out
     assert "[4/4] model.name=mlp batch_size=64" in out
-    header = next(line for line in out.splitlines() if line.startswith("run "))
-    assert header.split()[:3] == ["run", "model.name", "batch_size"]  # the varied fields
     assert not root.exists()
 
 
-# -- the local runner end to end ------------------------------------------------------------
+# -- the Optuna sweep end to end --------------------------------------------------------------
 
 
-def test_local_sweep_trains_a_grid_and_prints_the_comparison(tiny_data_dir, tmp_path):
-    root = tmp_path / "sweep-models"
-    args = ["--config=configs/cnn.py", f"--root={root}", "--grid", "model.name=cnn,mlp", *tiny_settings(tiny_data_dir)]
+@pytest.mark.slow
+def test_a_grid_study_trains_each_point_prunes_the_bad_one_and_continues(tiny_data_dir, tmp_path):
+    import optuna
+
+    root = tmp_path / "sweep-lr"
+    args = ["--config=configs/mlp.py", f"--root={root}", "--grid", "optimizer.learning_rate=0.05,0.1,1e-7"]
+    args += ["--prune-startup", "2", *tiny_settings(tiny_data_dir, num_epochs=3, **SGD)]
     result = run_sweep(args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    names = ["000-0.05", "001-0.1", "002-1e-07"]
+    assert [os.path.basename(p) for p in sorted(root.glob("0*"))] == names
 
-    lines = result.stdout.splitlines()
-    header_index = next(i for i, line in enumerate(lines) if line.startswith("run "))
-    header, rows = lines[header_index].split(), lines[header_index + 2 : header_index + 4]
-    assert header[:2] == ["run", "model.name"]  # only the field that differs
-    assert "model.dense_features" not in lines[header_index]  # same in both runs
-    summary = json.loads((root / "summary.json").read_text())
-    assert summary["fields"] == ["model.name"]
-    for row, name, model in zip(summary["runs"], ["00-cnn", "01-mlp"], ["cnn", "mlp"], strict=True):
-        workdir = root / name
-        final = json.loads((workdir / "final_metrics.json").read_text())
-        assert row["config"] == {"model.name": model}
-        assert row["best_val_accuracy"] == final["best_validation"]["val_accuracy"]
-        assert row["test_accuracy"] == final["test"]["accuracy"]
-        assert config_diff.load_flat(str(workdir))["model.name"] == model
-        assert list((workdir / "wandb").glob("offline-run-*"))  # an offline W&B run to sync later
-    for row, name in zip(rows, ["00-cnn", "01-mlp"], strict=True):
-        cells = row.split()
+    trials = load_study(str(root)).get_trials()
+    assert [t.params["optimizer.learning_rate"] for t in trials] == [0.05, 0.1, 1e-7]  # each point once
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED]
+    for trial, name in zip(trials[:2], names[:2], strict=True):
         final = json.loads((root / name / "final_metrics.json").read_text())
-        assert cells[0] == name and cells[-1] == "ok"
-        assert cells[-3] == f"{final['best_validation']['val_accuracy']:.4f}"
-        assert cells[-2] == f"{final['test']['accuracy']:.4f}"
+        assert trial.value == final["best_validation"]["val_accuracy"]  # the objective is what the run recorded
+        assert sorted(trial.intermediate_values) == [1, 2, 3]  # reported after each epoch's validation
+        assert trial.user_attrs["workdir"] == str(root / name)
+    # The bad trial: pruned by the median pruner after its first epoch, in its own main.py, with its record.
+    pruned = trials[2]
+    assert list(pruned.intermediate_values) == [1] and pruned.intermediate_values[1] < 0.3
+    stopped = json.loads((root / names[2] / "stopped.json").read_text())
+    steps_per_epoch = (1200 - 200) // 50
+    assert stopped["status"] == "pruned" and stopped["exit_code"] == 4
+    assert stopped["step"] == steps_per_epoch < 3 * steps_per_epoch  # before its last epoch
+    assert "pruned by the sweep's median pruner after epoch 1" in stopped["reason"]
+    assert json.loads((root / names[2] / "trial.json").read_text())["exit_code"] == 4
 
-    # The same command again finds both runs finished and trains nothing.
+    # Every trial a tracked run: an offline W&B run grouped under the study's name.
+    for name in names:
+        config = config_diff.load_flat(str(root / name))
+        assert config["wandb.group"] == "sweep-lr" and config["wandb.name"] == f"sweep-lr/{name}"
+        assert list((root / name / "wandb").glob("offline-run-*"))
+    # The closing table is compare's.
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    assert lines[header].split()[:3] == ["run", "status", "optimizer.learning_rate"]
+    assert [line.split()[:2] for line in lines[header + 2 : header + 5]] == [
+        [names[0], "finished"],
+        [names[1], "finished"],
+        [names[2], "pruned"],
+    ]
+    assert "study sweep-lr: 2 complete, 1 pruned" in result.stdout
+    summary = json.loads((root / "summary.json").read_text())
+    best = max(trials[:2], key=lambda t: t.value)
+    assert summary["best"]["number"] == best.number and summary["states"] == {"complete": 2, "pruned": 1}
+
+    # The same command again continues the study: nothing left to train, the trials are kept.
     again = run_sweep(args, timeout=120)
-    assert again.returncode == 0
-    assert again.stdout.count("ok (earlier)") == 4  # two progress lines, two table rows
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "[trial" not in again.stdout and "study sweep-lr: 2 complete, 1 pruned" in again.stdout
+    assert len(load_study(str(root)).get_trials()) == 3
+    # Another sweep in the same root is refused, and the study is untouched.
+    other = run_sweep([*args[:3], "optimizer.learning_rate=0.05,0.2", *args[4:]], timeout=120)
+    assert other.returncode == 2 and other.stderr.startswith("error: ") and other.stderr.count("\n") == 1
+    assert "already holds a different sweep" in other.stderr
+    assert len(load_study(str(root)).get_trials()) == 3
 
 
-def test_a_failed_run_is_shown_and_the_others_still_run(tiny_data_dir, tmp_path):
-    root = tmp_path / "sweep-fail"
-    # A validation set larger than the training set: the first run fails at data loading.
-    result = run_sweep(
-        ["--config=configs/mlp.py", f"--root={root}", "--grid", "data.validation_size=5000,200"]
-        + tiny_settings(tiny_data_dir, leave_out=("data.validation_size",))
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint(tiny_data_dir, tmp_path):
+    """SIGKILL the worker mid-trial: its main.py saves (SIGTERM from the dying parent); the rerun resumes it."""
+    import optuna
+
+    root = tmp_path / "sweep-kill"
+    args = ["--config=configs/mlp.py", f"--root={root}", "--grid", "seed=0,1", "--heartbeat", "1", "-v"]
+    args += tiny_settings(tiny_data_dir, num_epochs=4, **{"checkpoint.enabled": True})
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "mnist_flax.sweep", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **SUBPROCESS_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    assert result.returncode == 1, result.stdout[-3000:]
-    summary = {row["run"]: row for row in json.loads((root / "summary.json").read_text())["runs"]}
-    assert summary["00-5000"]["status"].startswith("FAILED (exit")
-    assert summary["00-5000"]["error"].startswith("error: ")  # the failing run's own error line
-    assert summary["01-200"]["status"] == "ok" and summary["01-200"]["test_accuracy"] is not None
-    table_rows = [line for line in result.stdout.splitlines() if line.startswith(("00-5000 ", "01-200 "))]
-    assert "FAILED" in table_rows[0] and table_rows[1].endswith(" ok")
+    seen = []
+    for line in worker.stdout:
+        seen.append(line)
+        if "step 52/" in line:  # trial 0, epoch 3 of 4: two checkpoints behind it
+            break
+    worker.kill()
+    worker.communicate(timeout=60)
+    assert "step 52/" in seen[-1], "".join(seen[-30:])
+    trial_record = json.loads((root / "000-0" / "trial.json").read_text())
+    assert services.wait_until_gone(trial_record["pid"], 120)  # the orphaned main.py saves and exits on its own
+    stopped = json.loads((root / "000-0" / "stopped.json").read_text())
+    assert stopped["status"] == "preempted" and stopped["step"] >= 52
+    first_run_id = (root / "000-0" / "wandb_run_id").read_text()
+
+    time.sleep(2.5)  # past the grace period (2 heartbeats): the next worker finds trial 0 stale
+    rerun = run_sweep(args)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "(retry of trial 0, as trial 2)" in rerun.stdout
+    attempts = load_study(str(root)).get_trials()
+    assert [t.state for t in attempts] == [
+        optuna.trial.TrialState.FAIL,  # the dead worker's attempt, failed by the heartbeat check
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.COMPLETE,  # its retry, in the same workdir
+    ]
+    assert attempts[2].system_attrs["failed_trial"] == 0 and attempts[2].params == attempts[0].params
+    log = (root / "000-0" / "sweep.log").read_text()
+    assert f"resumed at step {stopped['step']}" in log  # the retry started from the saved step, not from 0
+    final = json.loads((root / "000-0" / "final_metrics.json").read_text())
+    assert final["steps"] == 4 * 20 and not (root / "000-0" / "stopped.json").exists()
+    assert (root / "000-0" / "wandb_run_id").read_text() == first_run_id  # one W&B run across both starts
+    assert attempts[2].value == final["best_validation"]["val_accuracy"]

@@ -14,7 +14,7 @@ from conftest import run_sweep
 from mnist_flax import config_utils
 
 RATES = (0.001, 0.003, 0.01)
-MEMBERS = ("00-0.001", "01-0.003", "02-0.01")
+MEMBERS = ("000-0.001", "001-0.003", "002-0.01")
 SETTINGS = {"num_epochs": 1, "checkpoint.enabled": False, "tensorboard": True}
 # Every session status, so the hparams plugin filters none out (our runs write no session-end summary: UNKNOWN).
 STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
