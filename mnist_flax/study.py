@@ -29,6 +29,8 @@ from mnist_flax.errors import ConfigError, Pruned
 TRIAL_ENV = "MNIST_FLAX_TRIAL"
 PRUNERS = ("median", "halving", "none")
 SAMPLERS = ("grid", "random", "tpe")
+# How PostgreSQL and SQLite say that another worker created Optuna's tables (or its schema version) first.
+SCHEMA_RACE = ("UniqueViolation", "UNIQUE constraint failed", "already exists")
 METRIC = "best_val_accuracy"  # the objective: the run's best validation accuracy (maximised)
 
 
@@ -78,7 +80,7 @@ def open_storage(url: str, heartbeat: float):
             break
         except Exception as e:  # no server, wrong password, or two workers creating Optuna's tables at once
             error = e
-            if "UniqueViolation" not in str(e) and "already exists" not in str(e):
+            if not any(sign in str(e) for sign in SCHEMA_RACE):
                 break
             time.sleep(0.5 * (attempt + 1))  # the other worker's tables are there now: open them
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

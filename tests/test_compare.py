@@ -298,7 +298,10 @@ def test_the_html_report_renders_in_headless_chromium_without_a_network(sweep_ro
     pixels = image.imread(str(shot))[..., :3]  # floats in [0, 1]
     assert pixels.shape == (2000, 1200, 3)
     colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
-    assert pixels.std() > 0.05 and (pixels.min(axis=2) < 0.9).mean() > 0.02 and colours > 100  # not blank
+    dark = (pixels.min(axis=2) < 0.9).mean()
+    boxes = {alt: [round(v) for v in img["box"]] for alt, img in images.items()}
+    print(f"screenshot {pixels.shape}: std {pixels.std():.3f}, {dark:.1%} non-white, {colours} colours; {boxes}")
+    assert pixels.std() > 0.05 and dark > 0.02 and colours > 100  # not blank
     for alt, img in images.items():
         left, top, width, height = (round(v) for v in img["box"])
         assert img["complete"] and min(img["natural"]) > 200 and min(width, height) > 200, img

@@ -332,3 +332,19 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint(tiny_data_dir,
     assert final["steps"] == 4 * 20 and not (root / "000-0" / "stopped.json").exists()
     assert (root / "000-0" / "wandb_run_id").read_text() == first_run_id  # one W&B run across both starts
     assert attempts[2].value == final["best_validation"]["val_accuracy"]
+
+
+def test_workers_that_create_the_study_storage_at_once_all_open_it(tmp_path):
+    """Optuna creates its tables on first use; of workers starting together, the later ones must not fail."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    start = time.time() + 3  # every process imports Optuna first, then all open the new database together
+    code = (
+        "import sys, time; from mnist_flax import study; study.load_optuna(); "
+        f"time.sleep(max(0, {start} - time.time())); study.open_storage({url!r}, 60); print('opened')"
+    )
+    workers = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    results = [worker.communicate(timeout=120) for worker in workers]
+    assert [out.decode().strip() for out, _ in results] == ["opened"] * 4, [err.decode()[-500:] for _, err in results]
