@@ -6,10 +6,11 @@ RUN ?=
 OTHER_RUN ?=
 DATA_DIR := /usr/share/datasets/fashion-mnist
 # What the test suite needs from Debian beyond Python: the data set, git, the container tests' engine and base
-# image builder, the shell linter, a headless browser for the HTML report, PostgreSQL for a shared sweep study.
+# image builder, the shell linter, a headless browser for the HTML report, PostgreSQL for a shared sweep study,
+# Slurm and munge for a one-node cluster.
 # `make test` installs whichever are missing,
 # so CI needs nothing else.
-TEST_SYSTEM_PACKAGES := dataset-fashion-mnist git docker.io debootstrap shellcheck chromium postgresql
+TEST_SYSTEM_PACKAGES := dataset-fashion-mnist git docker.io debootstrap shellcheck chromium postgresql slurm-wlm munge
 
 .PHONY: help setup setup-data setup-test-system train test test-fast lint format notebooks bench clean
 

@@ -55,6 +55,13 @@ def initialize(distributed_config: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**settings)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process; every process must call it at the same point (an all-gather)."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
 def is_primary() -> bool:
     """Whether this process writes logs, W&B runs and files."""
     return jax.process_index() == 0

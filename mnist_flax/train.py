@@ -313,6 +313,10 @@ def train(training: Training, stop: "_StopSignal") -> None:
     # calls in flight, a step's all-reduce can wait forever for devices whose threads run later calls. Waiting
     # for each call costs little on CPU and keeps the collectives in step.
     sync_each_call = SYNC_CPU_DEVICES and jax.default_backend() == "cpu" and jax.local_device_count() > 1
+    # A SIGTERM reaches each process between different calls (each host runs ahead of its devices on its own):
+    # the processes agree after every call, so that all stop at the same step and save it together, instead
+    # of one saving while the others wait for it in the next step's all-reduce.
+    agree = jax.process_count() > 1
     train_step, order_fn = training.compiled["train_step"], training.compiled["order"]
     # Compilations during each epoch: the first may compile a few small eager ops, later ones none.
     with steps.CompileCounter() as compiles:
@@ -327,8 +331,8 @@ def train(training: Training, stop: "_StopSignal") -> None:
                 training.step = step
                 for action in training.actions:
                     action.maybe_run(training, previous, step)
-                if stop.received:
-                    raise Preempted(f"{stop.received} at step {step}")
+                if distributed.any_process(stop.received is not None) if agree else stop.received:
+                    raise Preempted(f"{stop.received or 'SIGTERM on another process'} at step {step}")
             per_epoch = training.compile_stats["per_epoch"]
             per_epoch.append(compiles.count - sum(per_epoch))
     training.bar.close()

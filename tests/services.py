@@ -101,3 +101,122 @@ def postgresql(password: str, database: str = "sweeps"):
             assert wait_until_gone(pid, 60), f"PostgreSQL (pid {pid}) did not stop"
             server.wait(timeout=10)  # setpriv exec'd it: the postmaster is our child, reaped here
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- Slurm
+
+SLURM_CONF = """\
+ClusterName=mnistflax
+SlurmctldHost={host}({address})
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser={user}
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire: also how long a requeued job waits before it may start again (Slurm's default: 120 s).
+AuthInfo=socket={munge_socket},cred_expire=10
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd.pid
+SlurmctldLogFile={base}/slurmctld.log
+SlurmdLogFile={base}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+MailProg=/bin/true
+KillWait=30
+MinJobAge=600
+{node} NodeAddr={address} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@contextlib.contextmanager
+def slurm_cluster(timeout: float = 90):
+    """A one-node Slurm cluster (munged, slurmctld, slurmd) in a temporary folder, for this host.
+
+    The node line is `slurmd -C`'s (this machine's real CPUs and memory). Yields the environment its
+    commands need (SLURM_CONF); stops the daemons by their process ids.
+    """
+    tools = ["munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sacct"]
+    if any(shutil.which(tool) is None for tool in tools[:6]):
+        pytest.skip("Slurm is not installed (Debian's slurm-wlm and munge; `make test` installs them)")
+    base = tempfile.mkdtemp(prefix="mnist-flax-slurm-")
+    os.chmod(base, 0o755)
+    for folder in ("state", "spool", "munge"):
+        os.makedirs(os.path.join(base, folder), mode=0o700)
+    key = os.path.join(base, "munge", "munge.key")
+    with open(key, "wb") as f:
+        f.write(os.urandom(1024))
+    os.chmod(key, 0o600)
+    munge_socket = os.path.join(base, "munge", "munge.socket")
+    node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    host = node.split()[0].removeprefix("NodeName=")
+    conf = os.path.join(base, "slurm.conf")
+    with open(conf, "w") as f:
+        f.write(
+            SLURM_CONF.format(
+                host=host,
+                address="127.0.0.1",
+                ctld_port=free_port(),
+                slurmd_port=free_port(),
+                user=pwd.getpwuid(os.geteuid()).pw_name,
+                munge_socket=munge_socket,
+                base=base,
+                node=node,
+            )
+        )
+    env = {**os.environ, "SLURM_CONF": conf}
+    daemons = []
+    try:
+        munge = [
+            "munged", "--foreground", "--force", f"--socket={munge_socket}", f"--key-file={key}",
+            f"--log-file={base}/munge/munged.log", f"--pid-file={base}/munge/munged.pid",
+            f"--seed-file={base}/munge/munged.seed",
+        ]  # fmt: skip
+        for command in (munge, ["slurmctld", "-D", "-i", "-f", conf], ["slurmd", "-D", "-f", conf]):
+            log = open(os.path.join(base, f"{command[0]}.out"), "w")
+            daemons.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            )
+            if command[0] == "munged":
+                _wait_for(lambda: os.path.exists(munge_socket), timeout, "munged", base)
+        _wait_for(lambda: node_state(env, host) == "idle", timeout, "the Slurm node", base)
+        yield {"SLURM_CONF": conf, "base": base, "host": host}
+    finally:
+        for daemon in reversed(daemons):
+            if daemon.poll() is None:
+                daemon.terminate()
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait(timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def node_state(env: dict, host: str) -> str:
+    result = subprocess.run(
+        ["sinfo", "-h", "-n", host, "-o", "%T"], capture_output=True, text=True, env=env, timeout=30
+    )
+    return result.stdout.strip().rstrip("*~#")
+
+
+def _wait_for(ready, timeout: float, what: str, base: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            logs = "".join(
+                f"\n--- {name}\n" + open(os.path.join(base, name), errors="replace").read()[-1500:]
+                for name in sorted(os.listdir(base))
+                if name.endswith((".log", ".out"))
+            )
+            raise RuntimeError(f"{what} did not come up in {timeout:g} s:{logs}")
+        time.sleep(0.3)

@@ -22,6 +22,7 @@ SHELL_SCRIPTS = [
     "launch/sync.sh",
     "launch/wandb_env.sh",
     "launch/slurm.sbatch",
+    "launch/sweep_array.sbatch",
     "tools/repeat_test.sh",
 ]
 SECRET_NAMES = ("WANDB_API_KEY", "WANDB_TOKEN", "API_KEY", "TOKEN", "PASSWORD", "SECRET")
@@ -266,6 +267,10 @@ def test_docker_run_builds_with_the_commit_and_mounts_everything(tmp_path):
 
 
 def test_slurm_script_gives_each_process_its_place(tmp_path):
+    """Stand-ins for what a one-node cluster cannot show: two host names (the coordinator is the first).
+
+    tests/test_slurm.py runs this script on a real Slurm cluster, with one node, no GPUs and no Apptainer.
+    """
     stubs = tmp_path / "bin"
     stubs.mkdir()
     write_stub(stubs, "scontrol", 'printf "gpu-node-07\\ngpu-node-08\\n"\n')
