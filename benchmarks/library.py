@@ -18,6 +18,7 @@ import tempfile
 import time
 
 RESULT_MARKER = "LIBRARY_RESULT "
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tracking, TensorBoard and checkpoints off unless a spec turns them on (the overhead section does).
 BARE = {"wandb.mode": "disabled", "tensorboard": False, "checkpoint.enabled": False}
 
@@ -119,6 +120,70 @@ def epochs_and_evaluation(records: list[dict], config) -> dict:
         "epochs": epochs,
         "eval_images_per_second": validation / statistics.median(eval_seconds) if eval_seconds else None,
     }
+
+
+def main_py_run(data_dir: str, changes: dict, target_accuracy: float, timeout: float = 3600) -> dict:
+    """`python main.py --config=configs/cnn.py` as a user runs it, its output stamped line by line as it arrives.
+
+    Tracking as by default (W&B offline without a key, TensorBoard, checkpoints), every epoch's checkpoint kept;
+    afterwards each epoch's checkpoint is evaluated on the test set (`eval_only`, outside the timing) until one
+    reaches `target_accuracy`: the time to it is when that epoch's validation line appeared, from the start.
+    """
+    import re
+
+    base = tempfile.mkdtemp(prefix="mnist_flax_bench_main_")
+    workdir = os.path.join(base, "run")
+    fields = {"data.local_dir": data_dir, "checkpoint.max_to_keep": 1000, **changes}
+    command = [sys.executable, "main.py", "--config=configs/cnn.py", f"--workdir={workdir}"]
+    command += [f"--config.{k}={v}" for k, v in fields.items()]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    try:
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        stamps, tail = {}, []
+        for line in process.stdout:
+            tail = (tail + [line])[-10:]
+            match = re.match(r"epoch (\d+): val", line.strip())
+            if match:
+                stamps[int(match.group(1))] = time.perf_counter() - start
+        if process.wait(timeout=timeout):
+            raise RuntimeError(f"main.py failed (exit {process.returncode}): {''.join(tail)[-800:]}")
+        seconds_from_start = time.perf_counter() - start
+        with open(os.path.join(workdir, "final_metrics.json")) as f:
+            report = json.load(f)
+        steps_per_epoch = report["steps"] // max(stamps) if stamps else 0
+        epochs, reached = [], None
+        for epoch in sorted(stamps):
+            accuracy = _checkpoint_test_accuracy(workdir, epoch * steps_per_epoch, data_dir, base, env)
+            epochs.append({"epoch": epoch, "test_accuracy": accuracy, "seconds_from_start": stamps[epoch]})
+            if accuracy >= target_accuracy:
+                reached = stamps[epoch]
+                break
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {
+        "train_seconds": report["seconds"],
+        "seconds_from_start": seconds_from_start,
+        "test_accuracy": report["test"]["accuracy"],
+        "seconds_to_target": reached,
+        "epochs": epochs,
+    }
+
+
+def _checkpoint_test_accuracy(workdir: str, step: int, data_dir: str, base: str, env: dict) -> float:
+    """The test accuracy of one step's checkpoint: `main.py --config.eval_only=True --config.init_from=...`."""
+    evaluation = os.path.join(base, f"eval-{step}")
+    command = [sys.executable, "main.py", "--config=configs/cnn.py", f"--workdir={evaluation}"]
+    command += [f"--config.init_from={workdir}/checkpoints/{step}", "--config.eval_only=True"]
+    command += [f"--config.data.local_dir={data_dir}", "--config.wandb.mode=disabled", "--config.tensorboard=False"]
+    command += ["--config.checkpoint.enabled=False"]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(f"eval_only at step {step} failed: {done.stderr[-800:]}")
+    with open(os.path.join(evaluation, "final_metrics.json")) as f:
+        return json.load(f)["test"]["accuracy"]
 
 
 def _test_probabilities(path: str, count: int) -> list | None:

@@ -6,6 +6,7 @@ example's host-fed loop, on 1-8 CPU devices, with and without tracking, to 90%, 
     python benchmarks/run.py --only throughput    # one section (or several: --only scaling,overhead)
     python benchmarks/run.py --only accuracy      # 3 seeds x 10 epochs of the default CNN (about 10 min a seed)
     python benchmarks/run.py --only baseline --baseline-rev aa717e7   # that commit's run beside this checkout's
+    python benchmarks/run.py --only whole_run     # 10 epochs each: ours (bare, tracked), PyTorch, torch.compile
 
 Each section's result is kept in benchmarks/results.json (with its date, command, CPU and load average) and
 benchmarks/RESULTS.md is rendered from all of them. The studies of the CNN's step on CPU are apart, in
@@ -32,8 +33,9 @@ SECTIONS = {
     "time_to_90": sections.section_time_to_90,
     "accuracy": sections.section_accuracy,
     "baseline": sections.section_baseline,
+    "whole_run": sections.section_whole_run,
 }
-DEFAULT_SECTIONS = ("throughput", "scaling", "overhead", "time_to_90")
+DEFAULT_SECTIONS = ("throughput", "whole_run", "scaling", "overhead", "time_to_90")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", default="", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per contender (default 3; quick 2)")
     parser.add_argument("--baseline-rev", default="HEAD", help="the old commit of the baseline section")
+    parser.add_argument("--cases", default="", help="throughput cases as MODEL:BATCH, comma-separated (cnn:128)")
     parser.add_argument("--data-dir", default=FASHION_DIR, help="folder of the four Fashion-MNIST IDX files")
     parser.add_argument("--results", default="", help="write RESULTS.md here (and its .json beside it)")
     parser.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md from results.json; run nothing")
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
-    if "throughput" in chosen and not _has_torch():
+    if {"throughput", "whole_run"} & set(chosen) and not _has_torch():
         print("the throughput section needs PyTorch: pip install -r benchmarks/requirements.txt", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow loads with the writers (overhead)
@@ -77,6 +80,8 @@ def main(argv=None) -> int:
         pieces.load_host_data(args.data_dir).save(data_npz)
         architectures = {m: _architecture(pieces.load_config(f"configs/{m}.py")) for m in ("cnn", "mlp")}
         settings = sections.Settings(args.quick, args.rounds)
+        if args.cases:
+            settings.cases = tuple((m, int(b)) for m, b in (case.split(":") for case in args.cases.split(",")))
         ctx = sections.Context(settings, args.data_dir, data_npz, architectures, args.baseline_rev)
         for name in chosen:
             print(f"\n== {name}" + (" (quick)" if args.quick else ""), flush=True)
