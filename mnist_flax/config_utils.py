@@ -59,19 +59,25 @@ RANGES = {
 }
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path[:arg]` by calling the file's get_config(arg)."""
-    path, _, arg = spec.partition(":")
+def load_module(path: str, prefix: str = "config"):
+    """Executes the Python file `path` as a fresh module (a config file is user code: its errors are ConfigErrors)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist")
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
-    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+    module_spec = importlib.util.spec_from_file_location(f"_{prefix}_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # A config file is user code: any error is the user's to fix.
         raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
+    return module
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path[:arg]` by calling the file's get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
     try:

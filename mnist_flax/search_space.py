@@ -18,13 +18,10 @@ command line `--grid FIELD=V1,V2`, `--uniform FIELD=LOW,HIGH` and
 typed like the field (checked against the config before anything trains).
 """
 
-import importlib.util
 import itertools
 import math
-import os
 import re
 import shlex
-import sys
 
 from mnist_flax import config_utils, overrides
 from mnist_flax.errors import ConfigError
@@ -40,7 +37,7 @@ def from_config_file(spec: str, name: str) -> dict:
     """The space `sweep()` (name "") or `sweep_NAME()` of the config file `path[:arg]` declares."""
     path = spec.partition(":")[0]
     function = f"sweep_{name}" if name else "sweep"
-    module = _load_module(path)
+    module = config_utils.load_module(path, prefix="sweep")
     if not callable(getattr(module, function, None)):
         raise ConfigError(f"config file {path} has no {function}() function declaring a search space")
     try:
@@ -50,20 +47,6 @@ def from_config_file(spec: str, name: str) -> dict:
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{path}: {function}() must return a non-empty dict of FIELD -> parameter")
     return space
-
-
-def _load_module(path: str):
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
-    if config_utils.REPO_ROOT not in sys.path:
-        sys.path.insert(0, config_utils.REPO_ROOT)
-    module_spec = importlib.util.spec_from_file_location(f"_sweep_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
-    return module
 
 
 def split_values(text: str) -> list[str]:

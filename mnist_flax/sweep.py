@@ -41,7 +41,7 @@ import threading
 import time
 from collections import deque
 
-from mnist_flax import compare, config_utils, overrides, search_space, study
+from mnist_flax import compare, config_utils, overrides, runs, search_space, study
 from mnist_flax.errors import ConfigError, MnistFlaxError
 
 SAMPLER_METHODS = {"grid": "grid", "random": "random", "tpe": "bayes"}  # ours -> W&B's sweep method
@@ -328,7 +328,7 @@ def _stop_with_parent() -> None:
 
 def summarise(the_study, root: str) -> tuple[str, dict]:
     """compare's table of the trials in ROOT, and the study's counts and best trial."""
-    records, errors = compare.gather([root]) if os.path.isfile(os.path.join(root, "sweep.json")) else ([], [])
+    records, errors = compare.gather([root]) if runs.is_sweep_root(root) else ([], [])
     fields, rows = compare.build_rows(records) if records else ([], [])
     states = study.counts(the_study)
     done = [t for t in study.latest_attempts(the_study) if t.state.name == "COMPLETE"]
