@@ -10,8 +10,10 @@ MetricWriter interface and never knows which sinks are attached.
 
 import contextlib
 import dataclasses
+import importlib
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -133,18 +135,15 @@ def setup(config, requested, workdir: str, overrides: dict, config_changes: dict
             f"batch_size: {config.batch_size} is larger than the training split ({len(datasets.train)} examples)"
         )
     steps_per_epoch = len(datasets.train) // config.batch_size
+    record = {"git": provenance.git_info(), "data": provenance.data_fingerprint(datasets)}
+    record["environment"] = provenance.environment()
+    checkpoints, resumed_from, config_history = _open_checkpoints(config, workdir, record)
+    preload = _preload_records(config)  # the data and the resume are checked: the records will be needed
     model = models.create_model(config.model)
     schedule = steps.make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
     state = steps.create_train_state(model, steps.make_optimizer(config.optimizer, schedule), config.seed)
     state = distributed.put_replicated(state, mesh)
-    record = {"git": provenance.git_info(), "data": provenance.data_fingerprint(datasets)}
-    record["environment"] = provenance.environment()
-    checkpoints, resumed_from, config_history = _open_checkpoints(config, workdir, record)
     state, best, best_params = _restore(config, checkpoints, resumed_from, state)
-    primary = distributed.is_primary()
-    tracker, writer = _start_records(
-        config, requested, workdir, overrides, config_changes, record, config_history, resumed_from
-    )
     device_data = {
         "train": input_pipeline.to_device(datasets.train, mesh=mesh),
         "validation": input_pipeline.to_device(datasets.validation, config.eval_batch_size, mesh=mesh),
@@ -154,13 +153,13 @@ def setup(config, requested, workdir: str, overrides: dict, config_changes: dict
     training = Training(
         config=config,
         workdir=workdir,
-        primary=primary,
+        primary=distributed.is_primary(),
         started=started,
         datasets=datasets,
         device_data=device_data,
         steps_per_epoch=steps_per_epoch,
-        tracker=tracker,
-        writer=writer,
+        tracker=None,  # started after the compilation, below
+        writer=None,
         checkpoints=checkpoints,
         carry=carry,
         step=int(distributed.to_host(state.step)),
@@ -171,8 +170,36 @@ def setup(config, requested, workdir: str, overrides: dict, config_changes: dict
         config_history=config_history,
     )
     _describe(training, model)
-    _compile(training, model, schedule, mesh, on_validation)
+    _compile(training, model, mesh)
+    preload.join()
+    training.tracker, training.writer = _start_records(
+        config, requested, workdir, overrides, config_changes, record, config_history, resumed_from
+    )
+    training.writer.write_scalars(training.step, {"compile_seconds": training.compile_stats["seconds"]})
+    _build_actions(training, schedule, on_validation)
     return training
+
+
+def _preload_records(config) -> threading.Thread:
+    """Starts importing the record keepers' libraries on a thread; `_start_records` then finds them loaded.
+
+    TensorFlow (clu's writers) and W&B take seconds to import. On a thread those seconds overlap the state's
+    initialisation and the compilation, which run in XLA without Python's lock. An import that fails here is left
+    to fail again, with its own message, where `_start_records` imports the module. Not a daemon: a run that stops
+    with an error before then exits once the import is done, not in the middle of it.
+    """
+    names = ["mnist_flax.writers"] + (["wandb"] if config.wandb.mode != "disabled" else [])
+
+    def load():
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except BaseException:  # reported by the import in _start_records
+                return
+
+    thread = threading.Thread(target=load, name="mnist_flax-preload")
+    thread.start()
+    return thread
 
 
 def _open_checkpoints(config, workdir: str, record: dict):
@@ -193,7 +220,7 @@ def _open_checkpoints(config, workdir: str, record: dict):
 
 def _start_records(config, requested, workdir, overrides, config_changes, record, config_history, resumed_from):
     """(tracker, writer): the workdir's record files, the W&B run and the metric writers."""
-    # TensorFlow (clu's writers) and W&B load only now, after the data and checkpoint checks.
+    # TensorFlow (clu's writers) and W&B: loaded by `_preload_records` after the data and checkpoint checks.
     from mnist_flax import tracking, writers
 
     primary = distributed.is_primary()
@@ -244,8 +271,8 @@ def _restore(config, checkpoints, resumed_from: int | None, state):
     return state, best, best_params
 
 
-def _compile(training: Training, model, schedule, mesh, on_validation=()) -> None:
-    """Compiles the train and predict steps ahead of time (compile time is reported apart) and builds the actions."""
+def _compile(training: Training, model, mesh) -> None:
+    """Compiles the train and predict steps ahead of time (compile time is reported apart)."""
     config, data = training.config, training.device_data
     train_step = steps.make_train_step(
         config.loss,
@@ -268,9 +295,7 @@ def _compile(training: Training, model, schedule, mesh, on_validation=()) -> Non
             "order": order_fn,
         }
     training.compile_stats = {"seconds": compiles.seconds, "ahead_of_time": compiles.count, "per_epoch": []}
-    training.writer.write_scalars(training.step, {"compile_seconds": compiles.seconds})
     _say(training, f"compiled in {compiles.seconds:.1f} s")
-    _build_actions(training, schedule, on_validation)
 
 
 def _build_actions(training: Training, schedule, on_validation=()) -> None:
