@@ -36,6 +36,11 @@ NOTES = {
     "the process's start; for the peers the test set is evaluated after each epoch (its own seconds taken out), for "
     "ours each epoch's checkpoint is evaluated afterwards (`eval_only`) and the time is when that epoch's validation "
     "line appeared.",
+    "roofline": "First the pieces alone (whole batch, one step a call) against the cores' fp32 peak, FLOPs from "
+    "XLA's cost analysis; then the library's default step (8 pieces, 3 steps a call) under XLA's profiler, each "
+    "executed fusion under the model piece its HLO metadata names. Thread time is summed over the threads of both "
+    "cores; a convolution's GFLOP/s is its FLOPs over its own time, so one near a core's peak runs at the roofline "
+    "while it runs.",
     "throughput": "Every contender runs in a fresh process per round, the rounds alternating. Ours is "
     "`train.train_and_evaluate` itself on one epoch (tracking, TensorBoard and checkpoints off); its images/s is "
     "the median of its `train/images_per_second` log intervals after the first (which holds the warm-up), its "

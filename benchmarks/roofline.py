@@ -8,10 +8,23 @@ AdamW, metrics), and the second convolution (the largest, 64x32x3x3 on 14x14) al
 gradients, and the first (32x1x3x3 on 28x28) with its weight gradient. FLOPs come from XLA's own cost analysis of
 each compiled function. The peak is cores x fp32 FLOP/cycle (`flop_per_cycle`) x the clock /proc/cpuinfo reports;
 a turbo clock above it makes the true fraction lower.
+
+Then the library's default step itself (8 pieces, 3 steps a call written out), profiled: XLA's trace of 60 steps in a
+child process (`--xla_cpu_enable_xprof_traceme`), each executed fusion put under the piece of the model its HLO
+metadata names (the convolutions' forward, input and weight gradients, bias + ReLU, pooling, dense layers, the
+optimizer, the batch gather). Times are thread time, summed over both cores' threads, as a share of all of it.
 """
 
+import collections
+import glob
+import gzip
+import json
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,9 +37,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import common, pieces, report  # noqa: E402
-from benchmarks.common import FASHION_DIR, format_table, median  # noqa: E402
+from benchmarks.common import FASHION_DIR, median  # noqa: E402
 
 BATCH = 128
+PROFILE_MARKER = "ROOFLINE_PROFILE "
+PROFILED_STEPS = 60
 
 
 def flop_per_cycle() -> int:
@@ -59,6 +74,114 @@ def time_call(fn, args, calls: int) -> float:
         out = fn(*args)
     jax.block_until_ready(out)
     return (time.perf_counter() - start) / calls
+
+
+def piece_of(op_name: str, shape_numel: int, kernel_numels: dict) -> str:
+    """The model piece an executed fusion belongs to, from its HLO metadata (`op_name`) and output size."""
+    layer = re.search(r"(Conv3x3|Dense)_(\d+)", op_name)
+    backward = "transpose(" in op_name
+    if op_name == "convolution":  # one of XLA's own making, unnamed: a weight gradient is the size of its kernel
+        layers = [i for i, numel in kernel_numels.items() if numel == shape_numel]
+        return f"conv {layers[0] + 1} weight gradient" if layers else "convolutions XLA made (unnamed)"
+    if not op_name:
+        return "layout copies XLA inserts (no op of the model)"
+    if layer and op_name.endswith("conv_general_dilated"):
+        name = f"conv {int(layer.group(2)) + 1}"
+        if not backward:
+            return f"{name} forward"
+        weight = shape_numel == kernel_numels.get(int(layer.group(2)))
+        return f"{name} {'weight' if weight else 'input'} gradient"
+    if layer and layer.group(1) == "Dense":
+        return "dense layers (forward and gradients)"
+    if "Conv3x3" in op_name or "relu" in op_name or ("transpose(jvp(CNN))/select_n" in op_name):
+        return "bias + ReLU (forward and gradients)"
+    if "reduce_window" in op_name or "transpose(jvp(CNN))/div" in op_name:
+        return "average pools (forward and gradients)"
+    if "Dropout" in op_name:
+        return "dropout"
+    if op_name.rsplit("/", 1)[-1] in ("gather", "slice", "stack", "concatenate") or "jvp(CNN)/slice" in op_name:
+        return "batch gather, split and join"
+    if "CNN" in op_name or "log_softmax" in op_name or "jvp()" in op_name:
+        return "loss and the rest of the model"
+    return "optimizer (AdamW), metrics, epoch-end select"
+
+
+def profile_child() -> dict:
+    """In a process started with the traceme flag: the default step's thread time per model piece."""
+    data = pieces.load_host_data()
+    config = pieces.load_config("configs/cnn.py", batch_size=BATCH)
+    model = pieces.build_model(config, conv_impl="xla", conv_batch_split=8)
+    timer = pieces.StepTimer(config, data, model=model, steps_per_call=3, scan_unroll=3)
+    timer.run(3 * PROFILED_STEPS)  # warm
+    start = time.perf_counter()
+    timer.run(PROFILED_STEPS)
+    wall = time.perf_counter() - start  # untraced
+    trace_dir = tempfile.mkdtemp(prefix="roofline_trace_")
+    with jax.profiler.trace(trace_dir):
+        timer.run(PROFILED_STEPS)
+    hlo = timer.step_fn.as_text()
+    op_names, numels = {}, {}
+    for line in hlo.splitlines():
+        found = re.search(r"%([\w.\-]+) = \(?\w+\[([\d,]*)\].*? fusion\(.*calls=%([\w.\-]+)", line)
+        if found:
+            op_names[found.group(1)] = found.group(3)
+            numels[found.group(1)] = int(np.prod([int(d) for d in found.group(2).split(",") if d]))
+    # A fusion's op_name: its own metadata, else that of its computation's last instruction that has one.
+    computations, current = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            current = head.group(1)
+        elif current:
+            meta = re.search(r'op_name="([^"]+)"', line)
+            unnamed = "convolution" if " convolution(" in line else ""
+            computations[current] = meta.group(1) if meta else computations.get(current) or unnamed
+    own = {m.group(1): m.group(2) for m in re.finditer(r'%([\w.\-]+) = [^\n]*? fusion\([^\n]*?op_name="([^"]+)"', hlo)}
+    kernels = {i: int(np.prod(p["kernel"].shape)) for i, p in enumerate(v for k, v in sorted(timer.state.params.items())
+                                                                       if k.startswith("Conv3x3"))}  # fmt: skip
+    trace = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    busy, spans = collections.Counter(), []
+    for event in events:
+        name = event.get("name")
+        if event.get("ph") == "X" and name in op_names:
+            op_name = own.get(name) or computations.get(op_names[name], "")
+            busy[piece_of(op_name, numels[name], kernels)] += event["dur"] / 1e6
+            spans += [event["ts"], event["ts"] + event["dur"]]
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    traced = (max(spans) - min(spans)) / 1e6
+    return {"wall_seconds": wall, "traced_seconds": traced, "steps": PROFILED_STEPS, "busy": dict(busy)}
+
+
+def profile_default_step() -> dict:
+    """`profile_child` in a child process with XLA's traceme flag (off for every other timing here)."""
+    env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true")}
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--profile-child"], env=env, capture_output=True, text=True
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(PROFILE_MARKER)]
+    if done.returncode or not lines:
+        raise RuntimeError("the profile child failed: " + " | ".join(done.stderr.strip().splitlines()[-5:]))
+    result = json.loads(lines[-1][len(PROFILE_MARKER) :])
+    total = sum(result["busy"].values())
+    step_ms = 1000 * result["wall_seconds"] / result["steps"]
+    # A convolution's FLOPs per step: 2 x batch x output pixels x 9 x in x out channels (conv 1: 28x28x1->32,
+    # conv 2: 14x14x32->64), for its GFLOP/s while it runs (forward, input and weight gradient alike).
+    conv_flop = {"conv 1": 2 * BATCH * 28 * 28 * 9 * 1 * 32, "conv 2": 2 * BATCH * 14 * 14 * 9 * 32 * 64}
+    rows = []
+    for piece, seconds in sorted(result["busy"].items(), key=lambda item: -item[1]):
+        per_step = seconds / result["steps"]
+        flop = conv_flop.get(piece[:6]) if piece.startswith("conv ") else None
+        rows.append(
+            {
+                "piece": piece,
+                "thread_ms_per_step": 1000 * per_step,
+                "share": seconds / total,
+                "gflop_per_s": flop / per_step / 1e9 if flop else None,
+            }
+        )
+    return {"step_ms": step_ms, "busy_cores": total / result["traced_seconds"], "rows": rows}
 
 
 def main() -> int:
@@ -108,6 +231,7 @@ def main() -> int:
             rows[name].append(time_call(compiled[name], args, 30))
         seconds = time_call(lambda: timer.run(1) and timer.carry, (), 30)
         rows["whole train step (library)"].append(seconds)
+    profile = profile_default_step()
     counted = {name: flops(c) for name, c in compiled.items()}
     counted["whole train step (library)"] = flops(timer.step_fn)
     cores = len(os.sched_getaffinity(0))
@@ -148,20 +272,32 @@ def main() -> int:
             }
         ],
         "targets": [],
+        "profile": profile,
     }
+    result["tables"].append(
+        {
+            "columns": [
+                ["the default step, by piece (XLA's profiler)", "piece", "{}"],
+                ["thread ms per step", "thread_ms_per_step", "{:.2f}"],
+                ["of all thread time", "share", "{:.0%}"],
+                ["GFLOP/s while it runs", "gflop_per_s", "{:.0f}"],
+            ],
+            "rows": profile["rows"],
+        }
+    )
+    result["summary"] = (
+        f"{result['cpu']}, {cores} cores at {result['clock_ghz']:.2f} GHz: fp32 peak {peak:.0f} GFLOP/s "
+        f"({peak / cores:.0f} a core). The default step (8 pieces, 3 steps a call) under the profiler: "
+        f"{profile['step_ms']:.1f} ms a step untraced, {profile['busy_cores']:.2f} cores busy while traced."
+    )
     results = report.load()
     report.record(results, "roofline", result, started, report.RESULTS_JSON, report.RESULTS_MD)
-    headers = ["piece", "ms", "of step", "MFLOP/img", "GFLOP/s", "of peak"]
-    cells = [
-        [r["piece"], f"{r['ms']:.2f}", f"{r['share_of_step']:.0%}", f"{r['mflop_per_image']:.1f}"]
-        + [f"{r['gflop_per_s']:.0f}", f"{r['of_peak']:.0%}"]
-        for r in table
-    ]
-    print(f"{result['cpu']}, {cores} cores at {result['clock_ghz']:.2f} GHz: fp32 peak {peak:.0f} GFLOP/s")
-    print(format_table(headers, cells, "lrrrrr"))
+    print(report.render_entry("roofline", results["roofline"]))
     return 0
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
+    if sys.argv[1:] == ["--profile-child"]:
+        print(PROFILE_MARKER + json.dumps(profile_child()))
+        sys.exit(0)
     sys.exit(main())
