@@ -29,6 +29,7 @@ again), 130 on Ctrl-C.
 """
 
 import argparse
+import codecs
 import datetime
 import json
 import os
@@ -248,41 +249,47 @@ class Worker:
         print(f"  {state} in {seconds:.0f} s" + (f": {message}" if message else ""), flush=True)
 
     def _main(self, command: list[str], workdir: str, env: dict, record: dict) -> tuple[int, str, bool]:
-        """Runs main.py; its output goes to WORKDIR/sweep.log (and the terminal with -v)."""
+        """Runs main.py with its output written to WORKDIR/sweep.log, which the worker follows (-v: to the terminal).
+
+        main.py writes to the file itself, not to a pipe the worker reads: a worker that is killed (SIGKILL) leaves
+        its trial to stop on the SIGTERM of `_stop_with_parent`, and writing to a pipe nobody reads any more would
+        fail that trial's main.py (BrokenPipeError) before it saves; the file also keeps every line it printed.
+        """
         tail = deque(maxlen=20)
-        with open(os.path.join(workdir, "sweep.log"), "a") as log:
+        path = os.path.join(workdir, "sweep.log")
+        with open(path, "a") as log:
             log.write(f"$ {shlex.join(command)}\n")
             log.flush()
+            start = log.tell()
             self.process = subprocess.Popen(
                 command,
                 cwd=config_utils.REPO_ROOT,
-                stdout=subprocess.PIPE,
+                stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,
                 env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
                 preexec_fn=_stop_with_parent,
             )
-            record["pid"] = self.process.pid
-            _write_json(os.path.join(workdir, "trial.json"), record)
-            timed_out = threading.Event()
+        record["pid"] = self.process.pid
+        _write_json(os.path.join(workdir, "trial.json"), record)
+        timed_out = threading.Event()
 
-            def time_out() -> None:
-                timed_out.set()
-                self.process.terminate()
+        def time_out() -> None:
+            timed_out.set()
+            self.process.terminate()
 
-            watchdog = threading.Timer(self.args.timeout, time_out) if self.args.timeout else None
+        watchdog = threading.Timer(self.args.timeout, time_out) if self.args.timeout else None
+        if watchdog:
+            watchdog.start()
+        try:
+            for line in _follow(path, start, self.process):
+                tail.append(line.rstrip())
+                if self.args.verbose:
+                    print(f"  | {line}", end="", flush=True)
+            exit_code = self.process.wait()
+        finally:
             if watchdog:
-                watchdog.start()
-            try:
-                for line in self.process.stdout:
-                    log.write(line)
-                    tail.append(line.rstrip())
-                    if self.args.verbose:
-                        print(f"  | {line}", end="", flush=True)
-                exit_code = self.process.wait()
-            finally:
-                if watchdog:
-                    watchdog.cancel()
+                watchdog.cancel()
         message = ""
         if exit_code != 0:
             errors = [line for line in tail if line.startswith("error:")]
@@ -313,6 +320,25 @@ class Worker:
             return "stopped, queued again"
         self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return f"failed (exit {exit_code})"
+
+
+def _follow(path: str, offset: int, process: subprocess.Popen, poll_seconds: float = 0.1):
+    """The lines written to `path` after `offset` while `process` runs, and those left when it has ended."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split across reads waits
+    with open(path, "rb") as f:
+        f.seek(offset)
+        pending = ""
+        while True:
+            ended = process.poll() is not None  # before reading: what it wrote before it ended is read below
+            pending += decoder.decode(f.read(), final=ended)
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                yield line + "\n"
+            if ended:
+                break
+            time.sleep(poll_seconds)
+        if pending:
+            yield pending + "\n"
 
 
 def _stop_with_parent() -> None:

@@ -313,6 +313,10 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint(tiny_data_dir,
     assert services.wait_until_gone(trial_record["pid"], 120)  # the orphaned main.py saves and exits on its own
     stopped = json.loads((root / "000-0" / "stopped.json").read_text())
     assert stopped["status"] == "preempted" and stopped["step"] >= 52
+    # main.py writes its log itself: what it printed before and after its worker died is kept (through a pipe
+    # to the dead worker, its last lines would have failed it with BrokenPipeError before it saved).
+    log = (root / "000-0" / "sweep.log").read_text()
+    assert "step 52/" in log and f"error: SIGTERM at step {stopped['step']}" in log, log[-2000:]
     first_run_id = (root / "000-0" / "wandb_run_id").read_text()
 
     time.sleep(2.5)  # past the grace period (2 heartbeats): the next worker finds trial 0 stale
