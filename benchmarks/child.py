@@ -18,16 +18,18 @@ from benchmarks import common  # noqa: E402
 RESULT_MARKER = "CHILD_RESULT "
 
 
-def run_child(spec: dict, timeout: float = 1800) -> dict:
+def run_child(spec: dict, timeout: float = 1800, env: dict | None = None) -> dict:
     """Runs `measure(spec)` in a fresh process of this checkout; returns its result.
 
     Args:
       spec: `kind` ("torch" or "hostfed"), `data_npz` (HostData.save), `batch_size`, `warmup_steps`, `steps`; for
         torch `architecture` (TorchNet's shapes) and `threads`; for hostfed `config` (a config file);
-        optionally `cores` (the CPU affinity, set before torch or JAX size their thread pools).
+        optionally `cores` (the CPU affinity, set before torch or JAX size their thread pools). "roofline_profile":
+        roofline.py's profile of the library's step (run with `env` = XLA's traceme flag).
+      env: variables to set in the child (XLA_FLAGS).
     """
     command = [sys.executable, "-m", "benchmarks.child", json.dumps(spec)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     done = subprocess.run(command, cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if done.returncode or not lines:
@@ -42,6 +44,10 @@ def measure(spec: dict) -> dict:
         os.sched_setaffinity(0, set(spec["cores"]))
     if spec["kind"] == "torch_run":
         return whole_run(spec)
+    if spec["kind"] == "roofline_profile":
+        from benchmarks import roofline
+
+        return roofline.profile_child()
     data = common.HostData.load(spec["data_npz"])
     start = time.perf_counter()
     if spec["kind"] == "torch":

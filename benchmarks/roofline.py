@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,12 +35,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import common, pieces, report  # noqa: E402
+from benchmarks import child, common, pieces, report  # noqa: E402
 from benchmarks.common import FASHION_DIR, median  # noqa: E402
+from mnist_flax import resolve  # noqa: E402
 
 BATCH = 128
-PROFILE_MARKER = "ROOFLINE_PROFILE "
 PROFILED_STEPS = 60
+# The library's CPU defaults, as its resolver decides "auto" at batch 128: 8 pieces, 3 steps a call written out.
+DEFAULT_PIECES = resolve.conv_batch_split("auto", BATCH, "cpu")
+DEFAULT_STEPS = resolve.steps_per_call("auto", "cpu")
 
 
 def flop_per_cycle() -> int:
@@ -110,8 +112,8 @@ def profile_child() -> dict:
     """In a process started with the traceme flag: the default step's thread time per model piece."""
     data = pieces.load_host_data()
     config = pieces.load_config("configs/cnn.py", batch_size=BATCH)
-    model = pieces.build_model(config, conv_impl="xla", conv_batch_split=8)
-    timer = pieces.StepTimer(config, data, model=model, steps_per_call=3, scan_unroll=3)
+    model = pieces.build_model(config, conv_impl="xla", conv_batch_split=DEFAULT_PIECES)
+    timer = pieces.StepTimer(config, data, model=model, steps_per_call=DEFAULT_STEPS, scan_unroll=DEFAULT_STEPS)
     timer.run(3 * PROFILED_STEPS)  # warm
     start = time.perf_counter()
     timer.run(PROFILED_STEPS)
@@ -120,13 +122,15 @@ def profile_child() -> dict:
     with jax.profiler.trace(trace_dir):
         timer.run(PROFILED_STEPS)
     hlo = timer.step_fn.as_text()
-    op_names, numels = {}, {}
+    calls, numels, own = {}, {}, {}  # per fusion: its computation, output size, own op_name
     for line in hlo.splitlines():
         found = re.search(r"%([\w.\-]+) = \(?\w+\[([\d,]*)\].*? fusion\(.*calls=%([\w.\-]+)", line)
         if found:
-            op_names[found.group(1)] = found.group(3)
-            numels[found.group(1)] = int(np.prod([int(d) for d in found.group(2).split(",") if d]))
-    # A fusion's op_name: its own metadata, else that of its computation's last instruction that has one.
+            name, meta = found.group(1), re.search(r'op_name="([^"]+)"', line)
+            calls[name] = found.group(3)
+            numels[name] = int(np.prod([int(d) for d in found.group(2).split(",") if d]))
+            own[name] = meta.group(1) if meta else ""
+    # Else the op_name of its computation's last instruction that has one ("convolution" for an unnamed one).
     computations, current = {}, None
     for line in hlo.splitlines():
         head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
@@ -136,43 +140,42 @@ def profile_child() -> dict:
             meta = re.search(r'op_name="([^"]+)"', line)
             unnamed = "convolution" if " convolution(" in line else ""
             computations[current] = meta.group(1) if meta else computations.get(current) or unnamed
-    own = {m.group(1): m.group(2) for m in re.finditer(r'%([\w.\-]+) = [^\n]*? fusion\([^\n]*?op_name="([^"]+)"', hlo)}
-    kernels = {i: int(np.prod(p["kernel"].shape)) for i, p in enumerate(v for k, v in sorted(timer.state.params.items())
-                                                                       if k.startswith("Conv3x3"))}  # fmt: skip
+    convs = [v["kernel"].shape for k, v in sorted(timer.state.params.items()) if k.startswith("Conv3x3")]
+    kernels = {i: int(np.prod(shape)) for i, shape in enumerate(convs)}
+    # A convolution's FLOPs a step: 2 x batch x output pixels x its kernel's size (the image halves per stage).
+    conv_flop = {f"conv {i + 1}": 2 * BATCH * (28 >> i) ** 2 * kernels[i] for i in range(len(convs))}
     trace = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
     with gzip.open(trace) as f:
         events = json.load(f)["traceEvents"]
     busy, spans = collections.Counter(), []
     for event in events:
         name = event.get("name")
-        if event.get("ph") == "X" and name in op_names:
-            op_name = own.get(name) or computations.get(op_names[name], "")
+        if event.get("ph") == "X" and name in calls:
+            op_name = own[name] or computations.get(calls[name], "")
             busy[piece_of(op_name, numels[name], kernels)] += event["dur"] / 1e6
             spans += [event["ts"], event["ts"] + event["dur"]]
     shutil.rmtree(trace_dir, ignore_errors=True)
     traced = (max(spans) - min(spans)) / 1e6
-    return {"wall_seconds": wall, "traced_seconds": traced, "steps": PROFILED_STEPS, "busy": dict(busy)}
+    return {
+        "wall_seconds": wall,
+        "traced_seconds": traced,
+        "steps": PROFILED_STEPS,
+        "busy": dict(busy),
+        "conv_flop": conv_flop,
+    }
 
 
 def profile_default_step() -> dict:
-    """`profile_child` in a child process with XLA's traceme flag (off for every other timing here)."""
-    env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true")}
-    done = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--profile-child"], env=env, capture_output=True, text=True
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith(PROFILE_MARKER)]
-    if done.returncode or not lines:
-        raise RuntimeError("the profile child failed: " + " | ".join(done.stderr.strip().splitlines()[-5:]))
-    result = json.loads(lines[-1][len(PROFILE_MARKER) :])
+    """`profile_child` in a child process (child.py) with XLA's traceme flag (off for every other timing here)."""
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+    result = child.run_child({"kind": "roofline_profile"}, env={"XLA_FLAGS": flags})
     total = sum(result["busy"].values())
     step_ms = 1000 * result["wall_seconds"] / result["steps"]
-    # A convolution's FLOPs per step: 2 x batch x output pixels x 9 x in x out channels (conv 1: 28x28x1->32,
-    # conv 2: 14x14x32->64), for its GFLOP/s while it runs (forward, input and weight gradient alike).
-    conv_flop = {"conv 1": 2 * BATCH * 28 * 28 * 9 * 1 * 32, "conv 2": 2 * BATCH * 14 * 14 * 9 * 32 * 64}
+    conv_flop = result["conv_flop"]  # forward, input and weight gradient alike: for GFLOP/s while each runs
     rows = []
     for piece, seconds in sorted(result["busy"].items(), key=lambda item: -item[1]):
         per_step = seconds / result["steps"]
-        flop = conv_flop.get(piece[:6]) if piece.startswith("conv ") else None
+        flop = conv_flop.get(" ".join(piece.split()[:2]))
         rows.append(
             {
                 "piece": piece,
@@ -287,8 +290,9 @@ def main() -> int:
     )
     result["summary"] = (
         f"{result['cpu']}, {cores} cores at {result['clock_ghz']:.2f} GHz: fp32 peak {peak:.0f} GFLOP/s "
-        f"({peak / cores:.0f} a core). The default step (8 pieces, 3 steps a call) under the profiler: "
-        f"{profile['step_ms']:.1f} ms a step untraced, {profile['busy_cores']:.2f} cores busy while traced."
+        f"({peak / cores:.0f} a core). The default step ({DEFAULT_PIECES} pieces, {DEFAULT_STEPS} steps a call) "
+        f"under the profiler: {profile['step_ms']:.1f} ms a step untraced, {profile['busy_cores']:.2f} cores busy "
+        "while traced."
     )
     results = report.load()
     report.record(results, "roofline", result, started, report.RESULTS_JSON, report.RESULTS_MD)
@@ -297,7 +301,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--profile-child"]:
-        print(PROFILE_MARKER + json.dumps(profile_child()))
-        sys.exit(0)
     sys.exit(main())
