@@ -1,4 +1,4 @@
-# The training image: this repository on Python 3.11 with the pinned requirements.txt.
+# The training image: this repository on Python 3.11 with the packages of uv.lock.
 #
 #   docker build -t mnist-flax --build-arg GIT_COMMIT="$(git rev-parse HEAD)" .              # GPU (CUDA 12)
 #   docker build -t mnist-flax:cpu --build-arg JAX_FLAVOUR=cpu --build-arg GIT_COMMIT=... .  # CPU only
@@ -9,12 +9,12 @@
 # (python:3.11-slim-bookworm, or Debian bookworm with python3-venv). JAX's CUDA
 # wheels carry CUDA and cuDNN themselves, so the GPU image needs no CUDA base:
 # the host needs only the NVIDIA driver and the container toolkit (--gpus all).
-# JAX_FLAVOUR: cpu, cuda12 or cuda13 (the `jax[...]` extra, installed on top of
-# requirements.txt at requirements.txt's jax version).
+# JAX_FLAVOUR: cpu, cuda12 or cuda13 (pyproject.toml's extra of that name, locked in
+# uv.lock: `jax[cudaNN]` at the same jax version).
 #
 # Small without a second stage: the base has no compiler and none is installed
-# (every requirement is a wheel or pure Python), pip keeps no cache, and the
-# code is the last layer, so a code change rebuilds only that layer.
+# (every locked package is a wheel), no installer or cache stays in the image,
+# and the code is the last layer, so a code change rebuilds only that layer.
 # No secret is baked in: the W&B token comes at run time (docker run --env-file .env).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
@@ -27,18 +27,19 @@ RUN useradd --create-home --uid "$APP_UID" --user-group --shell /bin/bash app \
  && chown app:app /runs \
  && ln -s /runs /app/runs
 
+# The locked environment (uv.lock, the same lock as `make setup`'s .venv), in two layers: the packages every
+# image has, then the accelerator's (JAX's CUDA plugin and NVIDIA's wheels), so the CPU and CUDA images share
+# the first. tools/install_locked.sh bootstraps uv from the lock's hashes and leaves no installer behind.
+COPY pyproject.toml uv.lock tools/uv_requirement.py tools/install_locked.sh /tmp/lock/
+RUN bash /tmp/lock/install_locked.sh /tmp/lock \
+ && /opt/venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, clu, wandb, tensorflow_datasets"
 ARG JAX_FLAVOUR=cuda12
-COPY requirements.txt /tmp/requirements.txt
 RUN case "$JAX_FLAVOUR" in \
-      cpu) extra="" ;; \
-      cuda12|cuda13) extra="jax[$JAX_FLAVOUR]" ;; \
+      cpu) ;; \
+      cuda12|cuda13) bash /tmp/lock/install_locked.sh /tmp/lock --extra "$JAX_FLAVOUR" ;; \
       *) echo "JAX_FLAVOUR must be cpu, cuda12 or cuda13, not '$JAX_FLAVOUR'" >&2; exit 2 ;; \
     esac \
- && python3 -m venv /opt/venv \
- && PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
-    /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt $extra \
- && /opt/venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, clu, wandb, tensorflow_datasets" \
- && rm -rf /tmp/requirements.txt /root/.cache
+ && rm -rf /tmp/lock
 
 # The code's git state, logged by every run from this image (mnist_flax/tracking.py).
 ARG GIT_COMMIT=unknown

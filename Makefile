@@ -1,5 +1,11 @@
-# The two commands of the README: `make train` and `make test`. Each sets up what it needs first.
-PYTHON ?= python3
+# The two commands of the README: `make train` and `make test`. Each sets up what it needs first: the project
+# environment .venv from uv.lock (tools/setup_venv.sh; PYTHON=... picks the interpreter it is made with).
+# Every target runs inside it, as if activated, so scripts and tests that call `python` get its packages.
+VENV ?= .venv
+export VENV
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
+PY := $(VENV)/bin/python
 CONFIG ?= configs/cnn.py
 ARGS ?=
 RUN ?=
@@ -12,7 +18,7 @@ DATA_DIR := /usr/share/datasets/fashion-mnist
 # so CI needs nothing else.
 TEST_SYSTEM_PACKAGES := dataset-fashion-mnist git docker.io debootstrap shellcheck chromium postgresql slurm-wlm munge
 
-.PHONY: help setup setup-data setup-test-system train test test-fast lint format notebooks bench clean
+.PHONY: help setup setup-data setup-test-system lock train test test-fast lint format notebooks bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -28,35 +34,38 @@ setup-test-system:  ## every Debian package the tests use (needs root or sudo on
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; fi
 
-setup: setup-data  ## data + pinned Python packages (training, tests, notebooks)
-	$(PYTHON) -m pip install -q -r requirements-dev.txt
+setup: setup-data  ## data + the locked environment in .venv (training, tests, notebooks)
+	@tools/setup_venv.sh
+
+lock:  ## regenerate uv.lock after editing pyproject.toml's dependencies (then commit both)
+	@tools/setup_venv.sh --lock
 
 train: setup  ## train CONFIG (default the CNN) on Fashion-MNIST; ARGS='--config.num_epochs=2 ...'
-	$(PYTHON) main.py --config=$(CONFIG) $(ARGS)
+	$(PY) main.py --config=$(CONFIG) $(ARGS)
 
 test: setup-test-system setup lint  ## system packages, lint, then the whole test suite (about 15 min on 2 cores)
-	$(PYTHON) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15
 
 test-fast:  ## the tests that need no real-data training or container
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 lint:  ## ruff format + check, and notebooks committed without outputs
-	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m ruff check .
-	$(PYTHON) tools/strip_notebook_outputs.py --check
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) tools/strip_notebook_outputs.py --check
 
 format:  ## apply ruff's formatting and fixes; strip notebook outputs
-	$(PYTHON) -m ruff format .
-	$(PYTHON) -m ruff check --fix .
-	$(PYTHON) tools/strip_notebook_outputs.py
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+	$(PY) tools/strip_notebook_outputs.py
 
 notebooks:  ## run the notebooks against runs (default: the two newest under runs/) -> notebooks/_build/*.html
-	$(PYTHON) notebooks/render.py --run "$(RUN)" --other-run "$(OTHER_RUN)"
+	$(PY) notebooks/render.py --run "$(RUN)" --other-run "$(OTHER_RUN)"
 
 bench: setup  ## throughput against PyTorch, compile time, overheads, time to 90% -> benchmarks/RESULTS.md
-	$(PYTHON) -m pip install -q -r benchmarks/requirements.txt
-	$(PYTHON) benchmarks/run.py
+	$(PY) -m pip install -q -r benchmarks/requirements.txt
+	$(PY) benchmarks/run.py
 
-clean:  ## remove caches (not runs/)
+clean:  ## remove caches (not runs/, not .venv)
 	rm -rf .pytest_cache .ruff_cache notebooks/_build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -12,6 +12,7 @@ coordinator address, process count and id from the config or the environment
 """
 
 import os
+from importlib import metadata
 
 import jax
 import ml_collections
@@ -21,6 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mnist_flax.errors import ConfigError
 
 DATA_AXIS = "data"
+# JAX's accelerator plugins: installed (the CUDA image), they still leave JAX on the CPU where no device is seen.
+ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu")
 ENV = {
     "coordinator": "MNIST_FLAX_COORDINATOR",
     "num_processes": "MNIST_FLAX_NUM_PROCESSES",
@@ -65,6 +68,25 @@ def any_process(flag: bool) -> bool:
 def is_primary() -> bool:
     """Whether this process writes logs, W&B runs and files."""
     return jax.process_index() == 0
+
+
+def accelerator_fallback() -> str | None:
+    """One line when an accelerator plugin is installed but JAX found no device and runs on the CPU, else None.
+
+    JAX falls back by itself and says so only in its log (a traceback from the plugin, hidden by the run's
+    log level); the run says it in words. None when JAX_PLATFORMS asks for the CPU: then it is no fallback.
+    """
+    if jax.default_backend() != "cpu" or os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return None
+    installed = []
+    for name in ACCELERATOR_PLUGINS:
+        try:
+            installed.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    if not installed:
+        return None
+    return f"no accelerator found: {', '.join(installed)} is installed, but JAX sees no device; training on the CPU"
 
 
 def make_mesh() -> Mesh:

@@ -10,9 +10,11 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
+import tomllib
 
 import pytest
 from conftest import REPO_ROOT, tiny_overrides, write_idx_dataset
@@ -23,6 +25,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 BASE_IMAGE = os.environ.get("MNIST_FLAX_BASE_IMAGE", "mnist-flax-ci-base:bookworm")
 IMAGE = "mnist-flax:test-cpu"
+CUDA_IMAGE = "mnist-flax:test-cuda12"
 FAKE_TOKEN = "fake0container0token0" + "9" * 19
 # The legacy builder: it needs no buildx plugin, and the Dockerfile needs nothing newer.
 DOCKER_ENV = {**os.environ, "DOCKER_BUILDKIT": "0"}
@@ -168,3 +171,97 @@ def test_tiny_training_in_the_container(image, tmp_path):
     for path in workdir.rglob("*"):
         if path.is_file():
             assert FAKE_TOKEN.encode() not in path.read_bytes(), f"the token leaked into {path}"
+
+
+# -- the accelerator image, and the README's first command on a bare Debian ----------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_image(image, tmp_path_factory):
+    """The CUDA 12 image: the CPU image's locked layer plus JAX's CUDA plugin and NVIDIA's wheels (gigabytes)."""
+    log = str(tmp_path_factory.mktemp("build-cuda12") / "build.log")
+    with open(log, "w") as f:
+        build = subprocess.run(
+            ["docker", "build", "-t", CUDA_IMAGE, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}"]
+            + ["--build-arg", "JAX_FLAVOUR=cuda12", "--build-arg", f"GIT_COMMIT={git('rev-parse', 'HEAD')}", REPO_ROOT],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=1500,
+            env=DOCKER_ENV,
+        )
+    output = open(log).read()
+    assert build.returncode == 0, f"docker build (cuda12) failed:\n{output[-4000:]}"
+    # The packages every image has are one layer, built once for both images.
+    assert re.search(r"install_locked\.sh /tmp/lock\s*&&[^\n]*\n ---> Using cache", output), output[-4000:]
+    return CUDA_IMAGE
+
+
+def test_the_cuda_image_trains_on_the_cpu_where_there_is_no_gpu_and_says_so(cuda_image, tmp_path):
+    data = write_idx_dataset(str(tmp_path / "data"))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    runs.chmod(0o777)
+    result = docker(
+        "run",
+        "--rm",
+        "-e",
+        "WANDB_MODE=offline",
+        "-v",
+        f"{runs}:/runs",
+        "-v",
+        f"{data}:/data:ro",
+        cuda_image,
+        "python",
+        "main.py",
+        "--config=configs/mlp.py",
+        "--workdir=/runs/tiny",
+        *tiny_overrides("/data", num_epochs=1),
+        timeout=600,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert f"no accelerator found: jax-cuda12-plugin {jax_pin()} is installed, but JAX sees no device" in output
+    assert "cpu x1" in output and "Traceback" not in output
+    final = json.loads((runs / "tiny" / "final_metrics.json").read_text())
+    assert final["test"]["accuracy"] > 0.5
+    sizes = {
+        name: int(docker("image", "inspect", "--format", "{{.Size}}", name).stdout) for name in (IMAGE, cuda_image)
+    }
+    assert sizes[cuda_image] > sizes[IMAGE] + 2**30  # the CUDA wheels really are in it
+    print(f"image sizes: {IMAGE} {sizes[IMAGE] / 2**30:.2f} GiB, {cuda_image} {sizes[cuda_image] / 2**30:.2f} GiB")
+
+
+def jax_pin() -> str:
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    return next(d.split("==")[1] for d in dependencies if d.startswith("jax=="))
+
+
+def test_make_train_from_a_clone_on_a_bare_debian(docker_daemon, image, tmp_path):
+    """The README's first command where a newcomer's Debian 12 has nothing but python3: the CI base image.
+
+    `image` is only asked for so that the base image exists. The clone is of this checkout's commit; make and
+    git are what the README says to install first; the rest (the data, python3-venv, the locked packages) is
+    make's own doing. Debian's own python3 is the interpreter, as on a stock machine.
+    """
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", REPO_ROOT, str(clone)], check=True, timeout=120)
+    script = (
+        "set -e; export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; "
+        "apt-get install -y -qq make git >/dev/null; "
+        # A stock Debian 12 has python3 without its venv module: the setup installs it.
+        "apt-get purge -y -qq python3-venv python3.11-venv >/dev/null; "
+        "git clone -q /src /work/clone && cd /work/clone; "
+        "make train CONFIG=configs/mlp.py ARGS='--config.num_epochs=1 --config.data.train_subset=5000 "
+        "--config.data.eval_subset=1000 --config.wandb.mode=offline --config.tensorboard=False --workdir=runs/first'; "
+        "test ! -e /usr/lib/python3/dist-packages/jax && .venv/bin/python -c 'import sys; print(sys.base_prefix)'"
+    )
+    result = docker("run", "--rm", "-v", f"{clone}:/src:ro", BASE_IMAGE, "bash", "-c", script, timeout=900, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "setup: /usr/bin/python3 has no venv module; installing Debian's python3-venv" in output
+    assert "setup: making .venv with /usr/bin/python3 (Python 3.11)" in output
+    assert "setup: .venv synced from uv.lock" in output
+    assert "test: accuracy" in output and "workdir: runs/first" in output
+    assert output.strip().splitlines()[-1] == "/usr"  # the venv is Debian's own Python's

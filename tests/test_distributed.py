@@ -115,3 +115,30 @@ def test_two_processes_train_together_and_agree(single_device, tiny_data_dir, tm
     # Only process 0 reports (gloo's own connection line aside).
     assert "done:" not in secondary_out and "epoch 1/2" not in secondary_out
     _assert_agree(single_device, _results(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("installed", "platforms", "expected"),
+    [
+        ({"jax-cuda12-plugin": "0.10.2"}, "", "jax-cuda12-plugin 0.10.2 is installed, but JAX sees no device"),
+        ({"jax-cuda12-plugin": "0.10.2"}, "cpu", None),  # asked for the CPU: no fallback to report
+        ({}, "", None),  # a CPU-only environment: nothing to say
+    ],
+)
+def test_an_installed_plugin_without_a_device_is_said_in_one_line(monkeypatch, installed, platforms, expected):
+    from importlib import metadata
+
+    from mnist_flax import distributed
+
+    def version(name):
+        if name in installed:
+            return installed[name]
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(distributed.metadata, "version", version)
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    line = distributed.accelerator_fallback()
+    if expected is None:
+        assert line is None
+    else:
+        assert expected in line and line.endswith("training on the CPU") and "\n" not in line

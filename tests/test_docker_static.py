@@ -24,6 +24,8 @@ SHELL_SCRIPTS = [
     "launch/slurm.sbatch",
     "launch/sweep_array.sbatch",
     "tools/repeat_test.sh",
+    "tools/setup_venv.sh",
+    "tools/install_locked.sh",
 ]
 SECRET_NAMES = ("WANDB_API_KEY", "WANDB_TOKEN", "API_KEY", "TOKEN", "PASSWORD", "SECRET")
 
@@ -106,8 +108,8 @@ def test_dockerfile_takes_its_base_and_jax_flavour_as_build_arguments():
     assert any(k == "ARG" and a.startswith("BASE_IMAGE=") for k, a in instructions[:first_from])
     assert all("${BASE_IMAGE}" in a for k, a in instructions if k == "FROM")
     assert any(k == "ARG" and a.startswith("JAX_FLAVOUR") for k, a in instructions)
-    install = next(a for k, a in instructions if k == "RUN" and "pip install" in a)
-    assert "jax[$JAX_FLAVOUR]" in install and "cpu)" in install
+    extra = next(a for k, a in instructions if k == "RUN" and "JAX_FLAVOUR" in a)
+    assert 'install_locked.sh /tmp/lock --extra "$JAX_FLAVOUR"' in extra and "cpu)" in extra
 
 
 def test_dockerfile_runs_as_a_non_root_user_with_the_entrypoint():
@@ -122,18 +124,21 @@ def test_dockerfile_runs_as_a_non_root_user_with_the_entrypoint():
     assert read("entrypoint.sh").startswith("#!/usr/bin/env bash\n")
 
 
-def test_dockerfile_installs_the_pinned_requirements_before_the_code():
+def test_dockerfile_installs_the_lock_before_the_code_in_two_layers():
     instructions = dockerfile_instructions()
-    copy_requirements = next(i for i, (k, a) in enumerate(instructions) if k == "COPY" and "requirements.txt" in a)
-    pip = next(i for i, (k, a) in enumerate(instructions) if k == "RUN" and "pip install" in a)
+    copy_lock = next(i for i, (k, a) in enumerate(instructions) if k == "COPY" and "uv.lock" in a)
+    installs = [i for i, (k, a) in enumerate(instructions) if k == "RUN" and "install_locked.sh" in a]
+    flavour = next(i for i, (k, a) in enumerate(instructions) if k == "ARG" and a.startswith("JAX_FLAVOUR"))
     copy_code = next(i for i, (k, a) in enumerate(instructions) if k == "COPY" and a.startswith(". "))
-    assert copy_requirements < pip < copy_code  # a code change does not reinstall the packages
-    install = instructions[pip][1]
-    assert re.search(r"pip install (--no-cache-dir )?-r /tmp/requirements\.txt", install)
-    assert "--no-cache-dir" in install and "rm -rf" in install and "/root/.cache" in install
-    assert not re.search(r"apt-get install|build-essential|\bgcc\b", read("Dockerfile"))  # no build tools
-    pins = [line for line in read("requirements.txt").splitlines() if line and not line.startswith("#")]
-    assert pins and all("==" in line for line in pins)  # what the image installs is pinned
+    # The packages every image has come before JAX_FLAVOUR, so the CPU and CUDA images share that layer,
+    # and a code change reinstalls nothing.
+    assert copy_lock < installs[0] < flavour < installs[1] < copy_code
+    assert "pyproject.toml" in instructions[copy_lock][1]
+    assert not re.search(r"apt-get install|build-essential|\bgcc\b|pip install", read("Dockerfile"))
+    script = read("tools/install_locked.sh")
+    assert "--require-hashes" in script  # uv itself comes from the lock's hashes
+    assert re.search(r"uv sync --frozen --no-dev", script)  # exactly the lock, never re-resolved
+    assert "rm -rf /tmp/uv" in script and "UV_NO_CACHE=1" in script  # no installer or cache in the image
 
 
 def test_git_commit_goes_in_at_build_time_and_no_secret_does():
@@ -182,8 +187,8 @@ def test_dockerignore_keeps_out(path):
 
 @pytest.mark.parametrize(
     "path",
-    ["main.py", "mnist_flax/train.py", "configs/cnn.py", "requirements.txt", "entrypoint.sh", "launch/sweep.yaml"]
-    + [".env.example", "notebooks/quickstart.ipynb"],
+    ["main.py", "mnist_flax/train.py", "configs/cnn.py", "pyproject.toml", "uv.lock", "entrypoint.sh"]
+    + ["launch/sweep.yaml", ".env.example", "notebooks/quickstart.ipynb", "tools/install_locked.sh"],
 )
 def test_dockerignore_keeps_what_the_image_needs(path):
     assert not dockerignore_excludes(path)
@@ -264,6 +269,29 @@ def test_docker_run_builds_with_the_commit_and_mounts_everything(tmp_path):
     subprocess.run(["bash", os.path.join(REPO_ROOT, "launch", "docker_run.sh"), "bash", "-c", "echo hi"], env=env)
     (run,) = recorded_calls(log)  # no build this time
     assert "--gpus" not in run and run[-4:] == ["mnist-flax:cpu", "bash", "-c", "echo hi"]
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_docker_run_picks_the_cuda_image_only_where_a_gpu_answers(tmp_path, gpu):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "docker.log"
+    write_stub(stubs, "docker", f'for a in "$@"; do printf "%s\\0" "$a"; done >> {log}; echo >> {log}\n')
+    # nvidia-smi as a machine without a driver has it (installed, failing) or with one (listing a GPU).
+    write_stub(stubs, "nvidia-smi", 'echo "GPU 0: NVIDIA H200"\n' if gpu else 'echo "no driver" >&2; exit 9\n')
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path), "DOCKER": str(stubs / "docker")}
+    env.update(BUILD="0", RUNS_DIR=str(tmp_path / "runs"), ENV_FILE=str(tmp_path / "none.env"))
+    result = subprocess.run(
+        ["bash", os.path.join(REPO_ROOT, "launch", "docker_run.sh"), "--config=configs/mlp.py"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    (run,) = recorded_calls(log)
+    assert ("mnist-flax:cuda12" in run) == gpu and ("mnist-flax:cpu" in run) != gpu
+    assert ("--gpus" in run) == gpu
 
 
 def test_slurm_script_gives_each_process_its_place(tmp_path):
