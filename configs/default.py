@@ -104,6 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.resume = ml_collections.ConfigDict()
     config.resume.allow_config_changes = False
     config.resume.allow_data_changes = False
+    config.resume.strict_environment = False  # True: another environment (packages, uv.lock, devices) stops, not warns
 
     # A checkpoint to start from: a local checkpoint directory, a run workdir, or
     # a W&B artifact ("entity/project/name:alias"). Empty = random init.

@@ -12,7 +12,7 @@ the change happened.
 import jax
 
 from mnist_flax import config_utils, provenance
-from mnist_flax.errors import ConfigError, DataError
+from mnist_flax.errors import ConfigError, DataError, MnistFlaxError
 
 # Fields that may change on resume, and why the training stays the same.
 SAFE_ON_RESUME = {
@@ -44,12 +44,8 @@ SAFE_ON_RESUME = {
     "distributed.process_id": "this process's index",
     "resume.allow_config_changes": "this switch",
     "resume.allow_data_changes": "the data switch",
+    "resume.strict_environment": "whether another environment refuses the resume (it is recorded either way)",
 }
-
-
-def changes(saved: dict, new: dict) -> dict[str, list]:
-    """{field: [saved value, new value]} for every field that differs between two flat configs (absent: None)."""
-    return {k: [saved.get(k), new.get(k)] for k in sorted(saved.keys() | new.keys()) if saved.get(k) != new.get(k)}
 
 
 def check(saved_config: dict, config, step: int, directory: str = "") -> dict[str, list]:
@@ -63,7 +59,7 @@ def check(saved_config: dict, config, step: int, directory: str = "") -> dict[st
     Returns:
       Every change, safe ones included, for the record.
     """
-    changed = changes(config_utils.flatten(saved_config), config_utils.flatten(config))
+    changed = provenance.changes(config_utils.flatten(saved_config), config_utils.flatten(config))
     unsafe = {k: v for k, v in changed.items() if k not in SAFE_ON_RESUME}
     if unsafe and not config.resume.allow_config_changes:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in unsafe.items())
@@ -93,10 +89,7 @@ def check_resume(config, meta: dict, record: dict, step: int, directory: str) ->
             f"checkpoint was trained on ({config.data.name} from {config.data.source}); use the original files, a "
             "new --workdir, or --config.resume.allow_data_changes=True"
         )
-    environment = provenance.compare_environment(saved.get("environment"), record["environment"])
-    if environment and jax.process_index() == 0:
-        listed = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in environment.items())
-        print(f"warning: resuming in another environment than the checkpoint's ({listed})", flush=True)
+    check_environment(config, saved.get("environment"), record["environment"], step)
     history = list(meta.get("config_history") or [])
     if changed:
         history.append({"step": step, "changed": changed, "previous_config": meta["config"]})
@@ -104,3 +97,21 @@ def check_resume(config, meta: dict, record: dict, step: int, directory: str) ->
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             print(f"resuming at step {step} with changed fields (recorded in config_history.json): {listed}")
     return history
+
+
+def check_environment(config, saved: dict | None, current: dict, step: int) -> None:
+    """Another environment than the checkpoint's: a warning naming what differs, or with
+    `resume.strict_environment` a refusal (MnistFlaxError)."""
+    changed = provenance.compare_environment(saved, current)
+    if not changed:
+        return
+    listed = provenance.describe_changes(changed)
+    if config.resume.strict_environment:
+        raise MnistFlaxError(
+            f"resuming at step {step} in another environment than the checkpoint's ({listed}) with "
+            "resume.strict_environment=True; resume where the checkpoint ran (its commit's uv.lock, installed by "
+            "`make setup`; the same devices and cores), or pass --config.resume.strict_environment=False to resume "
+            "with a warning"
+        )
+    if jax.process_index() == 0:
+        print(f"warning: resuming in another environment than the checkpoint's ({listed})", flush=True)

@@ -3,7 +3,8 @@
 The code's git state (commit, branch, dirty flag; inside a container, which
 has no `.git`, the commit baked into its image), a fingerprint of the data
 (hashes of each split's decoded arrays and of the source files) and the
-environment (library versions, backend, devices). Apart from the W&B run
+environment (every installed distribution's version, the hash of uv.lock and
+whether it pins them all, backend, devices). Apart from the W&B run
 (`tracking.py`), so a record is complete whether or not W&B is on; resume and
 `reproduce` compare them.
 """
@@ -12,7 +13,9 @@ import glob
 import hashlib
 import os
 import platform
+import re
 import subprocess
+import tomllib
 from importlib import metadata
 
 import numpy as np
@@ -48,6 +51,11 @@ def git_info(repo_dir: str = config_utils.REPO_ROOT) -> dict:
 
 
 ENVIRONMENT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "clu", "wandb", "numpy")
+NOT_INSTALLED = "not installed"
+LOCK_FILE = "uv.lock"  # beside the code: config_utils.REPO_ROOT
+# Installed beside the lock, never by it: `python -m venv` seeds pip, and the project is the lock's root.
+NOT_LOCKED = ("pip", "mnist-flax")
+NOT_IN_LOCK = "not in uv.lock"
 
 
 def package_versions(names) -> dict[str, str]:
@@ -57,24 +65,88 @@ def package_versions(names) -> dict[str, str]:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+            versions[name] = NOT_INSTALLED
     return versions
 
 
-def environment() -> dict:
-    """Python and library versions, backend, device kind and count, usable CPU cores, process count."""
+def normalize(name: str) -> str:
+    """A distribution's name as PEP 503 compares it: lowercase, each run of "-", "_", "." one "-"."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_packages() -> dict[str, str]:
+    """{normalized name: version} of every distribution this interpreter sees; the first on sys.path, as import."""
+    packages = {}
+    for dist in metadata.distributions():
+        fields = dist.metadata  # parsed once: `dist.name` and `dist.version` would parse it twice
+        if fields["Name"]:
+            packages.setdefault(normalize(fields["Name"]), fields["Version"])
+    return dict(sorted(packages.items()))
+
+
+def read_lock(path: str) -> tuple[str, dict[str, set[str]] | None]:
+    """(sha256 of the file, {normalized name: the versions it pins}); ("absent", None) where there is no file.
+
+    A universal lock may pin two versions of one package (one per Python version or platform marker); either
+    counts as pinned.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return "absent", None
+    pins = {}
+    for package in tomllib.loads(raw.decode()).get("package", []):
+        pins.setdefault(normalize(package["name"]), set()).add(package.get("version"))
+    return hashlib.sha256(raw).hexdigest(), pins
+
+
+def lock_differences(packages: dict[str, str], pins: dict[str, set[str]]) -> dict[str, list[str]]:
+    """{name: [what the lock pins, installed version]} for each installed distribution (but NOT_LOCKED) that the
+    lock does not pin at exactly its version: "not in uv.lock" for one it lacks."""
+    differences = {}
+    for name, version in packages.items():
+        if name not in NOT_LOCKED and version not in pins.get(name, ()):
+            differences[name] = [" or ".join(sorted(pins[name])) if name in pins else NOT_IN_LOCK, version]
+    return differences
+
+
+def environment(lock_path: str | None = None) -> dict:
+    """Python and library versions, backend, device kind and count, usable CPU cores, process count, and the lock
+    (installed_environment)."""
     import jax
 
     devices = jax.devices()
+    installed = installed_environment(lock_path)
     return {
-        "python": platform.python_version(),
-        **package_versions(ENVIRONMENT_PACKAGES),
+        "python": installed.pop("python"),
+        **{name: installed["packages"].get(normalize(name), NOT_INSTALLED) for name in ENVIRONMENT_PACKAGES},
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
         # XLA's CPU backend divides its work by the cores it may use: results differ between core counts.
         "cpu_count": len(os.sched_getaffinity(0)),
         "process_count": jax.process_count(),
+        **installed,
+    }
+
+
+def installed_environment(lock_path: str | None = None) -> dict:
+    """What this interpreter has installed, checked against uv.lock (default: the checkout's), without JAX.
+
+    `packages` holds every installed distribution; `lock_sha256` the hash of uv.lock ("absent" without one);
+    `locked` whether uv.lock pins each of them at its version (no uv.lock: False), `unlocked` those it does not
+    (lock_differences). Reads about 170 METADATA files and parses uv.lock: some 0.1-0.2 s, once per run.
+    """
+    packages = installed_packages()
+    lock_sha256, pins = read_lock(lock_path or os.path.join(config_utils.REPO_ROOT, LOCK_FILE))
+    unlocked = lock_differences(packages, pins) if pins is not None else {}
+    return {
+        "python": platform.python_version(),
+        "lock_sha256": lock_sha256,
+        "locked": pins is not None and not unlocked,
+        "unlocked": unlocked,
+        "packages": packages,
     }
 
 
@@ -119,12 +191,63 @@ def compare_data(saved: dict | None, current: dict) -> list[str]:
     return [name for name in ("train", "validation", "test") if saved.get(name) != current.get(name)]
 
 
-def compare_environment(saved: dict | None, current: dict) -> dict[str, list]:
-    """{field: [saved, current]} for each environment field that differs."""
-    if not saved:
-        return {}
+def changes(saved: dict, current: dict) -> dict[str, list]:
+    """{key: [saved value, current value]} for every key whose value differs between two flat dicts (absent: None).
+
+    One comparison for both records: a config's fields (drift) and an environment's (compare_environment).
+    """
     return {
         k: [saved.get(k), current.get(k)]
         for k in sorted(saved.keys() | current.keys())
         if saved.get(k) != current.get(k)
     }
+
+
+def compare_environment(saved: dict | None, current: dict) -> dict[str, list]:
+    """{field: [saved, current]} for each environment field that differs, package by package ("packages.numpy").
+
+    Only the fields both records hold are compared, so a record written before a field existed is no
+    difference; where both list `packages`, a package on one side only is "not installed" on the other, and the
+    top-level copies of ENVIRONMENT_PACKAGES are left to `packages`. `unlocked` follows from the packages and
+    the lock: not compared. The fields come first, then the packages.
+    """
+    if not saved:
+        return {}
+    current = current or {}
+    both = saved.keys() & current.keys()
+    with_packages = "packages" in both
+    left_out = {"packages", "unlocked", *(ENVIRONMENT_PACKAGES if with_packages else ())}
+    fields = both - left_out
+    changed = changes({k: saved[k] for k in fields}, {k: current[k] for k in fields})
+    if with_packages:
+        for name, (old, new) in changes(saved["packages"] or {}, current["packages"] or {}).items():
+            changed[f"packages.{name}"] = [NOT_INSTALLED if old is None else old, NOT_INSTALLED if new is None else new]
+    return changed
+
+
+def describe_changes(changed: dict[str, list], limit: int = 8) -> str:
+    """The differences as "field old -> new", the first `limit` of them then "and N more": one line for any number."""
+
+    def text(key: str, value) -> str:
+        return value[:12] if key == "lock_sha256" and isinstance(value, str) else str(value)
+
+    return _first([f"{k} {text(k, old)} -> {text(k, new)}" for k, (old, new) in changed.items()], limit)
+
+
+def describe_unlocked(environment: dict | None, limit: int = 8) -> str | None:
+    """Why a recorded environment is not the locked one, in one line; None where it is, or it recorded no verdict."""
+    if not environment or environment.get("locked", True):
+        return None
+    if environment.get("lock_sha256") == "absent":
+        return f"no {LOCK_FILE} beside the code"
+    return _first(
+        [
+            f"{name} {version} ({pinned if pinned == NOT_IN_LOCK else f'{LOCK_FILE} pins {pinned}'})"
+            for name, (pinned, version) in (environment.get("unlocked") or {}).items()
+        ],
+        limit,
+    )
+
+
+def _first(items: list[str], limit: int) -> str:
+    return ", ".join(items[:limit] + ([f"and {len(items) - limit} more"] if len(items) > limit else []))

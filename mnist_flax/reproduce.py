@@ -9,13 +9,16 @@ resolved config as it is (a config file that returns `config.json`, no overrides
 rebuilt by hand) into a new workdir, from the current directory, so relative
 paths in the config mean what they mean to `main.py` here. Then the configs are
 diffed (nothing may differ but `wandb.name` and `wandb.mode`), the provenance
-compared (different data fails; a different environment is a warning) and the
-metrics put side by side.
+compared (different data fails; a different environment, or a reproduction
+outside the locked environment that uv.lock pins, is a warning, and fails with
+`--strict-environment`) and the metrics put side by side.
 
-Exit status: 0 the reproduction matches, 1 it differs (the table says what),
+Exit status: 0 the reproduction matches, 1 it differs (the last line says what),
 2 bad input (one line): no such run, a run that did not finish, a run recorded
 from a dirty tree (without `--force`), no recorded commit or one the repository
-does not have, no git, a workdir that is not empty, or a reproduction that failed.
+does not have, no git, a workdir that is not empty, with `--strict-environment` an
+interpreter whose packages are not the run's or not those its commit's uv.lock pins
+(checked before training), or a reproduction that failed.
 """
 
 import argparse
@@ -180,6 +183,28 @@ def worktree(repo: str, commit: str):
 # ---------------------------------------------------------------- the reproduction
 
 
+def check_environment(record: runs.RunRecord, tree: str, commit: str) -> None:
+    """--strict-environment, before training: this interpreter's Python and packages are the recorded run's and
+    the commit's uv.lock pins them all, else ReproduceError (the devices and cores are compared afterwards)."""
+    saved = (read_provenance(record) or {}).get("environment")
+    if not saved:
+        raise ReproduceError(f"{record.path} recorded no environment: --strict-environment has nothing to compare")
+    here = provenance.installed_environment(os.path.join(tree, provenance.LOCK_FILE))
+    here.update(
+        {name: here["packages"].get(name, provenance.NOT_INSTALLED) for name in provenance.ENVIRONMENT_PACKAGES}
+    )
+    problems = []
+    if changed := provenance.compare_environment(saved, here):
+        problems.append(f"not the recorded run's ({provenance.describe_changes(changed)})")
+    if outside := provenance.describe_unlocked(here):
+        problems.append(f"not the one uv.lock of {commit[:12]} pins ({outside})")
+    if problems:
+        raise ReproduceError(
+            f"--strict-environment: this environment is {' and '.join(problems)}; nothing was trained; install "
+            f"{commit[:12]}'s uv.lock (`make setup` at that commit) or reproduce without --strict-environment"
+        )
+
+
 def train_at(tree: str, folder: str, record: runs.RunRecord, workdir: str, wandb_mode: str) -> int:
     """Runs the worktree's own main.py on the recorded resolved config; returns its exit status."""
     config_json = os.path.join(folder, "config.json")
@@ -298,32 +323,57 @@ def format_rows(rows: list[Row]) -> str:
     return "\n".join(f"{m:<{widths[0]}}  {x:<{widths[1]}}  {y:<{widths[2]}}  {ok}" for m, x, y, ok in cells)
 
 
-def report(recorded: runs.RunRecord, reproduced: runs.RunRecord, allow_different_data: bool) -> bool:
-    """Prints the config difference, the provenance lines and the metric table; True when the reproduction matches."""
+def report(
+    recorded: runs.RunRecord, reproduced: runs.RunRecord, allow_different_data: bool, strict_environment: bool = False
+) -> list[str]:
+    """Prints the config difference, the provenance lines and the metric table; returns what differs (for the
+    last line): nothing when the reproduction matches."""
+    differs = []
     difference = compare_configs(recorded, reproduced)
-    same_config = config_diff.is_empty(difference)
-    if same_config:
+    if config_diff.is_empty(difference):
         print(f"config: equal (apart from {', '.join(OWN_FIELDS)}, which the reproduction sets)")
     else:
         print("config differs:\n" + config_diff.format_table(difference, "recorded", "reproduced"))
-    compared = compare_provenance(read_provenance(recorded), read_provenance(reproduced))
-    same_data = True
+        differs.append("config")
+    saved, current = read_provenance(recorded), read_provenance(reproduced)
+    compared = compare_provenance(saved, current)
     if compared is None:
         print("provenance: not recorded by both runs (no provenance.json); data and environment not compared")
+        if strict_environment:
+            differs.append("environment not recorded (--strict-environment)")
     else:
         splits, environment = compared
-        same_data = not splits or allow_different_data
         if not splits and not environment:
             print("provenance: the same data (train, validation, test) and environment")
         if splits:
             verdict = "warning (--allow-different-data)" if allow_different_data else "differs"
             print(f"data {verdict}: the {', '.join(splits)} split(s) are not the data the run was trained on")
-        if environment:
-            changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in environment.items())
-            print(f"warning: another environment ({changes}): the metrics may differ by more than the tolerances")
+            if not allow_different_data:
+                differs.append("data")
+        recorded_env, reproduced_env = saved.get("environment"), current.get("environment")
+        differs += report_environment(environment, recorded_env, reproduced_env, strict_environment)
     rows = compare_metrics(recorded, reproduced)
     print(format_rows(rows))
-    return same_config and same_data and all(r.match is not False for r in rows)
+    if any(r.match is False for r in rows):
+        differs.append("metrics")
+    return differs
+
+
+def report_environment(changed: dict, recorded: dict | None, reproduced: dict | None, strict: bool) -> list[str]:
+    """Prints how the environments differ and whether the reproduction's was the locked one (uv.lock pins every
+    package); returns what fails the reproduction: with `strict` either, else nothing (warnings)."""
+    verdict = "environment differs (--strict-environment)" if strict else "warning"
+    failures = []
+    if changed:
+        listed = provenance.describe_changes(changed)
+        print(f"{verdict}: another environment ({listed}): the metrics may differ by more than the tolerances")
+        failures.append("another environment")
+    if outside := provenance.describe_unlocked(reproduced):
+        print(f"{verdict}: the reproduction ran outside the locked environment ({outside})")
+        failures.append("outside the locked environment")
+    if recorded_outside := provenance.describe_unlocked(recorded):
+        print(f"note: the recorded run ran outside its locked environment ({recorded_outside})")
+    return [f"{what} (--strict-environment)" for what in failures] if strict else []
 
 
 # ---------------------------------------------------------------- command line
@@ -341,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", default=config_utils.REPO_ROOT, help="the git repository (default: this code's)")
     parser.add_argument("--wandb-mode", choices=("offline", "disabled"), default="offline", help="the reproduction's")
     parser.add_argument("--allow-different-data", action="store_true", help="report other data as a warning")
+    parser.add_argument(
+        "--strict-environment",
+        action="store_true",
+        help="fail when the environment differs or the reproduction ran outside the locked environment (uv.lock)",
+    )
     args = parser.parse_args(argv)
     workdir = None
     try:
@@ -356,11 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         source = {"environment": "the commit baked into its container image"}.get(recorded.git.get("source"), "git")
         print(f"reproducing {recorded.path} at {commit[:12]} ({source}) into {workdir}", flush=True)
         with worktree(args.repo, commit) as (folder, tree):
+            if args.strict_environment:
+                check_environment(recorded, tree, commit)
             status = train_at(tree, folder, recorded, workdir, args.wandb_mode)
         if status != 0:
             why = "was stopped (SIGTERM or SIGINT)" if status == Preempted.exit_code else "failed"
             raise ReproduceError(f"the reproduction at {commit[:12]} {why}: exit status {status}; nothing compared")
-        matches = report(recorded, runs.load(workdir), args.allow_different_data)
+        differs = report(recorded, runs.load(workdir), args.allow_different_data, args.strict_environment)
     except MnistFlaxError as e:
         _remove_half(workdir)
         print(f"error: {e}", file=sys.stderr)
@@ -369,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         _remove_half(workdir)
         print("error: interrupted", file=sys.stderr)
         return 130
-    print(f"reproduction {'matches' if matches else 'DIFFERS'}: {workdir}")
-    return 0 if matches else 1
+    print(f"reproduction DIFFERS ({', '.join(differs)}): {workdir}" if differs else f"reproduction matches: {workdir}")
+    return 1 if differs else 0
 
 
 def _remove_half(workdir: str | None) -> None:

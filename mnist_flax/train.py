@@ -235,7 +235,9 @@ def _start_records(config, requested, workdir, overrides, config_changes, record
             files["config_history.json"] = config_history
         for name, payload in files.items():
             workdir_lib.write_json(os.path.join(workdir, name), payload)
-    extra = {"provenance": record, "config_history": config_history}
+    # W&B keeps its own list of the installed packages (its requirements.txt file); the config keeps the verdict.
+    environment = {k: v for k, v in record["environment"].items() if k != "packages"}
+    extra = {"provenance": {**record, "environment": environment}, "config_history": config_history}
     tracker = tracking.Tracker.start(
         config, workdir, record["git"], overrides, config_changes, primary, requested.to_dict(), extra
     )
@@ -484,6 +486,9 @@ def _say(training: Training, text: str) -> None:
 
 def _describe(training: Training, model) -> None:
     config, datasets = training.config, training.datasets
+    fallback = distributed.accelerator_fallback()
+    if fallback:
+        _say(training, fallback)
     _say(
         training,
         f"{datasets.name} from {datasets.source}: train {len(datasets.train)}, validation "

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 from conftest import run_main, tiny_overrides
+from test_environment_record import write_distribution
 
 from mnist_flax import drift, runs
 
@@ -28,6 +29,19 @@ def _snapshot(workdir) -> dict:
                 files[os.path.relpath(path, workdir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
     files["config.json"] = hashlib.sha256(open(os.path.join(workdir, "config.json"), "rb").read()).hexdigest()
     return files
+
+
+def _extra_package_difference(finished_run) -> str:
+    """What the resume names: the extra package, and the verdict where the checkpoint's run was the locked one."""
+    locked = json.load(open(os.path.join(finished_run, "provenance.json")))["environment"]["locked"]
+    return ("locked True -> False, " if locked else "") + "packages.extra-pkg not installed -> 1.0"
+
+
+def _with_an_extra_package(tmp_path) -> dict:
+    """An environment for main.py with one more distribution than the checkpoint's, as `pip install` adds one."""
+    site = tmp_path / "site"
+    write_distribution(site, "extra_pkg", "1.0")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +76,20 @@ def test_a_change_that_changes_the_training_is_refused(finished_run, tiny_data_d
 def test_a_record_only_change_resumes_and_is_recorded(finished_run, tiny_data_dir, tmp_path):
     workdir = str(tmp_path / "renamed")
     shutil.copytree(finished_run, workdir)
-    result = run_main(_args(tiny_data_dir, workdir, **{"wandb.name": "renamed", "log_every_steps": 7}))
+    # In another environment too (one more package): by default a warning, and the new record says so.
+    result = run_main(
+        _args(tiny_data_dir, workdir, **{"wandb.name": "renamed", "log_every_steps": 7}),
+        env=_with_an_extra_package(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming at step 20 with changed fields" in result.stdout
+    warning = (
+        f"warning: resuming in another environment than the checkpoint's ({_extra_package_difference(finished_run)})"
+    )
+    assert warning in result.stdout.splitlines(), result.stdout[-2000:]
+    environment = json.load(open(os.path.join(workdir, "provenance.json")))["environment"]
+    assert environment["packages"]["extra-pkg"] == "1.0" and environment["locked"] is False
+    assert environment["unlocked"]["extra-pkg"] == ["not in uv.lock", "1.0"]  # outside the locked environment
     history = json.load(open(os.path.join(workdir, "config_history.json")))
     assert [entry["step"] for entry in history] == [20]
     assert history[0]["changed"] == {"log_every_steps": [5, 7], "wandb.name": ["", "renamed"]}
@@ -119,5 +144,16 @@ def test_other_data_has_another_fingerprint_and_is_refused_on_resume(finished_ru
 
 def test_safe_fields_each_say_why():
     assert all(reason.strip() for reason in drift.SAFE_ON_RESUME.values())
-    changed = drift.changes({"a": 1, "b": [1, 2]}, {"a": 1, "b": [1, 3], "c": True})
-    assert changed == {"b": [[1, 2], [1, 3]], "c": [None, True]}
+
+
+def test_strict_environment_refuses_the_resume(finished_run, tiny_data_dir, tmp_path):
+    before = _snapshot(finished_run)
+    args = _args(tiny_data_dir, finished_run, **{"resume.strict_environment": True})
+    result = run_main(args, env=_with_an_extra_package(tmp_path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    named = _extra_package_difference(finished_run)
+    expected = f"error: resuming at step 20 in another environment than the checkpoint's ({named}) with "
+    expected += "resume.strict_environment=True; "
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+    assert _snapshot(finished_run) == before

@@ -1,6 +1,7 @@
 """`python -m mnist_flax.reproduce RUN`: the recorded commit in a temporary worktree, its own main.py on the
 recorded resolved config; exit 0 the same results, 1 different, 2 bad input (one line, nothing left behind)."""
 
+import contextlib
 import glob
 import json
 import os
@@ -11,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
+from test_environment_record import write_lock
 
-from mnist_flax import reproduce, tracking
+from mnist_flax import provenance, reproduce, tracking
 from mnist_flax.workdir import write_json, write_predictions
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -103,8 +105,12 @@ def repo(tiny_data_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_reproduces_the_recorded_commit_not_the_checkout(repo):
     out = repo["root"] / "reproduced"
-    result = _reproduce(repo["clone"], repo["tmp"], repo["run"], "--workdir", out)
+    # In the locked environment (make setup's .venv) the reproduction holds under --strict-environment too.
+    locked = provenance.installed_environment()["locked"]
+    strict = ["--strict-environment"] if locked else []
+    result = _reproduce(repo["clone"], repo["tmp"], repo["run"], "--workdir", out, *strict)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "provenance.json").read_text())["environment"]["locked"] is locked
     assert "config: equal" in result.stdout and "reproduction matches" in result.stdout
     assert "provenance: the same data (train, validation, test) and environment" in result.stdout
     recorded = json.loads(open(os.path.join(repo["run"], "final_metrics.json")).read())
@@ -244,9 +250,10 @@ def test_the_worktree_is_removed_on_ctrl_c(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the comparison
 
 
-def _report(capsys, a, b, allow_different_data=False):
-    matches = reproduce.report(reproduce.runs.load(a), reproduce.runs.load(b), allow_different_data)
-    return matches, capsys.readouterr().out
+def _report(capsys, a, b, allow_different_data=False, strict_environment=False):
+    """(whether the reproduction matches, what it printed)."""
+    differs = reproduce.report(reproduce.runs.load(a), reproduce.runs.load(b), allow_different_data, strict_environment)
+    return not differs, capsys.readouterr().out
 
 
 def test_equal_runs_match_and_the_tolerances_hold(tmp_path, capsys):
@@ -283,3 +290,95 @@ def test_a_container_run_is_reproduced_from_the_commit_in_its_image(tmp_path):
     head = _git(REPO_ROOT, "rev-parse", "HEAD")
     record = reproduce.runs.load(_fake_run(tmp_path / "run", commit=head[:12], source="environment"))
     assert reproduce.resolve_commit(REPO_ROOT, reproduce.check_reproducible(record, force=False)) == head
+
+
+# ---------------------------------------------------------------- the environment, --strict-environment
+
+
+def _environment(tmp_path, **changes) -> dict:
+    """This interpreter's environment as a run records it, against a uv.lock pinning exactly what is installed."""
+    packages = provenance.installed_packages()
+    lock = write_lock(tmp_path / "uv.lock", {n: v for n, v in packages.items() if n not in provenance.NOT_LOCKED})
+    installed = provenance.installed_environment(lock)
+    flat = {n: packages.get(n, provenance.NOT_INSTALLED) for n in provenance.ENVIRONMENT_PACKAGES}
+    return {**flat, "backend": "cpu", "device_kind": "cpu", "cpu_count": 2, **installed, **changes}
+
+
+def _with_environment(environment: dict) -> dict:
+    return {"data": {"train": "a", "validation": "v", "test": "t"}, "environment": environment}
+
+
+def test_another_environment_is_named_package_by_package_and_fails_when_strict(tmp_path, capsys):
+    recorded = _environment(tmp_path)
+    packages = {**recorded["packages"], **{f"extra-{i}": "1.0" for i in range(10)}}
+    unlocked = {f"extra-{i}": ["not in uv.lock", "1.0"] for i in range(10)}
+    other = {**recorded, "packages": packages, "locked": False, "unlocked": unlocked}
+    a = _fake_run(tmp_path / "a", provenance=_with_environment(recorded))
+    b = _fake_run(tmp_path / "b", provenance=_with_environment(other))
+    matches, out = _report(capsys, a, b)
+    assert matches is True  # a warning, as before
+    lines = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert lines[0].startswith("warning: another environment (locked True -> False, packages.extra-0 not installed")
+    assert "and 3 more): the metrics may differ" in lines[0]  # 11 differences: 8 named
+    assert lines[1].startswith("warning: the reproduction ran outside the locked environment (extra-0 1.0 (not in")
+    assert lines[1].endswith("and 2 more)") and len(lines) == 2
+    differs = reproduce.report(reproduce.runs.load(a), reproduce.runs.load(b), False, strict_environment=True)
+    assert differs == [
+        "another environment (--strict-environment)",
+        "outside the locked environment (--strict-environment)",
+    ]
+    assert "environment differs (--strict-environment): another environment (" in capsys.readouterr().out
+    assert _report(capsys, a, _fake_run(tmp_path / "same", provenance=_with_environment(recorded)), False, True)[0]
+
+
+def _reproduce_in_process(monkeypatch, tmp_path, capsys, recorded_env, reproduced_env, lock_packages, *flags):
+    """reproduce.main on a fake run recorded at HEAD: the worktree is a folder holding `lock_packages` as its
+    uv.lock, and the training writes a run recording `reproduced_env` (None: training fails the test)."""
+    head = _git(REPO_ROOT, "rev-parse", "HEAD")
+    run = _fake_run(tmp_path / "run", commit=head, provenance=_with_environment(recorded_env))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    write_lock(tree / "uv.lock", lock_packages)
+
+    @contextlib.contextmanager
+    def worktree(repo, commit):
+        yield str(tmp_path), str(tree)
+
+    def train_at(tree, folder, record, workdir, wandb_mode):
+        assert reproduced_env is not None, "trained although the environment was refused"
+        _fake_run(workdir, commit=head, provenance=_with_environment(reproduced_env))
+        return 0
+
+    monkeypatch.setattr(reproduce, "worktree", worktree)
+    monkeypatch.setattr(reproduce, "train_at", train_at)
+    return _main(capsys, run, "--workdir", tmp_path / "out", *flags)
+
+
+def test_strict_environment_refuses_before_training(tmp_path, capsys, monkeypatch):
+    recorded = _environment(tmp_path)
+    lock = {n: v for n, v in recorded["packages"].items() if n not in provenance.NOT_LOCKED}
+    older = {**recorded, "packages": {**recorded["packages"], "numpy": "1.0.0"}}
+    status, out, err = _reproduce_in_process(monkeypatch, tmp_path / "1", capsys, older, None, lock,
+                                             "--strict-environment")  # fmt: skip
+    numpy = recorded["packages"]["numpy"]
+    assert status == 2 and err.count("\n") == 1 and not (tmp_path / "1" / "out").exists()
+    assert err.startswith(f"error: --strict-environment: this environment is not the recorded run's (packages.numpy "
+                          f"1.0.0 -> {numpy}); nothing was trained; install ")  # fmt: skip
+    unpinned = {n: v for n, v in lock.items() if n != "jax"}
+    status, _, err = _reproduce_in_process(monkeypatch, tmp_path / "2", capsys, recorded, None, unpinned,
+                                           "--strict-environment")  # fmt: skip
+    assert status == 2 and f"and not the one uv.lock of {_git(REPO_ROOT, 'rev-parse', 'HEAD')[:12]} " in err
+    assert f"pins (jax {recorded['packages']['jax']} (not in uv.lock)); nothing was trained" in err
+
+
+def test_strict_environment_fails_a_reproduction_on_other_cores(tmp_path, capsys, monkeypatch):
+    recorded = _environment(tmp_path)
+    lock = {n: v for n, v in recorded["packages"].items() if n not in provenance.NOT_LOCKED}
+    elsewhere = {**recorded, "cpu_count": 3}
+    status, out, _ = _reproduce_in_process(monkeypatch, tmp_path / "1", capsys, recorded, elsewhere, lock)
+    assert status == 0 and "warning: another environment (cpu_count 2 -> 3)" in out
+    status, out, _ = _reproduce_in_process(monkeypatch, tmp_path / "2", capsys, recorded, elsewhere, lock,
+                                           "--strict-environment")  # fmt: skip
+    assert status == 1 and "environment differs (--strict-environment): another environment (cpu_count 2 -> 3)" in out
+    last = out.strip().splitlines()[-1]
+    assert last == f"reproduction DIFFERS (another environment (--strict-environment)): {tmp_path / '2' / 'out'}"
