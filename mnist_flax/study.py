@@ -11,6 +11,11 @@ stops (its worker was killed) is failed by the next worker that looks, and a
 copy with the same parameters is queued: the retry trains in the same workdir,
 so it resumes from the last checkpoint.
 
+The storage is any SQLAlchemy URL: `--storage`, else MNIST_FLAX_STORAGE, else
+SQLite in the sweep root. A PostgreSQL URL needs no password in it: psycopg 3
+calls libpq, which takes the password from PGPASSWORD or ~/.pgpass (PGPASSFILE),
+in the worker and in each trial's main.py, whose environment is the worker's.
+
 Pruning runs inside the trial's own `main.py`: the worker names the trial in
 the environment (MNIST_FLAX_TRIAL), and `reporter_from_environment` gives
 `train_and_evaluate` a validation callback that reports each epoch's
@@ -20,6 +25,7 @@ pruner says so.
 
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -27,10 +33,19 @@ import warnings
 from mnist_flax.errors import ConfigError, Pruned
 
 TRIAL_ENV = "MNIST_FLAX_TRIAL"
+STORAGE_ENV = "MNIST_FLAX_STORAGE"  # the study's URL when --storage is not given: off the command line
+# Said when --storage's URL holds a password: where it shows, and how to give it instead.
+PASSWORD_IN_ARGV = (
+    "warning: the --storage URL holds a password, which ps, the shell history and the Slurm job's record show; "
+    "give postgresql://USER@HOST/DB with the password in ~/.pgpass or PGPASSWORD, "
+    f"or the whole URL in {STORAGE_ENV}"
+)
 PRUNERS = ("median", "halving", "none")
 SAMPLERS = ("grid", "random", "tpe")
 # How PostgreSQL and SQLite say that another worker created Optuna's tables (or its schema version) first.
 SCHEMA_RACE = ("UniqueViolation", "UNIQUE constraint failed", "already exists")
+# USER:PASSWORD@ in a URL SQLAlchemy cannot read (to the last @: hide too much rather than too little).
+PASSWORD_IN_TEXT = re.compile(r"(://[^/:@]*):.*@")
 METRIC = "best_val_accuracy"  # the objective: the run's best validation accuracy (maximised)
 
 
@@ -47,23 +62,54 @@ def load_optuna():
 # ---------------------------------------------------------------- storage and study
 
 
-def storage_url(root: str, storage: str | None) -> str:
-    """The study's SQLAlchemy URL: the one given, else SQLite in the sweep root."""
-    return storage or f"sqlite:///{os.path.abspath(os.path.join(root, 'study.db'))}"
+def storage_url(root: str, storage: str | None) -> tuple[str, str]:
+    """The study's SQLAlchemy URL and where it came from: --storage, else MNIST_FLAX_STORAGE, else SQLite in ROOT."""
+    if storage:
+        return storage, "--storage"
+    if os.environ.get(STORAGE_ENV):
+        return os.environ[STORAGE_ENV], STORAGE_ENV
+    return f"sqlite:///{os.path.abspath(os.path.join(root, 'study.db'))}", "--storage"
 
 
-def shown_url(url: str) -> str:
-    """The URL without its password, for logs and records."""
+def _parse_url(url: str):
     try:
         from sqlalchemy.engine import make_url  # noqa: PLC0415
 
-        return make_url(url).render_as_string(hide_password=True)
+        return make_url(url)
     except Exception:  # not a URL SQLAlchemy reads: open_storage says so
-        return url
+        return None
 
 
-def open_storage(url: str, heartbeat: float):
-    """Optuna's RDB storage with heartbeats; a trial silent for 2 heartbeats is failed and queued again."""
+def has_password(url: str) -> bool:
+    """Whether the URL carries a password (USER:PASSWORD@HOST, or ?password=)."""
+    parsed = _parse_url(url)
+    if parsed is None:
+        return bool(PASSWORD_IN_TEXT.search(url))
+    return bool(parsed.password or parsed.query.get("password"))
+
+
+def shown_url(url: str) -> str:
+    """The URL without its password, for logs and records (USER:***@HOST where it holds one)."""
+    parsed = _parse_url(url)
+    if parsed is None:
+        return PASSWORD_IN_TEXT.sub(r"\1:***@", url)
+    return parsed.difference_update_query(["password"]).render_as_string(hide_password=True)
+
+
+def without_password(url: str) -> str:
+    """The URL with no password at all: USER:PASSWORD@HOST, USER:***@HOST and USER@HOST name one database."""
+    parsed = _parse_url(url)
+    if parsed is None:
+        return PASSWORD_IN_TEXT.sub(r"\1@", url)
+    # URL.set(password=None) would keep the password; the URL is a named tuple.
+    return parsed.difference_update_query(["password"])._replace(password=None).render_as_string()
+
+
+def open_storage(url: str, heartbeat: float, given_as: str = "--storage"):
+    """Optuna's RDB storage with heartbeats; a trial silent for 2 heartbeats is failed and queued again.
+
+    `given_as` names where the URL came from (--storage or MNIST_FLAX_STORAGE) in the error.
+    """
     optuna = load_optuna()
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(4):
@@ -84,7 +130,9 @@ def open_storage(url: str, heartbeat: float):
                 break
             time.sleep(0.5 * (attempt + 1))  # the other worker's tables are there now: open them
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise ConfigError(f"--storage {shown_url(url)}: cannot open the study's storage: {first}") from None
+    if "no password supplied" in first or "password authentication failed" in first:
+        first += " (the password comes from the URL, PGPASSWORD or ~/.pgpass)"
+    raise ConfigError(f"{given_as} {shown_url(url)}: cannot open the study's storage: {first}") from None
 
 
 def make_pruner(spec: dict):

@@ -17,11 +17,19 @@ accuracy to the study, so a pruner can stop a poor trial early. The objective
 is the best validation accuracy.
 
 The study lives in SQLite at ROOT/study.db unless `--storage URL` names another
-(`postgresql://user:password@host/db`, any SQLAlchemy URL Optuna takes): start
-the same command on as many machines as you like and they share the trials.
-Running the command again continues the study: finished trials are kept, and
-the trial of a worker that died is trained again from its last checkpoint.
-At the end, `compare`'s table of the trials in ROOT (also in ROOT/summary.json).
+(any SQLAlchemy URL Optuna takes; without `--storage`, the environment's
+MNIST_FLAX_STORAGE): start the same command on as many machines as you like
+and they share the trials. Running the command again continues the study:
+finished trials are kept, and the trial of a worker that died is trained again
+from its last checkpoint. At the end, `compare`'s table of the trials in ROOT
+(also in ROOT/summary.json).
+
+Keep the database's password off the command line, where ps, the shell history
+and a Slurm job's record show it: give `postgresql://user@host/db` and put the
+password in ~/.pgpass (`host:port:db:user:password`, mode 0600) or PGPASSWORD,
+where PostgreSQL's client library finds it for the worker and for each trial
+(or put the whole URL in MNIST_FLAX_STORAGE). A password in `--storage` still
+works, with a warning.
 
 Exit status: 0 when every trial finished or was pruned, 1 when any failed, 2
 for bad arguments, 3 when the worker was stopped (SIGTERM; its trial is queued
@@ -126,11 +134,17 @@ def check_root(root: str, record: dict) -> None:
                 existing = json.load(f)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read {path}: {e}") from None
-        if existing != record:
+        if _same_storage_named(existing) != _same_storage_named(record):
             raise ConfigError(f"{root} already holds a different sweep (see {path}); choose another --root")
         return
     os.makedirs(root, exist_ok=True)
     _write_json(path, record)
+
+
+def _same_storage_named(record: dict) -> dict:
+    """The record with its storage URL's password left out: a URL given with one or without is the same storage."""
+    storage = record.get("storage")
+    return {**record, "storage": study.without_password(storage)} if isinstance(storage, str) else record
 
 
 def _read_json(path: str) -> dict | None:
@@ -408,7 +422,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--prune-startup", type=int, default=3, metavar="N", help="trials to finish before pruning (default 3)")
     add("--prune-warmup", type=int, default=0, metavar="EPOCHS", help="epochs a trial always trains (default 0)")
     add("--root", help="folder of the trials' workdirs (default: runs/sweep-TIMESTAMP)")
-    add("--storage", metavar="URL", help="the study's database (default: sqlite:///ROOT/study.db)")
+    add(
+        "--storage",
+        metavar="URL",
+        help="the study's database (default: $MNIST_FLAX_STORAGE, else sqlite:///ROOT/study.db); "
+        "wins over the variable",
+    )
     add("--study", metavar="NAME", help="the study's name (default: ROOT's name; also the W&B group)")
     add("--wandb-mode", default="offline", choices=("offline", "online", "disabled"), help="the trials' W&B mode")
     add("--timeout", type=float, help="stop a trial after this many seconds (it fails)")
@@ -421,6 +440,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.storage and study.has_password(args.storage):
+        print(study.PASSWORD_IN_ARGV, file=sys.stderr, flush=True)
     root = args.root or os.path.join("runs", f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     name = args.study or os.path.basename(os.path.abspath(root))
     try:
@@ -435,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.heartbeat <= 0:
             raise ConfigError("--heartbeat must be positive")
-        url = study.storage_url(root, args.storage)
+        url, given_as = study.storage_url(root, args.storage)
         print(f"study {name}: {plan['trials']} trial(s), {plan['sampler']} sampling, {args.pruner} pruning, "
               f"in {study.shown_url(url)}; workdirs in {root}", flush=True)  # fmt: skip
         if args.dry_run:
@@ -443,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{index + 1}/{len(planned)}] {search_space.describe(point) or '(sampled)'}")
             return 0
         check_root(root, {"study": name, "storage": study.shown_url(url), "plan": plan})
-        storage = study.open_storage(url, args.heartbeat)
+        storage = study.open_storage(url, args.heartbeat, given_as)
         the_study = study.open_study(storage, name, plan, planned)
     except (MnistFlaxError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
