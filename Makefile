@@ -18,7 +18,7 @@ DATA_DIR := /usr/share/datasets/fashion-mnist
 # so CI needs nothing else.
 TEST_SYSTEM_PACKAGES := dataset-fashion-mnist git docker.io debootstrap shellcheck chromium postgresql slurm-wlm munge
 
-.PHONY: help setup setup-data setup-test-system lock train test test-fast lint format notebooks bench clean
+.PHONY: help setup setup-data setup-test-system lock train test test-fast lint format notebooks bench bench-install clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -65,6 +65,9 @@ notebooks:  ## run the notebooks against runs (default: the two newest under run
 bench: setup  ## throughput against PyTorch, compile time, overheads, time to 90% -> benchmarks/RESULTS.md
 	$(PY) -m pip install -q -r benchmarks/requirements.txt
 	$(PY) benchmarks/run.py
+
+bench-install: setup  ## a fresh venv from uv.lock, pip against uv, cold and warm -> benchmarks/RESULTS.md
+	$(PY) benchmarks/install.py
 
 clean:  ## remove caches (not runs/, not .venv)
 	rm -rf .pytest_cache .ruff_cache notebooks/_build

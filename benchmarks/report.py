@@ -24,8 +24,14 @@ TITLES = {
     "cnn_cpu": "CPU studies: the CNN's step on XLA's CPU backend (cpu_studies.py)",
     "whole_run": "The whole default run against PyTorch eager and torch.compile (10 epochs, validation each epoch)",
     "roofline": "Where the CNN's step goes, against the cores' fp32 peak (roofline.py)",
+    "install": "Setup: a fresh venv from uv.lock, pip against uv (install.py)",
 }
 NOTES = {
+    "install": "Both installers put exactly uv.lock's packages for this machine into a new venv: uv with "
+    "`uv sync --locked` (what `make setup` runs), pip with `pip install --require-hashes` of `uv export`'s "
+    "requirements file (the same pins and hashes). Cold: an empty download cache, every wheel from the package "
+    "index; warm: the cache of the cold start, a fresh venv. The installers alternate round by round; pip / uv is "
+    "the median of round-by-round ratios. Network-bound: the figures move with the registry's speed.",
     "whole_run": "Like for like: the default CNN recipe (AdamW 3e-3, warmup-cosine, label smoothing 0.1, dropout 0.25, "
     "batch 128, 10 epochs, validation after each) on Fashion-MNIST in memory, two threads each, every contender a "
     "fresh process per round, the rounds alternating; each ratio is the median of round-by-round ratios of training "
@@ -71,8 +77,14 @@ def load(path: str = RESULTS_JSON) -> dict:
         return json.load(f)
 
 
-def record(results: dict, name: str, result: dict, started: dict, json_path: str, md_path: str) -> dict:
-    """Adds a section's entry (`started`: machine_facts() and load before it) and rewrites both files."""
+def record(
+    results: dict, name: str, result: dict, started: dict, json_path: str, md_path: str, machine: bool = True
+) -> dict:
+    """Adds a section's entry (`started`: machine_facts() and load before it) and rewrites both files.
+
+    `machine=False` leaves the file's Machine header (the throughput sections' machine and versions) as it is,
+    for a section that is about something else (install.py); the entry still names its own CPU.
+    """
     import time
 
     entry = {
@@ -86,8 +98,9 @@ def record(results: dict, name: str, result: dict, started: dict, json_path: str
         "harness": HARNESS,
     }
     results[name] = entry
-    results["_meta"] = {"machine": {k: v for k, v in started.items() if k not in ("time", "load")}}
-    results["_meta"]["versions"] = package_versions(VERSIONS)
+    if machine or "_meta" not in results:
+        results["_meta"] = {"machine": {k: v for k, v in started.items() if k not in ("time", "load")}}
+        results["_meta"]["versions"] = package_versions(VERSIONS)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1, default=float)
