@@ -71,7 +71,9 @@ def train(config, workdir: str, argv: list[str]) -> None:
         workdir,
         overrides=overrides.from_argv(argv[1:]),
         config_changes=changes,
-        on_validation=study.reporter_from_environment(),  # a sweep's trial reports to its study and may be pruned
+        on_validation=study.reporter_from_environment(
+            config.num_epochs
+        ),  # a sweep's trial reports to its study and may be pruned
     )
 
 

@@ -111,6 +111,7 @@ def build_rows(records: list[runs.RunRecord], resolved: bool = False) -> tuple[l
     for record, config, label in zip(records, configs, _labels(records), strict=True):
         final = record.final or {}
         best, test, git = final.get("best_validation") or {}, final.get("test") or {}, record.git or {}
+        last = {} if record.final else _last_validation(record)
         rows.append(
             {
                 "run": label,
@@ -119,8 +120,13 @@ def build_rows(records: list[runs.RunRecord], resolved: bool = False) -> tuple[l
                 "status": record.status,
                 "reason": (record.stopped or {}).get("reason"),
                 "config": {name: config.get(name, ABSENT) if config else None for name in fields},
-                "best_val_accuracy": best.get("val_accuracy"),
-                "best_val_step": best.get("step"),
+                # A run that stopped early (pruned, preempted) has no final report: its best validation so far,
+                # marked intermediate, and its last one (the value a pruner judged).
+                "best_val_accuracy": best.get("val_accuracy", last.get("best_val_accuracy")),
+                "best_val_step": best.get("step", last.get("best_val_step")),
+                "intermediate": bool(last),
+                "last_val_accuracy": last.get("val_accuracy"),
+                "last_val_epoch": last.get("epoch"),
                 "test_accuracy": test.get("accuracy"),
                 "f1_macro": test.get("f1_macro"),
                 "auroc_macro": test.get("auroc_macro"),
@@ -145,6 +151,20 @@ def _labels(records: list[runs.RunRecord]) -> list[str]:
 
 def _parent(record: runs.RunRecord) -> str:
     return os.path.basename(os.path.dirname(record.path.rstrip("/")))
+
+
+def _last_validation(record: runs.RunRecord) -> dict:
+    """A run without a final report: its last validation (accuracy, epoch) and its best so far; {} for none."""
+    rows = [row for row in record.history or [] if "val/accuracy" in row]
+    if not rows:
+        return {}
+    best = max(rows, key=lambda row: row["val/accuracy"])
+    return {
+        "val_accuracy": rows[-1]["val/accuracy"],
+        "epoch": rows[-1].get("val/epoch"),
+        "best_val_accuracy": best["val/accuracy"],
+        "best_val_step": best["step"],
+    }
 
 
 def _last_step(record: runs.RunRecord) -> int | None:
@@ -196,7 +216,10 @@ def table_cells(fields: list[str], rows: list[dict]) -> tuple[list[str], list[li
     for row in rows:
         commit = "-" if row["commit"] is None else row["commit"] + ("-dirty" if row["dirty"] else "")
         config = [cell(row["config"][name]) for name in fields]
-        cells.append([row["run"], row["status"], *config, *(cell(row[m], m) for m in METRICS), commit])
+        metrics = [
+            cell(row[m], m) + ("*" if m == "best_val_accuracy" and row.get("intermediate") else "") for m in METRICS
+        ]
+        cells.append([row["run"], row["status"], *config, *metrics, commit])
     return header, cells
 
 
@@ -214,8 +237,15 @@ def format_table(fields: list[str], rows: list[dict]) -> str:
 
 
 def _note(row: dict) -> str:
-    """Why a run has no final report, in one line."""
-    return f"{row['run']}: {row['status']}: {row['reason'] or 'no final report: still running, or killed'}"
+    """Why a run has no final report, and its last validation, in one line."""
+    note = f"{row['run']}: {row['status']}: {row['reason'] or 'no final report: still running, or killed'}"
+    if row.get("last_val_accuracy") is not None:
+        epoch = row.get("last_val_epoch")
+        note += (
+            f"; last validation{'' if epoch is None else f' (epoch {epoch})'}: acc {row['last_val_accuracy']:.4f}"
+            " (* best so far: intermediate, the run stopped early)"
+        )
+    return note
 
 
 # ---------------------------------------------------------------- the HTML page

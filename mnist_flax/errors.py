@@ -1,7 +1,7 @@
 """The exceptions a user can act on.
 
 `main.py` turns each of them into one line on stderr and exit status 2 (3 for
-Preempted, 4 for Pruned); anything else is a bug and keeps its traceback.
+Preempted, 4 for Pruned; the sweep worker's 5 for StorageUnavailable); anything else is a bug and keeps its traceback.
 """
 
 
@@ -41,3 +41,11 @@ class Pruned(MnistFlaxError):
 
     exit_code = 4
     status = "pruned"
+
+
+class StorageUnavailable(MnistFlaxError):
+    """A sweep's study storage stayed unreachable past --storage-patience; the trial was stopped with a checkpoint
+    and the study continues when the same command runs again (exit status 5)."""
+
+    exit_code = 5
+    status = "storage unavailable"

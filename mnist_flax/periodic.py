@@ -131,6 +131,7 @@ class Evaluator(PeriodicAction):
         report = self.validate(training, step)
         scalars = metrics.scalar_metrics(report, "val")
         scalars["val/eval_seconds"] = time.perf_counter() - start
+        scalars["val/epoch"] = step // training.steps_per_epoch  # what a stopped run's last validation names
         training.writer.write_scalars(step, scalars)
         training.bar.message(
             f"epoch {step // training.steps_per_epoch}: val loss {report['loss']:.4f} acc {report['accuracy']:.4f} "

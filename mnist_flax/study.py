@@ -30,7 +30,7 @@ import threading
 import time
 import warnings
 
-from mnist_flax.errors import ConfigError, Pruned
+from mnist_flax.errors import ConfigError, Pruned, StorageUnavailable
 
 TRIAL_ENV = "MNIST_FLAX_TRIAL"
 STORAGE_ENV = "MNIST_FLAX_STORAGE"  # the study's URL when --storage is not given: off the command line
@@ -192,19 +192,24 @@ def _plan_difference(old: dict, new: dict) -> str:
 # ---------------------------------------------------------------- taking and running trials
 
 
-def take_trial(study, storage, sampler_name: str, seed: int | None):
-    """The next queued trial, now RUNNING for this worker only, and its storage id; None when the queue is empty."""
+def take_trial(study, storage, sampler_name: str, seed: int | None, call=None):
+    """The next queued trial, now RUNNING for this worker only, and its storage id; None when the queue is empty.
+
+    `call` runs each storage call (Patience.call: an outage is waited out call by call, so a trial taken is
+    never lost between taking it and its first heartbeat).
+    """
+    call = call or (lambda function, *args, **kwargs: function(*args, **kwargs))
     optuna = load_optuna()
-    study_id = storage.get_study_id_from_name(study.study_name)
+    study_id = call(storage.get_study_id_from_name, study.study_name)
     # Read through the study: Optuna's storage cache in front of the database learns each trial's id here.
-    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+    for frozen in call(study.get_trials, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        trial_id = call(storage.get_trial_id_from_study_id_trial_number, study_id, frozen.number)
         try:
-            if not storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.RUNNING):
+            if not call(storage.set_trial_state_values, trial_id, state=optuna.trial.TrialState.RUNNING):
                 continue  # another worker took it first
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        storage.record_heartbeat(trial_id)
+        call(storage.record_heartbeat, trial_id)
         # One sampler per trial, seeded by the trial's number: the same sweep samples the same points
         # whichever worker takes which trial.
         study.sampler = make_sampler(sampler_name, None if seed is None else seed + frozen.number)
@@ -219,10 +224,27 @@ def original_number(storage, trial_id: int) -> int:
     return frozen.number if retried is None else retried
 
 
-def retry_now(study, trial) -> None:
-    """Fails a trial whose worker is stopping (preempted) and queues its retry at once, not after the grace period."""
+def tell_once(study, storage, trial, trial_id: int, *args, **kwargs):
+    """study.tell, told once even when called again: a tell whose answer an outage cut off may have got through,
+    and then the repeat finds the trial finished. Returns the trial as stored."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except Exception as e:
+        if is_outage(e) or not storage.get_trial(trial_id).state.is_finished():
+            raise
+    return storage.get_trial(trial_id)
+
+
+def retry_now(study, storage, trial, trial_id: int) -> None:
+    """Fails a trial whose worker is stopping (preempted) and queues its retry at once, not after the grace period.
+
+    Safe to call again: the retry is queued once (its copy names the trial it repeats).
+    """
     optuna = load_optuna()
-    frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    frozen = tell_once(study, storage, trial, trial_id, state=optuna.trial.TrialState.FAIL)
+    callback = optuna.storages.RetryHeartbeatStaleTrialCallback
+    if any(frozen.number in callback.retry_history(other) for other in study.get_trials(deepcopy=False)):
+        return
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, frozen)
 
 
@@ -249,20 +271,120 @@ def latest_attempts(study) -> list:
     return [latest[n] for n in sorted(latest)]
 
 
-class Heartbeat:
-    """Records the trial's heartbeat every interval while the trial's process runs."""
+def is_outage(error: BaseException) -> bool:
+    """Whether an error means the database is away (refused, dropped, timed out), not that a call was wrong.
 
-    def __init__(self, storage, trial_id: int, interval: float):
+    Optuna wraps SQLAlchemy's errors in StorageInternalError; SQLAlchemy wraps the driver's. The chain is
+    searched for the connection-level ones: OperationalError and InterfaceError (psycopg's and sqlite3's too).
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ in ("OperationalError", "InterfaceError") or getattr(
+            error, "connection_invalidated", False
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _reason(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
+
+
+class Patience:
+    """Rides out an outage of the study's storage for up to `seconds`: every storage call of the worker goes
+    through `call`, which retries with backoff; one line when the storage goes away, one when it is back.
+
+    Shared by the worker's thread and its heartbeat's: an outage is one outage whichever call saw it first.
+    Past the patience, `call` raises StorageUnavailable (and `lost` is true for the heartbeat to act on).
+    """
+
+    def __init__(self, seconds: float, say=print):
+        self.seconds, self.say = seconds, say
+        self.down_since = None  # monotonic time of the first failure of the outage under way
+        self.last_failure = float("-inf")  # monotonic time of the latest failed call
+
+    def failed(self, error: BaseException) -> float:
+        """Notes a failed call; returns how long the storage has been away."""
+        now = time.monotonic()
+        self.last_failure = now
+        if self.down_since is None:
+            self.down_since = now
+            self.say(
+                f"the study's storage is unreachable ({_reason(error)}); waiting for it for up to "
+                f"{self.seconds:g} s (--storage-patience); training goes on",
+                flush=True,
+            )
+        return now - self.down_since
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            self.say(f"the study's storage is back after {time.monotonic() - self.down_since:.0f} s", flush=True)
+            self.down_since = None
+
+    @property
+    def lost(self) -> bool:
+        return self.down_since is not None and time.monotonic() - self.down_since > self.seconds
+
+    def steady(self, seconds: float) -> bool:
+        """Whether no storage call failed in the last `seconds` (so others' heartbeats had time to come back)."""
+        return time.monotonic() - self.last_failure > seconds
+
+    def call(self, function, *args, **kwargs):
+        delay = 0.5
+        while True:
+            try:
+                result = function(*args, **kwargs)
+            except Exception as e:
+                if not is_outage(e):
+                    raise
+                away = self.failed(e)
+                if away > self.seconds:
+                    raise StorageUnavailable(
+                        f"the study's storage has been unreachable for {away:.0f} s, longer than "
+                        f"--storage-patience {self.seconds:g} s ({_reason(e)})"
+                    ) from None
+                time.sleep(min(delay, self.seconds - away + 0.1))
+                delay = min(2 * delay, 10.0)
+                continue
+            self.succeeded()
+            return result
+
+
+class Heartbeat:
+    """Records the trial's heartbeat every interval while the trial's process runs.
+
+    A beat that fails is counted as part of an outage (`patience`); once the outage outlasts the patience,
+    `on_lost` is called once (the worker stops the trial with a checkpoint).
+    """
+
+    def __init__(self, storage, trial_id: int, interval: float, patience: Patience | None = None, on_lost=None):
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.patience, self.on_lost = patience, on_lost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
+        # While the storage is away, look more often than every interval, so the patience is kept to.
+        while not self._stop.wait(
+            min(self.interval, 2.0) if self.patience and self.patience.down_since else self.interval
+        ):
             try:
                 self.storage.record_heartbeat(self.trial_id)
-            except Exception:  # a storage hiccup: the next beat tries again; a long one fails the trial, as it should
-                pass
+            except Exception as e:  # a late beat is harmless; the trial goes on training
+                if self.patience is None:
+                    continue
+                self.patience.failed(e)
+                if self.patience.lost and self.on_lost:
+                    self.on_lost()
+                    self.on_lost = None
+            else:
+                if self.patience:
+                    self.patience.succeeded()
 
     def __enter__(self):
         self._thread.start()
@@ -281,24 +403,35 @@ def trial_environment(url: str, study_name: str, trial_id: int, pruner: dict) ->
     return {TRIAL_ENV: json.dumps({"storage": url, "study": study_name, "trial_id": trial_id, "pruner": pruner})}
 
 
-def reporter_from_environment() -> tuple:
-    """The validation callbacks of a run that is a sweep trial (MNIST_FLAX_TRIAL set), else none."""
+def reporter_from_environment(last_epoch: int | None = None) -> tuple:
+    """The validation callbacks of a run that is a sweep trial (MNIST_FLAX_TRIAL set), else none.
+
+    `last_epoch` (the run's num_epochs): the validation of that epoch is reported but never pruned.
+    """
     text = os.environ.get(TRIAL_ENV)
     if not text:
         return ()
     try:
         spec = json.loads(text)
-        return (Reporter(spec["storage"], spec["study"], int(spec["trial_id"]), spec["pruner"]),)
+        return (Reporter(spec["storage"], spec["study"], int(spec["trial_id"]), spec["pruner"], last_epoch),)
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{TRIAL_ENV} is set but is not a sweep's trial description: {text[:80]!r}") from None
 
 
 class Reporter:
-    """Reports each validation accuracy to the trial, at its epoch; raises Pruned when the pruner says stop."""
+    """Reports each validation accuracy to the trial, at its epoch; raises Pruned when the pruner says stop.
 
-    def __init__(self, url: str, study_name: str, trial_id: int, pruner: dict):
+    Never at the last epoch: pruning there saves nothing, and the trial completes with its value. While the
+    storage is away the trial trains on: each report waits (one line says so) and is delivered, in order,
+    at the next validation that reaches the storage; no pruning decision is taken meanwhile.
+    """
+
+    def __init__(self, url: str, study_name: str, trial_id: int, pruner: dict, last_epoch: int | None = None):
         self.url, self.study_name, self.trial_id, self.pruner = url, study_name, trial_id, pruner
+        self.last_epoch = last_epoch
         self._trial = None
+        self._pending: list[tuple[float, int]] = []
+        self._away = False
 
     def _connect(self):
         optuna = load_optuna()
@@ -312,11 +445,30 @@ class Reporter:
         return optuna.Trial(study, self.trial_id)
 
     def __call__(self, step: int, report: dict) -> None:
-        if self._trial is None:
-            self._trial = self._connect()
         epoch, accuracy = int(round(report["epoch"])), float(report["accuracy"])
-        self._trial.report(accuracy, epoch)
-        if self._trial.should_prune():
+        self._pending.append((accuracy, epoch))
+        try:
+            if self._trial is None:
+                self._trial = self._connect()
+            while self._pending:
+                self._trial.report(*self._pending[0])
+                self._pending.pop(0)
+            prune = (self.last_epoch is None or epoch < self.last_epoch) and self._trial.should_prune()
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            if not self._away:
+                print(
+                    f"warning: the study's storage is unreachable ({_reason(e)}); epoch {epoch}'s validation "
+                    "accuracy is reported when it is back, and the trial trains on",
+                    flush=True,
+                )
+            self._away = True
+            return
+        if self._away:
+            print(f"the study's storage is back: reports delivered up to epoch {epoch}", flush=True)
+            self._away = False
+        if prune:
             raise Pruned(
                 f"pruned by the sweep's {self.pruner['name']} pruner after epoch {epoch} "
                 f"(validation accuracy {accuracy:.4f}, step {step})"

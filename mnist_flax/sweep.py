@@ -31,9 +31,16 @@ where PostgreSQL's client library finds it for the worker and for each trial
 (or put the whole URL in MNIST_FLAX_STORAGE). A password in `--storage` still
 works, with a warning.
 
+The study's storage may go away for a while (a database restart or failover):
+the worker waits for it up to --storage-patience seconds, saying so in one
+line when it goes and one when it is back, while its trial trains on (its
+per-epoch reports are delivered late, and it is not pruned meanwhile).
+
 Exit status: 0 when every trial finished or was pruned, 1 when any failed, 2
 for bad arguments, 3 when the worker was stopped (SIGTERM; its trial is queued
-again), 130 on Ctrl-C.
+again), 5 when the storage stayed away longer than --storage-patience (the
+trial in progress was stopped with a checkpoint: run the same command again),
+130 on Ctrl-C.
 """
 
 import argparse
@@ -51,7 +58,7 @@ import time
 from collections import deque
 
 from mnist_flax import compare, config_utils, overrides, runs, search_space, study
-from mnist_flax.errors import ConfigError, MnistFlaxError
+from mnist_flax.errors import ConfigError, MnistFlaxError, Preempted, Pruned, StorageUnavailable
 
 SAMPLER_METHODS = {"grid": "grid", "random": "random", "tpe": "bayes"}  # ours -> W&B's sweep method
 SIGNAL_EXIT = {"SIGTERM": 3, "SIGINT": 130}
@@ -87,6 +94,8 @@ def make_plan(args, base: dict, space: dict, fixed: dict) -> tuple[dict, list[di
     """What the study records (every worker must bring the same) and each planned trial's fixed parameters."""
     for name in fixed.keys() & space.keys():
         raise ConfigError(f"{name} is both fixed by --set and varied by the sweep")
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials must be at least 1 (how many trials the study trains), not {args.trials}")
     sampler = args.sampler or ("grid" if search_space.is_grid(space) and not args.trials else "tpe")
     if sampler == "grid":
         if not search_space.is_grid(space):
@@ -127,6 +136,8 @@ def check_points(base: dict, space: dict, fixed: dict, planned: list[dict]) -> N
 
 def check_root(root: str, record: dict) -> None:
     """Records the sweep in ROOT/sweep.json; refuses a root that holds another sweep."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"--root {root} is a file, not a folder: name a folder for the trials' workdirs")
     path = os.path.join(root, "sweep.json")
     if os.path.exists(path):
         try:
@@ -196,6 +207,15 @@ class Worker:
         self.plan, self.config_spec, self.root = plan, config_spec, root
         self.stopped = None  # "SIGTERM" or "SIGINT" once asked to stop
         self.process = None
+        # Every storage call goes through it: an outage up to --storage-patience is waited out.
+        self.patience = study.Patience(args.storage_patience)
+        self.storage_lost = False
+
+    def lose_storage(self) -> None:
+        """The storage stayed away past the patience while a trial trained: stop it with a checkpoint."""
+        self.storage_lost = True
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
 
     def stop(self, signum, frame) -> None:
         self.stopped = signal.Signals(signum).name
@@ -203,12 +223,16 @@ class Worker:
             self.process.send_signal(signal.SIGTERM)  # it saves a checkpoint; its retry resumes from it
 
     def run(self) -> None:
+        call = self.patience.call
         waiting_said = False
         while not self.stopped:
-            taken = study.take_trial(self.study, self.storage, self.plan["sampler"], self.plan["seed"])
+            taken = study.take_trial(self.study, self.storage, self.plan["sampler"], self.plan["seed"], call)
             if taken is None:
-                study.fail_stale(self.study)  # a dead worker's trial: failed now, its retry queued
-                states = study.counts(self.study)
+                # A dead worker's trial: failed now, its retry queued. Not right after an outage, when the
+                # other workers' heartbeats are as late as this worker's view of them: their trials are alive.
+                if self.patience.steady(2 * self.args.heartbeat + 5):
+                    call(study.fail_stale, self.study)
+                states = call(study.counts, self.study)
                 if states.get("waiting"):
                     continue
                 if not states.get("running"):
@@ -222,8 +246,9 @@ class Worker:
             self.train(*taken)
 
     def train(self, trial, trial_id: int) -> None:
-        params = search_space.suggest(trial, self.plan["space"])
-        number = study.original_number(self.storage, trial_id)
+        call = self.patience.call
+        params = call(search_space.suggest, trial, self.plan["space"])
+        number = call(study.original_number, self.storage, trial_id)
         name = search_space.folder_name(number, params)
         workdir = os.path.join(self.root, name)
         group = self.study.study_name
@@ -243,16 +268,27 @@ class Worker:
             "host": socket.gethostname(),
             "worker_pid": os.getpid(),
         }
-        trial.set_user_attr("workdir", os.path.abspath(workdir))
-        trial.set_user_attr("host", record["host"])
+        call(trial.set_user_attr, "workdir", os.path.abspath(workdir))
+        call(trial.set_user_attr, "host", record["host"])
         command = [sys.executable, "main.py", f"--config={self.config_spec}", f"--workdir={os.path.abspath(workdir)}"]
         env = study.trial_environment(self.url, group, trial_id, self.plan["pruner"])
         start = time.monotonic()
-        with study.Heartbeat(self.storage, trial_id, self.args.heartbeat):
+        with study.Heartbeat(self.storage, trial_id, self.args.heartbeat, self.patience, self.lose_storage):
             exit_code, message, timed_out = self._main(command + arguments, workdir, env, record)
         seconds = time.monotonic() - start
-        state = self._tell(trial, workdir, exit_code, timed_out)
-        record.update(state=state, exit_code=exit_code, seconds=round(seconds, 1), message=message)
+        record.update(exit_code=exit_code, seconds=round(seconds, 1), message=message)
+        last = _last_validation(workdir)
+        if last:
+            record["last_validation"] = last  # a pruned or stopped trial's latest (intermediate) value
+        try:
+            state = call(self._tell, trial, trial_id, workdir, exit_code, timed_out)
+        except StorageUnavailable:
+            record.update(
+                state="stopped: the study's storage is unreachable; the trial resumes when the sweep runs again"
+            )
+            _write_json(os.path.join(workdir, "trial.json"), record)
+            raise
+        record["state"] = state
         final = _read_json(os.path.join(workdir, "final_metrics.json"))
         if final and isinstance(final.get("seconds"), (int, float)):
             # What a trial costs beyond its training: main.py's start-up, imports, W&B and the closing writes.
@@ -313,27 +349,51 @@ class Worker:
             message = f"stopped after the {self.args.timeout:g} s timeout"
         return exit_code, message, timed_out.is_set()
 
-    def _tell(self, trial, workdir: str, exit_code: int, timed_out: bool) -> str:
-        """The trial's outcome, told to the study: complete (with its value), pruned, failed, or queued again."""
+    def _tell(self, trial, trial_id: int, workdir: str, exit_code: int, timed_out: bool) -> str:
+        """The trial's outcome, told to the study: complete (with its value), pruned, failed, or queued again.
+
+        Safe to call again after an outage cut it short (study.tell_once).
+        """
         optuna = study.load_optuna()
+        states = optuna.trial.TrialState
+
+        def tell(*args, **kwargs):
+            return study.tell_once(self.study, self.storage, trial, trial_id, *args, **kwargs)
+
         if exit_code == 0:
             try:
                 value = float(
                     _read_json(os.path.join(workdir, "final_metrics.json"))["best_validation"]["val_accuracy"]
                 )
             except (KeyError, TypeError, ValueError):
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                tell(state=states.FAIL)
                 return "failed (no final_metrics.json)"
-            self.study.tell(trial, value)
+            tell(value)
             return f"complete: best val acc {value:.4f}"
-        if exit_code == 4:
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            return "pruned"
-        if exit_code == 3 and not timed_out:  # preempted: checkpoint saved; the retry resumes from it
-            study.retry_now(self.study, trial)
+        if exit_code == Pruned.exit_code:
+            tell(state=states.PRUNED)
+            last = _last_validation(workdir)
+            return "pruned" + (f" after epoch {last['epoch']}: val acc {last['val_accuracy']:.4f}" if last else "")
+        if exit_code == Preempted.exit_code and not timed_out:  # checkpoint saved; the retry resumes from it
+            study.retry_now(self.study, self.storage, trial, trial_id)
             return "stopped, queued again"
-        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        tell(state=states.FAIL)
         return f"failed (exit {exit_code})"
+
+
+def _last_validation(workdir: str) -> dict | None:
+    """The latest validation of a trial's run ({"epoch", "step", "val_accuracy"}) from its metrics.jsonl."""
+    last = None
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                if '"val/accuracy"' in line:
+                    last = json.loads(line)
+    except (OSError, ValueError):
+        return None
+    if last is None:
+        return None
+    return {"epoch": last.get("val/epoch"), "step": last.get("step"), "val_accuracy": last["val/accuracy"]}
 
 
 def _follow(path: str, offset: int, process: subprocess.Popen, poll_seconds: float = 0.1):
@@ -371,8 +431,17 @@ def summarise(the_study, root: str) -> tuple[str, dict]:
     records, errors = compare.gather([root]) if runs.is_sweep_root(root) else ([], [])
     fields, rows = compare.build_rows(records) if records else ([], [])
     states = study.counts(the_study)
-    done = [t for t in study.latest_attempts(the_study) if t.state.name == "COMPLETE"]
+    attempts = study.latest_attempts(the_study)
+    done = [t for t in attempts if t.state.name == "COMPLETE"]
     best = max(done, key=lambda t: t.value) if done else None
+    # A pruned trial's values are intermediate (it stopped before its last epoch): listed for what they are.
+    pruned = [
+        {"number": t.number, "epoch": epoch, "value": t.intermediate_values[epoch], "params": t.params,
+         "workdir": t.user_attrs.get("workdir")}
+        for t in attempts if t.state.name == "PRUNED" and t.intermediate_values
+        for epoch in [max(t.intermediate_values)]
+    ]  # fmt: skip
+    best_pruned = max(pruned, key=lambda p: p["value"]) if pruned else None
     lines = [compare.format_table(fields, rows)] if rows else []
     lines += [f"error: {e}" for e in errors]
     here = len(rows)
@@ -386,9 +455,15 @@ def summarise(the_study, root: str) -> tuple[str, dict]:
             f"best: trial {best.number}, {study.METRIC} {best.value:.4f}, "
             f"{search_space.describe(best.params)} ({best.user_attrs.get('workdir', '?')})"
         )
+    if best_pruned is not None and (best is None or best_pruned["value"] > best.value):
+        lines.append(
+            f"pruned trial {best_pruned['number']} had val acc {best_pruned['value']:.4f} at epoch "
+            f"{best_pruned['epoch']} (an intermediate value: it stopped early), above every finished trial"
+        )
     summary = {
         "study": the_study.study_name,
         "states": states,
+        "pruned": pruned,
         "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
                                            "workdir": best.user_attrs.get("workdir")},
         "fields": fields,
@@ -417,6 +492,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--set", action="append", default=[], metavar="FIELD=VALUE", help="an override for every trial")
     add("--sampler", choices=study.SAMPLERS, help="default: grid for a space of values, else tpe")
     add("--trials", type=int, help="how many trials random or TPE sampling trains (all workers together)")
+    add(
+        "--storage-patience",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="how long an outage of the study's storage is waited out, trials training on (default 300)",
+    )
     add("--seed", type=int, default=0, help="the sampler's seed (trial N samples with seed+N; default 0)")
     add("--pruner", choices=study.PRUNERS, default="median", help="stops poor trials early (default: median)")
     add("--prune-startup", type=int, default=3, metavar="N", help="trials to finish before pruning (default 3)")
@@ -456,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.heartbeat <= 0:
             raise ConfigError("--heartbeat must be positive")
+        if args.storage_patience < 0:
+            raise ConfigError("--storage-patience must be 0 or more seconds")
         url, given_as = study.storage_url(root, args.storage)
         print(f"study {name}: {plan['trials']} trial(s), {plan['sampler']} sampling, {args.pruner} pruning, "
               f"in {study.shown_url(url)}; workdirs in {root}", flush=True)  # fmt: skip
@@ -474,10 +558,17 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, worker.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         worker.run()
+        table, summary = worker.patience.call(summarise, the_study, root)
+    except StorageUnavailable as e:
+        print(
+            f"error: {e}; the trial in progress was stopped with a checkpoint and resumes from it: run the same "
+            "command again once the storage is back",
+            file=sys.stderr,
+        )
+        return StorageUnavailable.exit_code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    table, summary = summarise(the_study, root)
     print()
     print(table)
     _write_json(os.path.join(root, "summary.json"), summary)

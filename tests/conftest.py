@@ -13,6 +13,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 # Every subprocess run of main.py: no W&B network, quiet TensorFlow.
+# A developer's own sweep settings must not reach the tests' processes (nor send them to a real database).
+for _name in ("MNIST_FLAX_STORAGE", "MNIST_FLAX_TRIAL"):
+    os.environ.pop(_name, None)
+# Scripts the tests run call `python`: the interpreter running the tests (.venv's), as `make test` arranges,
+# also when pytest is started as .venv/bin/python -m pytest without activating the venv.
+if os.path.dirname(sys.executable) not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
 SUBPROCESS_ENV = {
     "WANDB_MODE": "offline",
     "WANDB_SILENT": "true",

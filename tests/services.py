@@ -39,38 +39,51 @@ def _as_postgres_user(uid: int, gid: int) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups"] if os.geteuid() == 0 else []
 
 
-@contextlib.contextmanager
-def postgresql(password: str, database: str = "sweeps"):
-    """A PostgreSQL server on 127.0.0.1 in a temporary folder; yields its SQLAlchemy URL (password auth).
+class PostgreSQL:
+    """A PostgreSQL server on 127.0.0.1 in a temporary folder, which a test may stop and start again (an outage).
 
-    Stopped by the pid in its postmaster.pid (SIGINT: fast shutdown), never by name.
+    `url` is its SQLAlchemy URL (password auth, scram-sha-256). Stopped by the pid in its postmaster.pid
+    (SIGINT: fast shutdown), never by name; `close` stops it and removes its folder.
     """
-    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    if not bindirs or not os.path.isfile(os.path.join(bindirs[-1], "initdb")):
-        pytest.skip("PostgreSQL is not installed (Debian's postgresql; `make test` installs it)")
-    bindir = bindirs[-1]
-    user = pwd.getpwnam("postgres") if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
-    prefix = _as_postgres_user(user.pw_uid, user.pw_gid)
-    base = tempfile.mkdtemp(prefix="mnist-flax-pg-")
-    os.chmod(base, 0o755)
-    os.chown(base, user.pw_uid, user.pw_gid)
-    data, log_path, pwfile = (os.path.join(base, name) for name in ("data", "server.log", "pwfile"))
-    with open(pwfile, "w") as f:
-        f.write(password)
-    os.chown(pwfile, user.pw_uid, user.pw_gid)
-    pid = None
-    try:
+
+    def __init__(self, password: str, database: str = "sweeps"):
+        bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        if not bindirs or not os.path.isfile(os.path.join(bindirs[-1], "initdb")):
+            pytest.skip("PostgreSQL is not installed (Debian's postgresql; `make test` installs it)")
+        self.bindir = bindirs[-1]
+        user = pwd.getpwnam("postgres") if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+        self.prefix = _as_postgres_user(user.pw_uid, user.pw_gid)
+        self.base = tempfile.mkdtemp(prefix="mnist-flax-pg-")
+        os.chmod(self.base, 0o755)
+        os.chown(self.base, user.pw_uid, user.pw_gid)
+        self.data, self.log_path, pwfile = (os.path.join(self.base, n) for n in ("data", "server.log", "pwfile"))
+        with open(pwfile, "w") as f:
+            f.write(password)
+        os.chown(pwfile, user.pw_uid, user.pw_gid)
+        self.pid = self.server = None
         subprocess.run(
-            [*prefix, f"{bindir}/initdb", "-D", data, "-U", "sweeper", f"--pwfile={pwfile}", "-A", "scram-sha-256"]
-            + ["-E", "UTF8", "--no-locale"],
+            [*self.prefix, f"{self.bindir}/initdb", "-D", self.data, "-U", "sweeper", f"--pwfile={pwfile}"]
+            + ["-A", "scram-sha-256", "-E", "UTF8", "--no-locale"],
             check=True,
             capture_output=True,
             timeout=120,
         )
-        port = free_port()
-        with open(log_path, "w") as log:
-            server = subprocess.Popen(
-                [*prefix, f"{bindir}/postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port), "-k", base],
+        self.port = free_port()
+        self.start()
+        subprocess.run(
+            [f"{self.bindir}/createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "sweeper", database],
+            env={**os.environ, "PGPASSWORD": password},
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.url = f"postgresql://sweeper:{password}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        with open(self.log_path, "a") as log:
+            self.server = subprocess.Popen(
+                [*self.prefix, f"{self.bindir}/postgres", "-D", self.data, "-h", "127.0.0.1", "-p", str(self.port)]
+                + ["-k", self.base],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -78,29 +91,39 @@ def postgresql(password: str, database: str = "sweeps"):
         deadline = time.monotonic() + 60
         while True:
             ready = subprocess.run(
-                [f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True, timeout=10
+                [f"{self.bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True, timeout=10
             )
             if ready.returncode == 0:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"PostgreSQL did not start: {open(log_path).read()[-2000:]}")
+                raise RuntimeError(f"PostgreSQL did not start: {open(self.log_path).read()[-2000:]}")
             time.sleep(0.2)
-        with open(os.path.join(data, "postmaster.pid")) as f:
-            pid = int(f.readline())
-        subprocess.run(
-            [f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "sweeper", database],
-            env={**os.environ, "PGPASSWORD": password},
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        yield f"postgresql://sweeper:{password}@127.0.0.1:{port}/{database}"
+        with open(os.path.join(self.data, "postmaster.pid")) as f:
+            self.pid = int(f.readline())
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        os.kill(self.pid, signal.SIGINT)
+        assert wait_until_gone(self.pid, 60), f"PostgreSQL (pid {self.pid}) did not stop"
+        self.server.wait(timeout=10)  # setpriv exec'd it: the postmaster is our child, reaped here
+        self.pid = None
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgresql(password: str, database: str = "sweeps"):
+    """A PostgreSQL server for the block (PostgreSQL above); yields its SQLAlchemy URL."""
+    server = PostgreSQL(password, database)
+    try:
+        yield server.url
     finally:
-        if pid is not None:
-            os.kill(pid, signal.SIGINT)
-            assert wait_until_gone(pid, 60), f"PostgreSQL (pid {pid}) did not stop"
-            server.wait(timeout=10)  # setpriv exec'd it: the postmaster is our child, reaped here
-        shutil.rmtree(base, ignore_errors=True)
+        server.close()
 
 
 # ---------------------------------------------------------------- Slurm

@@ -199,6 +199,8 @@ def test_a_runs_file_is_one_choice_crossed_with_the_grid(tmp_path):
         (["--sweep=nothing"], "has no sweep_nothing() function"),
         (["--sweep", "--grid", "batch_size=32,64"], "batch_size is declared twice"),
         (["--grid", "seed=0,1", "--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open"),
+        (["--log-uniform", "optimizer.learning_rate=1e-4,1e-2", "--trials", "0"], "--trials must be at least 1"),
+        (["--grid", "seed=0,1", "--storage-patience", "-1"], "--storage-patience must be 0 or more"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args, message, tmp_path, capsys):
@@ -209,6 +211,17 @@ def test_bad_arguments_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert message in err
     if "--storage" not in args:
         assert not (tmp_path / "sweep").exists()  # nothing ran, nothing was written
+
+
+def test_a_file_given_as_the_root_is_said_in_words(tmp_path, capsys):
+    root = tmp_path / "notes.txt"
+    root.write_text("mine")
+    code = sweep.main(["--config=configs/default.py", f"--root={root}", "--grid", "seed=0,1"])
+    err = capsys.readouterr().err
+    assert (
+        code == 2 and err == f"error: --root {root} is a file, not a folder: name a folder for the trials' workdirs\n"
+    )
+    assert root.read_text() == "mine"
 
 
 def test_dry_run_lists_the_grid_and_trains_nothing(tmp_path, capsys):
@@ -252,7 +265,11 @@ def test_a_grid_study_trains_each_point_prunes_the_bad_one_and_continues(tiny_da
     assert stopped["status"] == "pruned" and stopped["exit_code"] == 4
     assert stopped["step"] == steps_per_epoch < 3 * steps_per_epoch  # before its last epoch
     assert "pruned by the sweep's median pruner after epoch 1" in stopped["reason"]
-    assert json.loads((root / names[2] / "trial.json").read_text())["exit_code"] == 4
+    record = json.loads((root / names[2] / "trial.json").read_text())
+    assert record["exit_code"] == 4
+    # Its last validation is kept where the results are read: trial.json, compare's table, the summary.
+    assert record["last_validation"] == {"epoch": 1, "step": steps_per_epoch,
+                                         "val_accuracy": pruned.intermediate_values[1]}  # fmt: skip
 
     # Every trial a tracked run: an offline W&B run grouped under the study's name.
     for name in names:
@@ -268,10 +285,17 @@ def test_a_grid_study_trains_each_point_prunes_the_bad_one_and_continues(tiny_da
         [names[1], "finished"],
         [names[2], "pruned"],
     ]
+    pruned_row = lines[header + 4].split()
+    assert pruned_row[3] == f"{pruned.intermediate_values[1]:.4f}*"  # best so far, marked intermediate
+    note = next(line for line in lines if line.startswith(f"{names[2]}: pruned: "))
+    assert f"last validation (epoch 1): acc {pruned.intermediate_values[1]:.4f}" in note
     assert "study sweep-lr: 2 complete, 1 pruned" in result.stdout
     summary = json.loads((root / "summary.json").read_text())
     best = max(trials[:2], key=lambda t: t.value)
     assert summary["best"]["number"] == best.number and summary["states"] == {"complete": 2, "pruned": 1}
+    assert [(p["number"], p["epoch"], p["value"]) for p in summary["pruned"]] == [
+        (pruned.number, 1, pruned.intermediate_values[1])
+    ]
 
     # The same command again continues the study: nothing left to train, the trials are kept.
     again = run_sweep(args, timeout=120)
