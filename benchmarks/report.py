@@ -25,8 +25,13 @@ TITLES = {
     "whole_run": "The whole default run against PyTorch eager and torch.compile (10 epochs, validation each epoch)",
     "roofline": "Where the CNN's step goes, against the cores' fp32 peak (roofline.py)",
     "install": "Setup: a fresh venv from uv.lock, pip against uv (install.py)",
+    "compile_cache": "Start-up: a first and a second start with the persistent compilation cache (compile_cache.py)",
 }
 NOTES = {
+    "compile_cache": "Each round, `python main.py` twice with one cache folder, empty before the first start: the "
+    "first compiles every program and writes it, the second loads it. Compile seconds are the run's own "
+    "`compile_seconds` (the train step and the two predicts, ahead of time); wall seconds the whole process. "
+    "The other sections run with the cache off (a first start each time).",
     "install": "Both installers put exactly uv.lock's packages for this machine into a new venv: uv with "
     "`uv sync --locked` (what `make setup` runs), pip with `pip install --require-hashes` of `uv export`'s "
     "requirements file (the same pins and hashes). Cold: an empty download cache, every wheel from the package "

@@ -26,6 +26,7 @@ SAFE_ON_RESUME = {
     "wandb.log_misclassified": "how many misclassified images the final W&B table shows",
     "log_every_steps": "how often train metrics are logged and shown",
     "tensorboard": "whether TensorBoard event files are written",
+    "compile_cache": "where compiled programs are kept (the same programs either way)",
     "checkpoint.upload_to_wandb": "whether checkpoints are also uploaded as W&B artifacts",
     "checkpoint.max_to_keep": "how many old checkpoints are kept on disk",
     "checkpoint.every_epochs": "how often the state is saved (the state itself is the same)",

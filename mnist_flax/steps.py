@@ -214,12 +214,15 @@ def evaluate(predict, params, split: input_pipeline.DeviceSplit, batch_size: int
 
 
 class CompileCounter:
-    """Counts XLA backend compilations while active (for tests and reports)."""
+    """Counts XLA compilations while active (for tests and reports): `count` the programs asked for (compiled,
+    or loaded from the persistent compilation cache), `cached` those loaded from it."""
 
     EVENT = "/jax/core/compile/backend_compile_duration"
+    CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
     def __init__(self):
         self.count = 0
+        self.cached = 0
         self.seconds = 0.0
 
     def _listener(self, event: str, duration: float, **kwargs) -> None:
@@ -227,9 +230,15 @@ class CompileCounter:
             self.count += 1
             self.seconds += duration
 
+    def _hit(self, event: str, **kwargs) -> None:
+        if event == self.CACHE_HIT:
+            self.cached += 1
+
     def __enter__(self):
         jax.monitoring.register_event_duration_secs_listener(self._listener)
+        jax.monitoring.register_event_listener(self._hit)
         return self
 
     def __exit__(self, *exc):
         jax.monitoring.unregister_event_duration_listener(self._listener)
+        jax.monitoring.unregister_event_listener(self._hit)

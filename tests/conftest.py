@@ -16,6 +16,9 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 # A developer's own sweep settings must not reach the tests' processes (nor send them to a real database).
 for _name in ("MNIST_FLAX_STORAGE", "MNIST_FLAX_TRIAL"):
     os.environ.pop(_name, None)
+# Every run compiles for itself, as the tests that count compilations expect; tests/test_compile_cache.py
+# turns the cache on where it is the subject.
+os.environ["MNIST_FLAX_COMPILE_CACHE"] = "off"
 # Scripts the tests run call `python`: the interpreter running the tests (.venv's), as `make test` arranges,
 # also when pytest is started as .venv/bin/python -m pytest without activating the venv.
 if os.path.dirname(sys.executable) not in os.environ.get("PATH", "").split(os.pathsep):

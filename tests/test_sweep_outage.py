@@ -71,6 +71,12 @@ def final(workdir) -> dict:
         return json.load(f)
 
 
+needs_fashion = pytest.mark.skipif(
+    not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
+    reason="Fashion-MNIST is not installed (make setup-data)",
+)
+
+
 @pytest.fixture
 def server():
     pg = services.PostgreSQL("outage-Pw-1")
@@ -78,11 +84,10 @@ def server():
     pg.close()
 
 
+@needs_fashion
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_workers_ride_out_a_database_outage_and_match_an_undisturbed_sweep(server, tmp_path):
-    if not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")):
-        pytest.skip("Fashion-MNIST is not installed (make setup-data)")
     root = tmp_path / "disturbed"
     logs = [open(tmp_path / f"worker-{i}.log", "w") for i in range(2)]
     workers = [start(sweep_command(root, server.url), log) for log in logs]
@@ -131,11 +136,10 @@ def test_two_workers_ride_out_a_database_outage_and_match_an_undisturbed_sweep(s
     print(f"outage of {outage:.0f} s; worker outputs:\n" + "\n---\n".join(outputs))
 
 
+@needs_fashion
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_an_outage_past_the_patience_stops_the_trial_resumably(server, tmp_path):
-    if not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")):
-        pytest.skip("Fashion-MNIST is not installed (make setup-data)")
     root = tmp_path / "sweep"
     command = sweep_command(root, server.url, "--storage-patience", "4", rates=RATES[:1], num_epochs=4)
     with open(tmp_path / "first.log", "w") as log:
