@@ -263,5 +263,5 @@ def test_make_train_from_a_clone_on_a_bare_debian(docker_daemon, image, tmp_path
     assert "setup: /usr/bin/python3 has no venv module; installing Debian's python3-venv" in output
     assert "setup: making .venv with /usr/bin/python3 (Python 3.11)" in output
     assert "setup: .venv synced from uv.lock" in output
-    assert "test: accuracy" in output and "workdir: runs/first" in output
+    assert "test: accuracy" in output and "workdir: /work/clone/runs/first" in output
     assert output.strip().splitlines()[-1] == "/usr"  # the venv is Debian's own Python's
