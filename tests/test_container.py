@@ -264,4 +264,4 @@ def test_make_train_from_a_clone_on_a_bare_debian(docker_daemon, image, tmp_path
     assert "setup: making .venv with /usr/bin/python3 (Python 3.11)" in output
     assert "setup: .venv synced from uv.lock" in output
     assert "test: accuracy" in output and "workdir: /work/clone/runs/first" in output
-    assert output.strip().splitlines()[-1] == "/usr"  # the venv is Debian's own Python's
+    assert result.stdout.strip().splitlines()[-1] == "/usr"  # the venv is Debian's own Python's
