@@ -127,9 +127,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.wandb.init_timeout = 60.0
 
     config.tensorboard = True
-    # XLA's compiled programs kept across runs (a second start compiles nothing): "auto"
+    # XLA's compiled programs kept across runs (a second start compiles nothing): "default"
     # ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/mnist_flax/xla), a folder, or "off".
-    config.compile_cache = "auto"
+    config.compile_cache = "default"
 
     # Several processes (hosts): coordinator "host:port", count and this process's id.
     # Empty/0/-1 = from MNIST_FLAX_COORDINATOR, MNIST_FLAX_NUM_PROCESSES, MNIST_FLAX_PROCESS_ID,

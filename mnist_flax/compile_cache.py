@@ -20,11 +20,11 @@ def location(value: str) -> str | None:
     "auto" is $MNIST_FLAX_COMPILE_CACHE (a folder, or "off"), else $JAX_COMPILATION_CACHE_DIR, else
     $XDG_CACHE_HOME/mnist_flax/xla (~/.cache/mnist_flax/xla); "off" (or "") is none; anything else a folder.
     """
-    if value == "auto" and os.environ.get(ENV) is not None:
+    if value in ("default", "auto") and os.environ.get(ENV) is not None:
         value = os.environ[ENV]
     if value.strip().lower() in OFF:
         return None
-    if value == "auto":
+    if value in ("default", "auto"):
         if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
             return os.environ["JAX_COMPILATION_CACHE_DIR"]
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
