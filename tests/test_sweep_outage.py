@@ -136,6 +136,36 @@ def test_two_workers_ride_out_a_database_outage_and_match_an_undisturbed_sweep(s
     print(f"outage of {outage:.0f} s; worker outputs:\n" + "\n---\n".join(outputs))
 
 
+@needs_fashion
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_outage_past_the_patience_stops_the_trial_resumably(server, tmp_path):
+    root = tmp_path / "sweep"
+    command = sweep_command(root, server.url, "--storage-patience", "4", rates=RATES[:1], num_epochs=40)
+    with open(tmp_path / "first.log", "w") as log:
+        worker = start(command, log)
+        wait_for(lambda: os.path.isdir(root) and trial_dirs(root), 300, "the trial to start")
+        workdir = root / trial_dirs(root)[0]
+        wait_for(lambda: validations(workdir) >= 1, 300, "the first validation")
+        server.stop()  # 40 epochs: the trial is still training when the patience (4 s) runs out
+        code = worker.wait(timeout=300)
+    output = open(tmp_path / "first.log").read()
+    server.start()
+    assert code == StorageUnavailable.exit_code, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: the study's storage has been unreachable for") and "--storage-patience 4" in last
+    assert "run the same command again" in last and "Traceback" not in output
+    stopped = json.load(open(workdir / "stopped.json"))
+    assert stopped["status"] == "preempted"  # stopped as on SIGTERM: a checkpoint, resumable
+    assert "storage is unreachable" in json.load(open(workdir / "trial.json"))["state"]
+    again = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **SUBPROCESS_ENV}, capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert final(workdir)["steps"] > stopped["step"]
+    assert "resumed at step" in open(workdir / "sweep.log").read()
+    assert trial_dirs(root) == [workdir.name]  # the retry trained in the same workdir
+
+
 # -- the pruner and the study's storage, in the trial's own process (no training) ---------------------
 
 
