@@ -41,7 +41,7 @@ RUN case "$JAX_FLAVOUR" in \
     esac \
  && rm -rf /tmp/lock
 
-# The code's git state, logged by every run from this image (mnist_flax/tracking.py).
+# The code's git state, logged by every run from this image (mnist_flax/tracking/wandb_run.py).
 ARG GIT_COMMIT=unknown
 ARG GIT_BRANCH=unknown
 ARG GIT_DIRTY=false

@@ -9,7 +9,7 @@
 # online, W&B's own client checks the token with the server the run will use
 # (WANDB_BASE_URL, else wandb's default): a rejected token stops here (exit 2);
 # an unreachable server makes the run offline (sync it later with
-# launch/sync.sh). mnist_flax/wandb_login.py does all of that, then runs the
+# launch/sync.sh). mnist_flax/tracking/login.py does all of that, then runs the
 # command in its place.
 #
 # Environment: WANDB_MODE (online/offline/disabled), WANDB_BASE_URL (the W&B
@@ -28,7 +28,7 @@ if [[ -z "${HOME:-}" || ! -w "${HOME}" ]]; then
 fi
 
 # The token is not touched here: Python reads it the one way every run does
-# (mnist_flax.tracking.read_token). The package is imported from this script's
+# (mnist_flax.tracking.wandb_run.read_token). The package is imported from this script's
 # folder, so the container's working directory can be any.
 app="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-exec python3 -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); from mnist_flax import wandb_login; sys.exit(wandb_login.main())' "$app" "$@"
+exec python3 -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); from mnist_flax.tracking import login; sys.exit(login.main())' "$app" "$@"

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common, pieces, report  # noqa: E402
 from benchmarks.common import FASHION_DIR, ratio  # noqa: E402
-from mnist_flax import models, steps  # noqa: E402
+from mnist_flax.training import models, steps  # noqa: E402
 
 FLAG_SETS = (
     "",

@@ -14,7 +14,7 @@ import numpy as np
 
 from benchmarks import pieces
 from benchmarks.common import HostData
-from mnist_flax import input_pipeline, steps
+from mnist_flax.training import input_pipeline, steps
 
 
 class HostFedContender:

@@ -7,7 +7,7 @@ time, time to 90% Fashion-MNIST test accuracy with the data on the device, and P
 DIR holds the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...); the default is
 benchmarks/_work/fashion-mnist (git-ignored, so it can travel to a device machine as a carried path) if it exists,
 else Debian's folder. It times the library's compiled step through pieces.py, which imports the training core only
-(mnist_flax.models, input_pipeline, steps, metrics: JAX with its GPU plugin, flax, optax, ml_collections, clu; no
+(mnist_flax.training: models, input_pipeline, steps, metrics: JAX with its GPU plugin, flax, optax, ml_collections; no
 TensorFlow, W&B or orbax), and torch with CUDA for the comparison. Prints the tables; with $OUT set, writes
 $OUT/gpu_results.json.
 
@@ -33,7 +33,7 @@ if REPO_ROOT not in sys.path:
 
 from benchmarks import common, report  # noqa: E402
 from benchmarks.common import median  # noqa: E402
-from mnist_flax import provenance  # noqa: E402
+from mnist_flax.records import provenance  # noqa: E402
 
 
 def default_data_dir() -> str:

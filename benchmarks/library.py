@@ -1,4 +1,4 @@
-"""This project's contender: `mnist_flax.train.train_and_evaluate` itself, run in a fresh process of a checkout.
+"""This project's contender: `mnist_flax.training.loop.train_and_evaluate` itself, run in a fresh process of a checkout.
 
 `run_in_child(spec, tree)` starts `python benchmarks/library.py SPEC` with `tree` as its working directory, so the
 child imports that checkout's own `mnist_flax` and `configs` (the baseline section runs an old commit beside this
@@ -62,14 +62,15 @@ def measure(spec: dict) -> dict:
     if spec.get("num_cpu_devices"):
         jax.config.update("jax_num_cpu_devices", spec["num_cpu_devices"])
     import mnist_flax
-    from mnist_flax import config_utils, train
+    from mnist_flax.config import schema
+    from mnist_flax.training import loop
 
-    config = config_utils.load_config_file(spec.get("config", "configs/cnn.py"))
+    config = schema.load_config_file(spec.get("config", "configs/cnn.py"))
     set_fields(config, {**BARE, "data.local_dir": spec["data_dir"], **spec.get("changes", {})})
     workdir = tempfile.mkdtemp(prefix="mnist_flax_bench_run_")
     try:
         start = time.perf_counter()
-        report = train.train_and_evaluate(config, workdir)
+        report = loop.train_and_evaluate(config, workdir)
         wall_seconds = time.perf_counter() - start
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f if line.strip()]

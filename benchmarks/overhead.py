@@ -32,14 +32,18 @@ def section_overhead(ctx: Context) -> dict:
     steps_per_epoch = runs["bare"][0]["steps"] // 2
     epoch_seconds = steps_per_epoch * 128 / common.median(bare)
     logs = -(-steps_per_epoch // 100)  # the default log_every_steps, and the epoch's last step
-    blocked = logs * costs["train_write_ms"] + costs["val_write_ms"] + costs["save_blocked_ms"]
-    blocked += costs["save_wait_ms"] + costs["artifact_ms"]  # with W&B on, the loop waits for the save and logs it
+    # With W&B upload on, the Checkpointer's save blocks the loop for its start and the previous save's artifact
+    # (its wait is deferred to the next save, by when the write is done): `checkpointer_ms`.
+    blocked = logs * costs["train_write_ms"] + costs["val_write_ms"] + costs["checkpointer_ms"]
     share, kept = blocked / 1000 / epoch_seconds, common.ratio(tracked, bare)
     summary = (
         f"A/B, interleaved whole runs of two epochs ({ctx.settings.rounds} round(s)): tracked / bare steady images/s "
         f"**{kept:.3f}x** (bare rounds spread {100 * spread(bare):.0f}%). Direct: in an epoch of {steps_per_epoch} "
-        f"steps ({epoch_seconds:.1f} s bare), {logs} train write(s), one validation write and one save (waited for, "
-        f"with its W&B artifact) block the loop for **{100 * share:.2f}%** of it."
+        f"steps ({epoch_seconds:.1f} s bare), {logs} train write(s), one validation write and one save (with its W&B "
+        f"artifact) block the loop for **{100 * share:.2f}%** of it. A save with upload on blocks the loop "
+        f"{costs['checkpointer_ms']:.1f} ms through the Checkpointer (the upload waits for the next save), against "
+        f"{costs['synchronous_ms']:.1f} ms for save + wait + artifact in a row (what a synchronous upload costs): "
+        f"**{costs['synchronous_ms'] / costs['checkpointer_ms']:.1f}x** less, interleaved, {costs['saves']} saves each."
     )
     rows = [
         {"what": "write_scalars, train log (5 scalars)", "ms": costs["train_write_ms"], "cpu": costs["train_cpu_ms"]},
@@ -47,6 +51,8 @@ def section_overhead(ctx: Context) -> dict:
         {"what": "Checkpoints.save (async)", "ms": costs["save_blocked_ms"], "cpu": costs["save_cpu_ms"]},
         {"what": "  ... until written (wait)", "ms": costs["save_wait_ms"]},
         {"what": "  ... W&B model artifact (upload_to_wandb)", "ms": costs["artifact_ms"]},
+        {"what": "save + wait + artifact in a row (synchronous upload)", "ms": costs["synchronous_ms"]},
+        {"what": "Checkpointer.save, upload on (deferred to the next save)", "ms": costs["checkpointer_ms"]},
     ]
     columns = [["what", "what", "{}"], ["ms blocked per call", "ms", "{:.2f}"], ["CPU ms per call", "cpu", "{:.2f}"]]
     measured = f"{100 * share:.2f}% blocked (direct); A/B tracked / bare images/s {kept:.3f}x"
@@ -63,7 +69,7 @@ def section_overhead(ctx: Context) -> dict:
 
 def direct_costs(writes: int, saves: int) -> dict:
     """Milliseconds blocked (and CPU, W&B's service included) per `write_scalars` and per `Checkpoints.save`."""
-    from mnist_flax import checkpoints, metrics
+    from mnist_flax.training import checkpointing, metrics
 
     config = pieces.load_config(wandb__mode="offline")
     tmp = tempfile.mkdtemp(prefix="mnist_flax_bench_")
@@ -76,7 +82,7 @@ def direct_costs(writes: int, saves: int) -> dict:
     train_ms, train_cpu = _write_cost(writer, train, writes)
     val_ms, _ = _write_cost(writer, val, max(10, writes // 10))
     state, _ = pieces.train_state(config, pieces.build_model(config), 429)
-    saver = checkpoints.Checkpoints(os.path.join(tmp, "checkpoints"), config.checkpoint)
+    saver = checkpointing.Checkpoints(os.path.join(tmp, "checkpoints"), config.checkpoint)
     meta = {"epoch": 1, "best": {"val_accuracy": 0.9, "step": 0}, "config": config.to_dict(), "metrics": {}}
     timings = []
     for i in range(saves + 1):  # the first save creates the directory layout
@@ -88,6 +94,7 @@ def direct_costs(writes: int, saves: int) -> dict:
         start = time.perf_counter()
         tracker.log_checkpoint(os.path.join(saver.directory, str(step)), step, ["latest"], {"step": step})
         timings += [(blocked, waited, cpu, time.perf_counter() - start)] if i else []
+    synchronous, deferred = _upload_blocking(tracker, state, tmp, saves)
     writer.close()
     saver.close()
     tracker.finish()
@@ -96,15 +103,51 @@ def direct_costs(writes: int, saves: int) -> dict:
     return {
         **{"train_write_ms": train_ms, "train_cpu_ms": train_cpu, "val_write_ms": val_ms, "val_scalars": len(val)},
         **{"save_blocked_ms": blocked, "save_wait_ms": waited, "save_cpu_ms": cpu, "artifact_ms": artifact_seconds},
+        **{"synchronous_ms": 1000 * median(synchronous), "checkpointer_ms": 1000 * median(deferred), "saves": saves},
     }
+
+
+def _upload_blocking(tracker, state, tmp: str, saves: int, gap: float = 1.0) -> tuple[list, list]:
+    """Seconds the loop is blocked per save with W&B upload on: save, wait and artifact in a row (a synchronous
+    upload) against the library's Checkpointer, whose upload waits for the next save; interleaved, with `gap`
+    seconds of (idle) training between saves, as an epoch gives the write time to finish."""
+    import types
+
+    from mnist_flax.training import checkpointing, periodic
+
+    setup = types.SimpleNamespace(steps_per_epoch=1000, provenance={}, config_history=[])
+    loop_state = types.SimpleNamespace(carry=(state,), best={"val_accuracy": 0.9, "step": 0})
+    config = pieces.load_config(wandb__mode="offline", checkpoint__upload_to_wandb=True)
+    synchronous_saver = checkpointing.Checkpoints(os.path.join(tmp, "synchronous"), config.checkpoint)
+    deferred_saver = checkpointing.Checkpoints(os.path.join(tmp, "deferred"), config.checkpoint)
+    checkpointer = periodic.Checkpointer(periodic.Periodic(), deferred_saver, config, tracker)
+    meta = {"epoch": 1, "best": {"val_accuracy": 0.9, "step": 0}, "config": config.to_dict(), "metrics": {}}
+    synchronous, deferred = [], []
+    for i in range(saves + 1):  # the first of each creates the directory layout: not counted
+        step = 1000 * (i + 1)
+        start = time.perf_counter()
+        synchronous_saver.save(step, state, {**meta, "step": step}, force=True)
+        synchronous_saver.wait()
+        tracker.log_checkpoint(os.path.join(synchronous_saver.directory, str(step)), step, ["latest"], {"step": step})
+        synchronous += [time.perf_counter() - start] if i else []
+        time.sleep(gap)
+        start = time.perf_counter()
+        checkpointer.save(setup, loop_state, step)
+        deferred += [time.perf_counter() - start] if i else []  # from the second: each uploads the one before
+        time.sleep(gap)
+    checkpointer.flush_upload()
+    synchronous_saver.close()
+    deferred_saver.close()
+    return synchronous, deferred
 
 
 def _tracked_sinks(config, workdir: str):
     """The library's W&B tracker (offline) and its writers (log, JSON lines, TensorBoard, W&B), as a run builds them."""
-    from mnist_flax import provenance, tracking, writers
+    from mnist_flax.records import provenance
+    from mnist_flax.tracking import wandb_run, writers
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    tracker = tracking.Tracker.start(config, workdir, provenance.git_info(), overrides={})
+    tracker = wandb_run.Tracker.start(config, workdir, provenance.git_info(), overrides={})
     return tracker, writers.create_writer(workdir, tensorboard=True, tracker=tracker)
 
 

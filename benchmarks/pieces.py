@@ -17,12 +17,13 @@ import numpy as np
 
 from benchmarks.common import FASHION_DIR, REPO_ROOT, HostData
 from benchmarks.library import set_fields
-from mnist_flax import config_utils, input_pipeline, metrics, models, steps
+from mnist_flax.config import schema
+from mnist_flax.training import input_pipeline, metrics, models, steps
 
 
 def load_config(path: str = "configs/cnn.py", **changes) -> ml_collections.ConfigDict:
     """A config file of this checkout with "a.b" fields changed (keyword "a__b" for "a.b")."""
-    config = config_utils.load_config_file(os.path.join(REPO_ROOT, path))
+    config = schema.load_config_file(os.path.join(REPO_ROOT, path))
     set_fields(config, {key.replace("__", "."): value for key, value in changes.items()})
     return config
 

@@ -8,7 +8,7 @@ import json
 import os
 
 from benchmarks.common import format_table, load_average, machine_facts
-from mnist_flax.provenance import package_versions
+from mnist_flax.records.provenance import package_versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_JSON, RESULTS_MD, NOTES_MD = (os.path.join(HERE, f) for f in ("results.json", "RESULTS.md", "notes.md"))

@@ -37,13 +37,13 @@ import optax  # noqa: E402
 
 from benchmarks import child, common, pieces, report  # noqa: E402
 from benchmarks.common import FASHION_DIR, median  # noqa: E402
-from mnist_flax import resolve  # noqa: E402
+from mnist_flax.training import resolution  # noqa: E402
 
 BATCH = 128
 PROFILED_STEPS = 60
 # The library's CPU defaults, as its resolver decides "auto" at batch 128: 8 pieces, 3 steps a call written out.
-DEFAULT_PIECES = resolve.conv_batch_split("auto", BATCH, "cpu")
-DEFAULT_STEPS = resolve.steps_per_call("auto", "cpu")
+DEFAULT_PIECES = resolution.conv_batch_split("auto", BATCH, "cpu")
+DEFAULT_STEPS = resolution.steps_per_call("auto", "cpu")
 
 
 def flop_per_cycle() -> int:

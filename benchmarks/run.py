@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run; does not touch RESULTS.md")
     parser.add_argument("--only", default="", help=f"comma-separated sections: {', '.join(SECTIONS)}")
-    parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per contender (default 3; quick 2)")
+    parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per contender (default 3; quick 1)")
     parser.add_argument("--baseline-rev", default="HEAD", help="the old commit of the baseline section")
     parser.add_argument("--cases", default="", help="throughput cases as MODEL:BATCH, comma-separated (cnn:128)")
     parser.add_argument("--data-dir", default=FASHION_DIR, help="folder of the four Fashion-MNIST IDX files")

@@ -1,7 +1,7 @@
 """Shared defaults; trains the CNN on Fashion-MNIST.
 
 Every knob of a run lives here. `cnn.py` and `mlp.py` start from this file and
-change only what differs, so `python -m mnist_flax.config_diff configs/cnn.py
+change only what differs, so `python -m mnist_flax diff configs/cnn.py
 configs/mlp.py` shows the real difference between them.
 
 The config file takes an optional argument, as in big_vision:
@@ -98,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.upload_to_wandb = True
 
     # Resuming a workdir with a config or data that would change the training
-    # stops, naming each changed field (mnist_flax/drift.py lists the fields that
+    # stops, naming each changed field (mnist_flax/training/drift.py lists the fields that
     # may change: names, log frequency, ...). True changes them deliberately; the
     # workdir's config_history.json keeps the earlier config and the step.
     config.resume = ml_collections.ConfigDict()
@@ -141,8 +141,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config
 
 
-# Search spaces for `python -m mnist_flax.sweep --config=configs/default.py --sweep[=NAME]`, in W&B's
-# parameter vocabulary (mnist_flax/search_space.py): launch/sweep.yaml is generated from sweep().
+# Search spaces for `python -m mnist_flax sweep --config=configs/default.py --sweep[=NAME]`, in W&B's
+# parameter vocabulary (mnist_flax/sweeps/search_space.py): launch/sweep.yaml is generated from sweep().
 
 
 def sweep():

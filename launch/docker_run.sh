@@ -4,7 +4,7 @@
 #
 #   launch/docker_run.sh                                   # trains configs/default.py
 #   launch/docker_run.sh --config=configs/mlp.py --config.num_epochs=3
-#   launch/docker_run.sh python -m mnist_flax.sweep --config=configs/cnn.py --grid model.name=cnn,mlp --root /runs/sweep-a
+#   launch/docker_run.sh python -m mnist_flax sweep --config=configs/cnn.py --grid model.name=cnn,mlp --root /runs/sweep-a
 #
 # Arguments that start with "-" go to `python main.py`; anything else is the
 # whole command. Settings (environment variables):

@@ -4,7 +4,7 @@
 #   launch/sweep.sh create [SWEEP_YAML]            # registers launch/sweep.yaml; prints the sweep path
 #   launch/sweep.sh agent ENTITY/PROJECT/ID [N]    # runs N trials (default: until the sweep ends) here
 #   launch/sweep.sh docker-agent ENTITY/PROJECT/ID [N]   # the same inside the container (launch/docker_run.sh)
-#   launch/sweep.sh local ARGS...                  # no server: python -m mnist_flax.sweep ARGS...
+#   launch/sweep.sh local ARGS...                  # no server: python -m mnist_flax sweep ARGS...
 #
 # The W&B token is read from the environment or from .env (WANDB_API_KEY or
 # WANDB_TOKEN; ENV_FILE names another file) and handed to wandb through the
@@ -59,7 +59,7 @@ case "$action" in
       wandb agent ${2:+--count "$2"} "$1"
     ;;
   local)
-    exec python -m mnist_flax.sweep "$@"
+    exec python -m mnist_flax sweep "$@"
     ;;
   *)
     usage

@@ -17,7 +17,7 @@ load_wandb_env() {
       esac
     done <"$file"
   fi
-  # The one place Python does this is mnist_flax.tracking.read_token; the shell
+  # The one place Python does this is mnist_flax.tracking.wandb_run.read_token; the shell
   # does it too because it runs before any of our Python: `wandb sweep` and
   # `wandb agent` (launch/sweep.sh) read WANDB_API_KEY only.
   if [[ -z "${WANDB_API_KEY:-}" && -n "${WANDB_TOKEN:-}" ]]; then

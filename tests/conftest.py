@@ -121,9 +121,9 @@ def start_main(args: list[str], env: dict | None = None) -> subprocess.Popen:
 
 
 def run_sweep(root: str, config: str, grid: str, data_dir: str, **settings) -> subprocess.CompletedProcess:
-    """`python -m mnist_flax.sweep` over one `--grid FIELD=V1,V2` on the tiny data, each run set with `settings`."""
+    """`python -m mnist_flax sweep` over one `--grid FIELD=V1,V2` on the tiny data, each run set with `settings`."""
     fixed = [item for o in tiny_overrides(data_dir, **settings) for item in ("--set", o.removeprefix("--config."))]
-    command = [sys.executable, "-m", "mnist_flax.sweep", f"--config={config}", f"--root={root}", "--grid", grid]
+    command = [sys.executable, "-m", "mnist_flax", "sweep", f"--config={config}", f"--root={root}", "--grid", grid]
     return subprocess.run(
         [*command, *fixed],
         cwd=REPO_ROOT,

@@ -1,4 +1,4 @@
-"""`python -m mnist_flax.compare`: the table, --json, --sort, bad input, and the HTML report in a real browser."""
+"""`python -m mnist_flax compare`: the table, --json, --sort, bad input, and the HTML report in a real browser."""
 
 import base64
 import html
@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, run_sweep
 
-from mnist_flax import compare, tracking
+from mnist_flax.commands import compare
+from mnist_flax.tracking import wandb_run
 
 # Plain SGD at a constant rate: 0.01 and 0.1 train (to different accuracies), 1e12 diverges at once and fails.
 RATES = ("0.01", "0.1", "1e12")
 MEMBERS = ("000-0.01", "001-0.1", "002-1e12")
 SETTINGS = {"checkpoint.enabled": False, "optimizer.name": "sgd", "optimizer.schedule": "constant"}
-WITHOUT_TOKEN = {k: v for k, v in os.environ.items() if k not in tracking.TOKEN_VARIABLES}
+WITHOUT_TOKEN = {k: v for k, v in os.environ.items() if k not in wandb_run.TOKEN_VARIABLES}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def sweep_root(tiny_data_dir, tmp_path_factory) -> str:
 
 def run_compare(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mnist_flax.compare", *args],
+        [sys.executable, "-m", "mnist_flax", "compare", *args],
         cwd=REPO_ROOT,
         env=env or os.environ,
         capture_output=True,

@@ -6,7 +6,7 @@ import os
 import pytest
 from conftest import run_main, tiny_overrides
 
-from mnist_flax import compile_cache
+from mnist_flax.training import compile_cache
 
 
 def _run(tiny_data_dir, workdir, cache: str):

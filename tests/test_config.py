@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, run_main, tiny_overrides, write_idx
 
-from mnist_flax import config_diff, config_utils
+from mnist_flax.config import diff, schema
 from mnist_flax.errors import ConfigError
 
 CONFIG_FILES = sorted(
@@ -23,7 +23,7 @@ CONFIG_FILES = sorted(
 
 
 def flat_config(spec: str) -> dict:
-    return config_utils.flatten(config_utils.load_config_file(os.path.join(REPO_ROOT, spec)))
+    return schema.flatten(schema.load_config_file(os.path.join(REPO_ROOT, spec)))
 
 
 # ---------------------------------------------------------------- the config files
@@ -35,9 +35,9 @@ def test_config_files_exist():
 
 @pytest.mark.parametrize("spec", CONFIG_FILES)
 def test_config_file_loads_and_validates(spec):
-    config = config_utils.load_config_file(os.path.join(REPO_ROOT, spec))
-    config_utils.validate(config)
-    flat = config_utils.flatten(config)
+    config = schema.load_config_file(os.path.join(REPO_ROOT, spec))
+    schema.validate(config)
+    flat = schema.flatten(config)
     # The field names that docs, sweeps and scripts rely on.
     for name in (
         "num_epochs",
@@ -52,17 +52,17 @@ def test_config_file_loads_and_validates(spec):
     ):
         assert name in flat, name
     # Every field with a fixed set of values is checked by validate().
-    for name in config_utils.CHOICES:
+    for name in schema.CHOICES:
         if name in flat:
-            assert flat[name] in config_utils.CHOICES[name]
+            assert flat[name] in schema.CHOICES[name]
 
 
 def test_cnn_config_is_the_defaults():
-    assert config_diff.is_empty(config_diff.diff(flat_config("configs/default.py"), flat_config("configs/cnn.py")))
+    assert diff.is_empty(diff.diff(flat_config("configs/default.py"), flat_config("configs/cnn.py")))
 
 
 def test_mlp_config_differs_only_where_it_says():
-    difference = config_diff.diff(flat_config("configs/default.py"), flat_config("configs/mlp.py"))
+    difference = diff.diff(flat_config("configs/default.py"), flat_config("configs/mlp.py"))
     assert difference == {
         "changed": {
             "model.name": ["cnn", "mlp"],
@@ -81,15 +81,15 @@ def test_config_argument_selects_the_data_set(spec):
     mnist = flat_config(f"{spec}:mnist")
     assert mnist["data.name"] == "mnist"
     # The argument changes the data set and nothing else.
-    difference = config_diff.diff(flat_config(spec), mnist)
+    difference = diff.diff(flat_config(spec), mnist)
     assert difference["changed"] == {"data.name": ["fashion_mnist", "mnist"]}
     assert not difference["added"] and not difference["removed"]
 
 
 def test_config_argument_is_validated():
-    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py:cifar10"))
+    config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py:cifar10"))
     with pytest.raises(ConfigError, match="data.name: unknown value 'cifar10'"):
-        config_utils.validate(config)
+        schema.validate(config)
 
 
 @pytest.mark.parametrize(
@@ -109,11 +109,11 @@ def test_config_argument_is_validated():
 )
 def test_validate_in_process(field, value, message):
     # The same checks as through main.py below, in-process and fast (not marked slow).
-    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
+    config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
     section, _, leaf = field.rpartition(".")
     (config[section] if section else config)[leaf] = value
     with pytest.raises(ConfigError) as error:
-        config_utils.validate(config)
+        schema.validate(config)
     assert str(error.value).startswith(message)
 
 
@@ -122,18 +122,18 @@ def test_auto_or_integer_fields_as_given_on_the_command_line(value):
     # The fields' default is the string "auto", so ml_collections keeps them str
     # fields and `--config.train.steps_per_call=50` arrives as the string "50".
     # An integer given that way must be accepted (and used as that integer).
-    from mnist_flax import resolve
+    from mnist_flax.training import resolution
 
-    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
+    config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
     config.train.steps_per_call = value
     config.train.scan_unroll = value
     config.model.conv_batch_split = value
-    config_utils.validate(config)
-    assert resolve.steps_per_call(config.train.steps_per_call, backend="gpu") == int(value)
-    assert resolve.scan_unroll(config.train.scan_unroll, 7, backend="cpu") == int(value)
-    assert resolve.conv_batch_split(config.model.conv_batch_split, 128, backend="cpu") == int(value)
+    schema.validate(config)
+    assert resolution.steps_per_call(config.train.steps_per_call, backend="gpu") == int(value)
+    assert resolution.scan_unroll(config.train.scan_unroll, 7, backend="cpu") == int(value)
+    assert resolution.conv_batch_split(config.model.conv_batch_split, 128, backend="cpu") == int(value)
     config.batch_size = 100 * int(value)  # the pieces must divide the batch
-    resolved = resolve.resolve(config, backend="cpu", num_devices=1)
+    resolved = resolution.resolve(config, backend="cpu", num_devices=1)
     assert (resolved.train.steps_per_call, resolved.train.scan_unroll) == (int(value), int(value))
     assert resolved.model.conv_batch_split == int(value)
 
@@ -141,30 +141,30 @@ def test_auto_or_integer_fields_as_given_on_the_command_line(value):
 @pytest.mark.parametrize("field", ["train.steps_per_call", "train.scan_unroll", "model.conv_batch_split"])
 @pytest.mark.parametrize("value", ["0", "-2", "fast", "2.5"])
 def test_auto_or_integer_fields_reject_other_values(field, value):
-    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
+    config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
     section, leaf = field.split(".")
     config[section][leaf] = value
     with pytest.raises(ConfigError, match=rf"^{field}: expected 'auto' or an integer >= 1, got '{value}'$"):
-        config_utils.validate(config)
+        schema.validate(config)
 
 
 def test_auto_fused_steps_per_backend():
-    from mnist_flax import resolve
+    from mnist_flax.training import resolution
 
-    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
+    config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
     assert (config.train.steps_per_call, config.train.scan_unroll) == ("auto", "auto")
     # CPU: a few steps a call, written out with no loop; accelerators: many steps in a scan.
-    cpu = resolve.resolve(config, backend="cpu", num_devices=1)
+    cpu = resolution.resolve(config, backend="cpu", num_devices=1)
     assert (cpu.train.steps_per_call, cpu.train.scan_unroll) == (3, 3)
-    gpu = resolve.resolve(config, backend="gpu", num_devices=1)
+    gpu = resolution.resolve(config, backend="gpu", num_devices=1)
     assert (gpu.train.steps_per_call, gpu.train.scan_unroll) == (50, 1)
 
 
 def test_nearest_names():
     flat = flat_config("configs/default.py")
-    assert config_utils.nearest_names("lr", flat)[0] == "optimizer.learning_rate"
-    assert "optimizer.learning_rate" in config_utils.nearest_names("optimizer.learnig_rate", flat)
-    assert "num_epochs" in config_utils.nearest_names("num_epoch", flat)
+    assert schema.nearest_names("lr", flat)[0] == "optimizer.learning_rate"
+    assert "optimizer.learning_rate" in schema.nearest_names("optimizer.learnig_rate", flat)
+    assert "num_epochs" in schema.nearest_names("num_epoch", flat)
 
 
 # ---------------------------------------------------------------- bad input through main.py

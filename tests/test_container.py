@@ -19,7 +19,7 @@ import tomllib
 import pytest
 from conftest import REPO_ROOT, tiny_overrides, write_idx_dataset
 
-from mnist_flax import config_diff
+from mnist_flax.commands import diff
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -155,7 +155,7 @@ def test_tiny_training_in_the_container(image, tmp_path):
     assert FAKE_TOKEN not in output
 
     workdir = runs / "tiny"
-    config = config_diff.load_flat(str(workdir))
+    config = diff.load_flat(str(workdir))
     assert config["model.name"] == "mlp" and config["data.local_dir"] == "/data"
     assert config["wandb.notes"] == "trained in a container"  # an argument with spaces arrived whole
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -128,7 +128,7 @@ def test_two_processes_train_together_and_agree(single_device, tiny_data_dir, tm
 def test_an_installed_plugin_without_a_device_is_said_in_one_line(monkeypatch, installed, platforms, expected):
     from importlib import metadata
 
-    from mnist_flax import distributed
+    from mnist_flax.training import distributed
 
     def version(name):
         if name in installed:

@@ -187,7 +187,7 @@ def test_dockerignore_keeps_out(path):
 
 @pytest.mark.parametrize(
     "path",
-    ["main.py", "mnist_flax/train.py", "configs/cnn.py", "pyproject.toml", "uv.lock", "entrypoint.sh"]
+    ["main.py", "mnist_flax/training/loop.py", "configs/cnn.py", "pyproject.toml", "uv.lock", "entrypoint.sh"]
     + ["launch/sweep.yaml", ".env.example", "notebooks/quickstart.ipynb", "tools/install_locked.sh"],
 )
 def test_dockerignore_keeps_what_the_image_needs(path):

@@ -10,7 +10,8 @@ import pytest
 from conftest import run_main, tiny_overrides
 from test_environment_record import write_distribution
 
-from mnist_flax import drift, runs
+from mnist_flax.records import runs
+from mnist_flax.training import drift
 
 pytestmark = pytest.mark.slow
 

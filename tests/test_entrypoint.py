@@ -3,7 +3,7 @@
 Each test writes an env file, parses it the way Docker does, and runs the script
 in an environment holding only those variables (like `env -i`). A local HTTP
 server stands in for the W&B API, so the online token check (W&B's own client,
-mnist_flax/wandb_login.py) is exercised for real: accepted, rejected,
+mnist_flax/tracking/login.py) is exercised for real: accepted, rejected,
 unreachable, and sent to the server the run would use.
 """
 

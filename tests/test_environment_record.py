@@ -10,10 +10,12 @@ import ml_collections
 import pytest
 
 from configs import default
-from mnist_flax import config_utils, drift, overrides, provenance
+from mnist_flax.config import diff, overrides, schema
 from mnist_flax.errors import ConfigError, MnistFlaxError
+from mnist_flax.records import provenance
+from mnist_flax.training import drift
 
-IN_PROJECT_VENV = os.path.realpath(sys.prefix) == os.path.realpath(os.path.join(config_utils.REPO_ROOT, ".venv"))
+IN_PROJECT_VENV = os.path.realpath(sys.prefix) == os.path.realpath(os.path.join(schema.REPO_ROOT, ".venv"))
 
 
 def write_lock(path, packages: dict) -> str:
@@ -47,7 +49,7 @@ def test_names_are_normalized_as_pep_503():
 
 
 def test_the_record_holds_every_package_the_lock_hash_and_the_verdict(tmp_path, monkeypatch, installed):
-    monkeypatch.setattr(config_utils, "REPO_ROOT", str(tmp_path))  # the checkout's uv.lock: this one
+    monkeypatch.setattr(schema, "REPO_ROOT", str(tmp_path))  # the checkout's uv.lock: this one
     lock = write_lock(tmp_path / "uv.lock", {n: v for n, v in installed.items() if n not in provenance.NOT_LOCKED})
     record = provenance.environment()
     assert record["lock_sha256"] == hashlib.sha256(open(lock, "rb").read()).hexdigest()
@@ -140,7 +142,7 @@ def test_many_differences_make_one_readable_line():
 
 
 def test_changes_is_one_function_for_configs_and_environments():
-    assert provenance.changes({"a": 1, "b": [1, 2]}, {"a": 1, "b": [1, 3], "c": True}) == {
+    assert diff.changes({"a": 1, "b": [1, 2]}, {"a": 1, "b": [1, 3], "c": True}) == {
         "b": [[1, 2], [1, 3]],
         "c": [None, True],
     }
@@ -173,9 +175,9 @@ def test_resume_in_another_environment_warns_by_default_and_is_refused_when_stri
 def test_strict_environment_is_a_typed_switch_safe_to_change_on_resume():
     config = default.get_config()
     assert config.resume.strict_environment is False and "resume.strict_environment" in drift.SAFE_ON_RESUME
-    flat = config_utils.flatten(config)
+    flat = schema.flatten(config)
     assert overrides.apply(flat, {"resume.strict_environment": "True"})["resume.strict_environment"] is True
     with pytest.raises(ConfigError, match="expects bool"):
         overrides.apply(flat, {"resume.strict_environment": "maybe"})
     config.resume.strict_environment = True
-    config_utils.validate(config)
+    schema.validate(config)

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, write_idx
 
-from mnist_flax import config_utils, input_pipeline
+from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError, DataError
-from mnist_flax.input_pipeline import IMAGES_MAGIC, LABELS_MAGIC
+from mnist_flax.training import input_pipeline
+from mnist_flax.training.input_pipeline import IMAGES_MAGIC, LABELS_MAGIC
 
 
 def data_config(**fields) -> ml_collections.ConfigDict:
     """The data section of configs/default.py, with fields changed."""
-    config = config_utils.load_config_file("configs/default.py").data
+    config = schema.load_config_file("configs/default.py").data
     for key, value in fields.items():
         config[key] = value
     return config
@@ -641,10 +642,11 @@ NO_TENSORFLOW_SCRIPT = textwrap.dedent(
     import jax
     import ml_collections
 
-    from mnist_flax import config_utils, input_pipeline, metrics, models, steps, train
+    from mnist_flax.config import schema
+    from mnist_flax.training import input_pipeline, loop, metrics, models, steps
 
     data_dir = sys.argv[1]
-    config = config_utils.load_config_file("configs/mlp.py")
+    config = schema.load_config_file("configs/mlp.py")
     config.data.local_dir = data_dir
     config.data.validation_size = 200
     datasets = input_pipeline.load_datasets(config.data)

@@ -1,4 +1,4 @@
-"""`train.train_and_evaluate` called in the test process on the tiny IDX data, as flax's train_test.py does.
+"""`loop.train_and_evaluate` called in the test process on the tiny IDX data, as flax's train_test.py does.
 
 The subprocess tests (test_e2e.py, test_train.py) check what a user sees from
 `main.py`; these check the loop itself where it runs: the report, the files it
@@ -14,8 +14,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mnist_flax import config_utils, input_pipeline, train
+from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError, MnistFlaxError
+from mnist_flax.training import input_pipeline, loop
 
 TRAIN_EXAMPLES = 1200  # conftest.write_idx_dataset
 TEST_EXAMPLES = 300
@@ -29,7 +30,7 @@ MIN_TEST_ACCURACY = 0.9
 
 def tiny_config(config_file: str, data_dir: str, **fields) -> ml_collections.ConfigDict:
     """The config file with conftest.tiny_overrides' values, W&B off, checkpoints on; `fields` on top."""
-    config = config_utils.load_config_file(config_file)
+    config = schema.load_config_file(config_file)
     config.data.local_dir = data_dir
     config.data.validation_size = VALIDATION_SIZE
     config.num_epochs = 2
@@ -63,7 +64,7 @@ def checkpoint_steps(workdir: str) -> set[int]:
 def mlp_run(tmp_path_factory, tiny_data_dir) -> tuple[str, dict]:
     """configs/mlp.py for two epochs: (workdir, report). Tests that change a workdir copy it first."""
     workdir = str(tmp_path_factory.mktemp("mlp_run"))
-    report = train.train_and_evaluate(tiny_config("configs/mlp.py", tiny_data_dir), workdir)
+    report = loop.train_and_evaluate(tiny_config("configs/mlp.py", tiny_data_dir), workdir)
     return workdir, report
 
 
@@ -126,9 +127,9 @@ def test_resume_with_more_epochs(mlp_run, tiny_data_dir, tmp_path, capsys):
     longer = tiny_config("configs/mlp.py", tiny_data_dir, num_epochs=3)
     # More epochs change the schedule: refused as config drift, unless asked for deliberately.
     with pytest.raises(ConfigError, match=r"num_epochs: 2 -> 3"):
-        train.train_and_evaluate(longer, workdir)
+        loop.train_and_evaluate(longer, workdir)
     longer.resume.allow_config_changes = True
-    report = train.train_and_evaluate(longer, workdir)
+    report = loop.train_and_evaluate(longer, workdir)
 
     saved_step = 2 * STEPS_PER_EPOCH
     assert f"resumed at step {saved_step}" in capsys.readouterr().out
@@ -150,7 +151,7 @@ def test_eval_only_reproduces_the_best_checkpoint(mlp_run, tiny_data_dir, tmp_pa
     workdir = str(tmp_path / "eval_only")
     config = tiny_config("configs/mlp.py", tiny_data_dir, init_from=first_workdir, eval_only=True)
 
-    report = train.train_and_evaluate(config, workdir)
+    report = loop.train_and_evaluate(config, workdir)
 
     assert report["test"]["accuracy"] == first_report["test"]["accuracy"]
     assert report["test"]["loss"] == pytest.approx(first_report["test"]["loss"], rel=1e-5)
@@ -165,7 +166,7 @@ def test_eval_only_reproduces_the_best_checkpoint(mlp_run, tiny_data_dir, tmp_pa
 
 def test_cnn_trains(tiny_data_dir, tmp_path):
     workdir = str(tmp_path / "cnn")
-    report = train.train_and_evaluate(tiny_config("configs/cnn.py", tiny_data_dir), workdir)
+    report = loop.train_and_evaluate(tiny_config("configs/cnn.py", tiny_data_dir), workdir)
     assert_trained(report, workdir)
     for name in ("config.json", "metrics.jsonl", "final_metrics.json", "predictions.csv"):
         assert os.path.isfile(os.path.join(workdir, name)), name
@@ -176,7 +177,7 @@ def test_cnn_trains(tiny_data_dir, tmp_path):
 def test_validation_callbacks_see_every_validation_and_can_stop_the_run(tiny_data_dir, tmp_path):
     seen = []
     config = tiny_config("configs/mlp.py", tiny_data_dir, num_epochs=3)
-    report = train.train_and_evaluate(
+    report = loop.train_and_evaluate(
         config, str(tmp_path / "watched"), on_validation=(lambda step, val: seen.append((step, val["accuracy"])),)
     )
     assert [step for step, _ in seen] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]
@@ -190,7 +191,7 @@ def test_validation_callbacks_see_every_validation_and_can_stop_the_run(tiny_dat
 
     workdir = tmp_path / "pruned"
     with pytest.raises(Pruned, match=f"pruned at step {STEPS_PER_EPOCH}"):
-        train.train_and_evaluate(
+        loop.train_and_evaluate(
             tiny_config("configs/mlp.py", tiny_data_dir, num_epochs=3), str(workdir), on_validation=(prune,)
         )
     # Out through the one shutdown path: the stop is recorded, and the run did not finish.

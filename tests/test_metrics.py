@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as sk
 
-from mnist_flax import metrics
+from mnist_flax.training import metrics
 
 NUM_CLASSES = 10
 

@@ -6,8 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mnist_flax import config_utils, models, resolve
+from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError
+from mnist_flax.training import models, resolution
 
 # Float32 tolerances for comparing the "xla" and "shifted_matmul" convolutions.
 # Both sum the same 9 * C_in products per output, in another order, so they
@@ -23,10 +24,10 @@ GRAD_RTOL = 1e-4
 
 def model_config(config_name: str, **fields) -> ml_collections.ConfigDict:
     """The model section of configs/<config_name>.py, with fields changed, resolved for an unknown batch (no split)."""
-    config = config_utils.load_config_file(f"configs/{config_name}.py").model
+    config = schema.load_config_file(f"configs/{config_name}.py").model
     for key, value in fields.items():
         config[key] = value
-    return resolve.model(config, per_device_batch=0, backend="cpu")
+    return resolution.model(config, per_device_batch=0, backend="cpu")
 
 
 def init_params(model, seed: int = 0):
@@ -231,10 +232,10 @@ def test_conv_impls_give_the_same_outputs_and_gradients(cnn_pair):
 
 
 def test_resolve_conv_impl():
-    assert resolve.conv_impl("auto", backend="cpu") == "xla"
-    assert resolve.conv_impl("auto", backend="gpu") == "xla"
-    assert resolve.conv_impl("xla", backend="cpu") == "xla"
-    assert resolve.conv_impl("shifted_matmul", backend="gpu") == "shifted_matmul"
+    assert resolution.conv_impl("auto", backend="cpu") == "xla"
+    assert resolution.conv_impl("auto", backend="gpu") == "xla"
+    assert resolution.conv_impl("xla", backend="cpu") == "xla"
+    assert resolution.conv_impl("shifted_matmul", backend="gpu") == "shifted_matmul"
 
 
 @pytest.mark.parametrize(
@@ -252,7 +253,7 @@ def test_resolve_conv_impl():
     ],
 )
 def test_resolve_conv_batch_split(value, per_device_batch, backend, expected):
-    assert resolve.conv_batch_split(value, per_device_batch, backend) == expected
+    assert resolution.conv_batch_split(value, per_device_batch, backend) == expected
 
 
 @pytest.mark.parametrize("pieces", [2, 4])
@@ -287,10 +288,10 @@ def test_unknown_model_name_raises_config_error():
 
 
 def test_inference_form_gives_the_same_outputs():
-    config = config_utils.load_config_file("configs/cnn.py")
+    config = schema.load_config_file("configs/cnn.py")
     config.model.conv_impl = "shifted_matmul"
     config.model.conv_batch_split = "2"
-    model = models.create_model(resolve.model(config.model, per_device_batch=0, backend="cpu"))
+    model = models.create_model(resolution.model(config.model, per_device_batch=0, backend="cpu"))
     images = jax.random.uniform(jax.random.PRNGKey(0), (4, 28, 28, 1))
     params = model.init(jax.random.PRNGKey(1), images)["params"]
     fast = models.for_inference(model)
@@ -298,5 +299,5 @@ def test_inference_form_gives_the_same_outputs():
     np.testing.assert_allclose(
         fast.apply({"params": params}, images), model.apply({"params": params}, images), rtol=1e-5, atol=1e-5
     )
-    mlp = models.create_model(resolve.model(config_utils.load_config_file("configs/mlp.py").model, 0, "cpu"))
+    mlp = models.create_model(resolution.model(schema.load_config_file("configs/mlp.py").model, 0, "cpu"))
     assert models.for_inference(mlp) is mlp

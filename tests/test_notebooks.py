@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, run_main
 
-from mnist_flax import config_utils, input_pipeline
-from mnist_flax.workdir import read_predictions
+from mnist_flax.config import schema
+from mnist_flax.records.files import read_predictions
+from mnist_flax.training import input_pipeline
 
 NOTEBOOKS_DIR = os.path.join(REPO_ROOT, "notebooks")
 NOTEBOOKS = ("01_data", "02_runs")
@@ -164,7 +165,7 @@ def test_notebook_runs_headless_and_draws_its_figures(rendered, name):
 @pytest.mark.slow
 def test_data_notebook_describes_the_loaded_data(rendered, fashion_dir):
     summary = json.loads((rendered / "01_data.summary.json").read_text())
-    config = config_utils.load_config_file(os.path.join(REPO_ROOT, "configs", "default.py"))
+    config = schema.load_config_file(os.path.join(REPO_ROOT, "configs", "default.py"))
     config.data.local_dir = fashion_dir
     datasets = input_pipeline.load_datasets(config.data)
     for split in ("train", "validation", "test"):

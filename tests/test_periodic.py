@@ -8,7 +8,8 @@ import ml_collections
 import pytest
 from conftest import REPO_ROOT, run_main, tiny_overrides
 
-from mnist_flax import config_utils, periodic, resolve
+from mnist_flax.config import schema
+from mnist_flax.training import periodic, resolution
 
 
 def _config(num_epochs, log_every, eval_every, checkpoint_every) -> ml_collections.ConfigDict:
@@ -95,21 +96,21 @@ def test_periodic_rule_every_and_on_steps():
 
 
 def _default():
-    return config_utils.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
+    return schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
 
 
 def test_resolver_gives_each_backend_its_values():
     config = _default()
-    cpu = resolve.resolve(config, backend="cpu", num_devices=1)
+    cpu = resolution.resolve(config, backend="cpu", num_devices=1)
     assert (cpu.train.steps_per_call, cpu.train.scan_unroll, cpu.model.conv_batch_split) == (3, 3, 8)
-    gpu = resolve.resolve(config, backend="gpu", num_devices=1)
+    gpu = resolution.resolve(config, backend="gpu", num_devices=1)
     assert (gpu.train.steps_per_call, gpu.train.scan_unroll, gpu.model.conv_batch_split) == (50, 1, 1)
     assert cpu.model.conv_impl == gpu.model.conv_impl == "xla"
-    four = resolve.resolve(config, backend="cpu", num_devices=4)  # 32 examples a device: 2 pieces of 16
+    four = resolution.resolve(config, backend="cpu", num_devices=4)  # 32 examples a device: 2 pieces of 16
     assert four.model.conv_batch_split == 2
     assert config.train.steps_per_call == "auto"  # the config given is not changed
     for resolved in (cpu, gpu, four):
-        assert "auto" not in config_utils.flatten(resolved).values()
+        assert "auto" not in schema.flatten(resolved).values()
 
 
 def test_resolver_checks_the_batch_against_the_devices():
@@ -117,10 +118,10 @@ def test_resolver_checks_the_batch_against_the_devices():
 
     config = _default()
     with pytest.raises(ConfigError, match="batch_size: 128 does not split evenly over 3 devices"):
-        resolve.resolve(config, backend="cpu", num_devices=3)
+        resolution.resolve(config, backend="cpu", num_devices=3)
     config.model.conv_batch_split = "3"
     with pytest.raises(ConfigError, match="3 pieces do not divide the batch of 128"):
-        resolve.resolve(config, backend="cpu", num_devices=1)
+        resolution.resolve(config, backend="cpu", num_devices=1)
 
 
 @pytest.mark.parametrize("config_name", ["cnn", "mlp"])
@@ -131,7 +132,7 @@ def test_a_run_records_the_resolved_config_it_used(tiny_data_dir, tmp_path, conf
     )
     assert result.returncode == 0, result.stderr[-2000:]
     recorded = json.loads((workdir / "config.json").read_text())
-    flat = config_utils.flatten(recorded)
+    flat = schema.flatten(recorded)
     assert "auto" not in flat.values()
     # What the run says it used is what config.json holds.
     described = re.search(r"(\d+) step\(s\)/call(?:; conv (\w+) on (\d+) piece)?", result.stdout)
@@ -146,7 +147,7 @@ def test_a_run_records_the_resolved_config_it_used(tiny_data_dir, tmp_path, conf
         )
         assert flat["model.conv_batch_split"] == 2  # batch 50: 2 pieces of 25
     # What the file and the overrides said stays beside it, for diffs of intent.
-    requested = config_utils.flatten(json.loads((workdir / "config_requested.json").read_text()))
+    requested = schema.flatten(json.loads((workdir / "config_requested.json").read_text()))
     assert requested["train.steps_per_call"] == "auto" and requested["data.source"] == "auto"
     assert {k for k, v in requested.items() if v != flat[k]} <= {
         "train.steps_per_call",

@@ -1,18 +1,42 @@
-"""The README tells the truth about the configs: every field is in its reference table, with its default."""
+"""The README and the manual tell the truth: every config field is in docs/config.md with its default, the quick
+start names the two make targets, the README's results are quoted from benchmarks/RESULTS.md, every link
+resolves, and every command they name exists."""
 
+import glob
 import os
 import re
 
 from conftest import REPO_ROOT
 
-from mnist_flax import config_utils
+from mnist_flax.commands import COMMANDS
+from mnist_flax.config import schema
 
-README = open(os.path.join(REPO_ROOT, "README.md")).read()
+
+def _read(path: str) -> str:
+    with open(os.path.join(REPO_ROOT, path)) as f:
+        return f.read()
 
 
-def _table_rows() -> dict[str, str]:
+README = _read("README.md")
+PAGES = ["README.md", "launch/README.md", "benchmarks/README.md"] + sorted(
+    os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "docs", "*.md"))
+)
+
+
+def _section(text: str, heading: str) -> str:
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _without_code_blocks(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+# ---------------------------------------------------------------- the config reference
+
+
+def _table_rows(text: str) -> dict[str, str]:
     rows = {}
-    for line in README.splitlines():
+    for line in text.splitlines():
         match = re.match(r"\| (`[^|]+`) \| ([^|]*) \|", line)
         if match:
             for name in re.findall(r"`([a-z0-9_.]+)`", match.group(1)):
@@ -21,12 +45,14 @@ def _table_rows() -> dict[str, str]:
 
 
 def test_every_config_field_is_documented_with_its_default():
-    rows = _table_rows()
-    defaults = config_utils.flatten(config_utils.load_config_file(os.path.join(REPO_ROOT, "configs", "default.py")))
+    rows = _table_rows(_read("docs/config.md"))
+    defaults = schema.flatten(schema.load_config_file(os.path.join(REPO_ROOT, "configs", "default.py")))
     missing = sorted(set(defaults) - set(rows))
-    assert not missing, f"fields missing from the README's config reference: {missing}"
+    assert not missing, f"fields missing from docs/config.md: {missing}"
     for name, value in defaults.items():
-        assert _normalise(value) in _normalise(rows[name]), f"{name}: README says {rows[name]!r}, config {value!r}"
+        assert _normalise(value) in _normalise(rows[name]), (
+            f"{name}: docs/config.md says {rows[name]!r}, config {value!r}"
+        )
 
 
 def _normalise(value) -> str:
@@ -39,8 +65,65 @@ def _normalise(value) -> str:
     return text if text == "''" else text.replace("'", "")
 
 
+# ---------------------------------------------------------------- the README
+
+
 def test_quick_start_names_the_two_commands():
     quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert "make train" in quick_start and "make test" in quick_start
-    makefile = open(os.path.join(REPO_ROOT, "Makefile")).read()
+    makefile = _read("Makefile")
     assert re.search(r"^train: setup", makefile, re.M) and re.search(r"^test: setup", makefile, re.M)
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+
+
+def test_the_readme_results_are_quoted_from_results_md():
+    """Each row of the README's results table is a row of RESULTS.md: the same contender, the same figures."""
+    results = [set(_cells(line)) for line in _read("benchmarks/RESULTS.md").splitlines() if line.startswith("|")]
+    table = [line for line in _section(README, "Results").splitlines() if line.startswith("|")]
+    rows = [_cells(line) for line in table[2:]]  # after the header and its rule
+    assert rows, "the README's Results section has no table"
+    for label, *figures in rows:
+        assert any(label in row and set(figures) <= row for row in results), (
+            f"README's results row {label!r} {figures} is not a row of benchmarks/RESULTS.md"
+        )
+
+
+# ---------------------------------------------------------------- links and commands
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: str) -> set[str]:
+    text = _without_code_blocks(_read(path))
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, re.M)}
+
+
+def test_every_link_resolves():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _without_code_blocks(_read(page))):
+            if re.match(r"[a-z]+:", target):  # https://..., mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            if not os.path.exists(os.path.join(REPO_ROOT, resolved)):
+                broken.append(f"{page}: {target} (no {resolved})")
+            elif anchor and (not resolved.endswith(".md") or anchor not in _anchors(resolved)):
+                broken.append(f"{page}: {target} (no heading #{anchor} in {resolved})")
+    assert not broken, "\n".join(broken)
+
+
+def test_every_command_named_exists():
+    named = {(page, word) for page in PAGES for word in re.findall(r"python -m mnist_flax ([a-z_]+)", _read(page))}
+    unknown = sorted(f"{page}: python -m mnist_flax {word}" for page, word in named if word not in COMMANDS)
+    assert not unknown, f"commands that python -m mnist_flax does not have: {unknown}"
+    # The commands run as `python -m mnist_flax COMMAND`; the README says once that there is no per-module form.
+    module_forms = {page: re.findall(r"python -m mnist_flax\.\w+", _read(page)) for page in PAGES}
+    assert len(module_forms.pop("README.md")) <= 1
+    assert not any(module_forms.values()), module_forms

@@ -1,4 +1,4 @@
-"""`python -m mnist_flax.reproduce RUN`: the recorded commit in a temporary worktree, its own main.py on the
+"""`python -m mnist_flax reproduce RUN`: the recorded commit in a temporary worktree, its own main.py on the
 recorded resolved config; exit 0 the same results, 1 different, 2 bad input (one line, nothing left behind)."""
 
 import contextlib
@@ -14,8 +14,10 @@ import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
 from test_environment_record import write_lock
 
-from mnist_flax import provenance, reproduce, tracking
-from mnist_flax.workdir import write_json, write_predictions
+from mnist_flax.commands import reproduce
+from mnist_flax.records import provenance
+from mnist_flax.records.files import write_json, write_predictions
+from mnist_flax.tracking import wandb_run
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 GIT_USER = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
@@ -64,7 +66,7 @@ def _train(clone, workdir, data_dir, tmp_dir):
 
 def _reproduce(clone, tmp_dir, *args):
     return subprocess.run(
-        [sys.executable, "-m", "mnist_flax.reproduce", *map(str, args)],
+        [sys.executable, "-m", "mnist_flax", "reproduce", *map(str, args)],
         cwd=clone, env=_env(tmp_dir), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
@@ -229,7 +231,7 @@ def test_no_git_no_repository_no_such_run_and_a_busy_workdir(tmp_path, capsys, m
 
 
 def test_a_wandb_path_without_a_key_is_one_line(capsys, monkeypatch):
-    for name in tracking.TOKEN_VARIABLES:
+    for name in wandb_run.TOKEN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     status, out, err = _main(capsys, "someone/mnist_flax/abc123")
     assert status == 2 and out == "" and err.count("\n") == 1 and "needs a W&B key" in err

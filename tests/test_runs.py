@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
 
-from mnist_flax import config_utils, runs, sync, tracking, wandb_files
+from mnist_flax import layout
+from mnist_flax.commands import sync
+from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError, MnistFlaxError
+from mnist_flax.records import runs
+from mnist_flax.tracking import wandb_files, wandb_run
 
 # One epoch, a small learning rate (so test accuracy is not 1.0), no checkpoints: a few seconds a run.
 SETTINGS = {"num_epochs": 1, "optimizer.learning_rate": 0.0001, "checkpoint.enabled": False}
@@ -36,7 +40,7 @@ def sweep_root(tiny_data_dir, tmp_path_factory) -> str:
         item for o in tiny_overrides(tiny_data_dir, **SETTINGS) for item in ("--set", o.removeprefix("--config."))
     ]
     result = subprocess.run(
-        [sys.executable, "-m", "mnist_flax.sweep", "--config=configs/mlp.py", f"--root={root}", "--grid", "seed=0,1"]
+        [sys.executable, "-m", "mnist_flax", "sweep", "--config=configs/mlp.py", f"--root={root}", "--grid", "seed=0,1"]
         + settings,
         cwd=REPO_ROOT,
         env={**os.environ, **SUBPROCESS_ENV},
@@ -61,7 +65,7 @@ def _read(path: str):
 def _assert_same_run(records: dict[str, runs.RunRecord], path: str) -> None:
     """Every record of `records` holds what the workdir at `path` wrote."""
     final = _read(os.path.join(path, "final_metrics.json"))
-    config = config_utils.flatten(_read(os.path.join(path, "config.json")))
+    config = schema.flatten(_read(os.path.join(path, "config.json")))
     with open(os.path.join(path, "wandb_run_id")) as f:
         run_id = f.read().strip()
     for source, record in records.items():
@@ -226,7 +230,7 @@ def test_a_wandb_path_without_a_key_is_one_error_and_nothing_heavy_is_imported()
     """In a fresh process: the record imports no jax, TensorFlow or wandb, and asks for a key before W&B."""
     code = (
         "import sys\n"
-        "from mnist_flax import runs\n"
+        "from mnist_flax.records import runs\n"
         "from mnist_flax.errors import MnistFlaxError\n"
         "try:\n"
         "    runs.load('my-team/mnist/abc12345')\n"
@@ -234,7 +238,7 @@ def test_a_wandb_path_without_a_key_is_one_error_and_nothing_heavy_is_imported()
         "    print(type(e).__name__, e)\n"
         "print(sorted(m for m in ('jax', 'tensorflow', 'wandb') if m in sys.modules))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in tracking.TOKEN_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in wandb_run.TOKEN_VARIABLES}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     error, imported = result.stdout.strip().splitlines()
@@ -252,14 +256,21 @@ def test_wandb_paths_and_local_paths_are_told_apart(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("state", "stopped", "status"),
+    ("state", "summary", "status"),
     [
-        ("finished", "", "finished"),
-        ("failed", "SIGTERM at step 12", "preempted"),
-        ("failed", "loss is NaN at step 12", "failed"),
-        ("running", "", "incomplete"),
-        ("crashed", "", "incomplete"),
+        ("finished", {}, layout.FINISHED),
+        # A stopped run exits non-zero, so W&B says "failed": the status the run recorded says which it was.
+        (
+            "failed",
+            {layout.SUMMARY_STOPPED: "SIGTERM at step 12", layout.SUMMARY_STATUS: layout.PREEMPTED},
+            "preempted",
+        ),
+        ("failed", {layout.SUMMARY_STOPPED: "pruned by ...", layout.SUMMARY_STATUS: layout.PRUNED}, "pruned"),
+        ("failed", {layout.SUMMARY_STOPPED: "loss is NaN at step 12", layout.SUMMARY_STATUS: layout.FAILED}, "failed"),
+        ("failed", {layout.SUMMARY_STOPPED: "pruned by the sweep's median pruner"}, "failed"),  # words are no status
+        ("running", {}, layout.INCOMPLETE),
+        ("crashed", {}, layout.INCOMPLETE),
     ],
 )
-def test_a_wandb_run_state_maps_to_a_status(state, stopped, status):
-    assert runs._online_status(state, {"stopped": stopped} if stopped else {}) == status
+def test_a_wandb_run_state_maps_to_a_status(state, summary, status):
+    assert runs._online_status(state, summary) == status

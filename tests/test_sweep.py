@@ -14,8 +14,10 @@ import yaml
 from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-from mnist_flax import config_diff, config_utils, overrides, search_space, sweep
+from mnist_flax.commands import diff, sweep
+from mnist_flax.config import overrides, schema
 from mnist_flax.errors import ConfigError
+from mnist_flax.sweeps import search_space
 
 SWEEP_FILE = os.path.join(REPO_ROOT, "launch", "sweep.yaml")
 SWEEP_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")  # launch/sweep_run.sh's default
@@ -33,7 +35,7 @@ def tiny_settings(data_dir: str, **extra) -> list[str]:
 
 def run_sweep(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mnist_flax.sweep", *args],
+        [sys.executable, "-m", "mnist_flax", "sweep", *args],
         cwd=REPO_ROOT,
         env={**os.environ, **SUBPROCESS_ENV},
         capture_output=True,
@@ -77,7 +79,7 @@ def test_sweep_file_is_valid_and_covers_the_experiment():
 def test_every_sweep_combination_is_accepted_by_the_config():
     with open(SWEEP_FILE) as f:
         parameters = yaml.safe_load(f)["parameters"]
-    base = config_utils.flatten(config_utils.load_config_file(SWEEP_CONFIG))
+    base = schema.flatten(schema.load_config_file(SWEEP_CONFIG))
     names = list(parameters)
     combinations = list(itertools.product(*(sweep_values(parameters[name]) for name in names)))
     assert len(combinations) >= 2
@@ -87,7 +89,7 @@ def test_every_sweep_combination_is_accepted_by_the_config():
         arguments = sweep_utils.create_sweep_command_args(command)["args"]
         assert all(argument.startswith("--config.") for argument in arguments)
         flat = overrides.apply(base, arguments)
-        config_utils.validate(flat)
+        schema.validate(flat)
         for name, value in zip(names, values, strict=True):
             assert flat[name.removeprefix("config.")] == value
 
@@ -115,7 +117,7 @@ def test_sweep_run_script_trains_in_a_workdir_named_after_the_run(tiny_data_dir,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     workdir = tmp_path / "sweep-sweep123" / "run45678"
-    config = config_diff.load_flat(str(workdir))
+    config = diff.load_flat(str(workdir))
     assert config["model.name"] == "mlp" and config["optimizer.learning_rate"] == 0.003
     assert (workdir / "final_metrics.json").is_file()
 
@@ -143,7 +145,7 @@ def test_grid_values_split_outside_brackets_and_quotes():
 
 
 def test_the_command_line_declares_what_a_config_file_does():
-    base = config_utils.flatten(config_utils.load_config_file(SWEEP_CONFIG))
+    base = schema.flatten(schema.load_config_file(SWEEP_CONFIG))
     from_file = search_space.normalise(search_space.from_config_file(SWEEP_CONFIG, "lr"), base)
     from_flags = search_space.from_command_line(
         base,
@@ -273,7 +275,7 @@ def test_a_grid_study_trains_each_point_prunes_the_bad_one_and_continues(tiny_da
 
     # Every trial a tracked run: an offline W&B run grouped under the study's name.
     for name in names:
-        config = config_diff.load_flat(str(root / name))
+        config = diff.load_flat(str(root / name))
         assert config["wandb.group"] == "sweep-lr" and config["wandb.name"] == f"sweep-lr/{name}"
         assert list((root / name / "wandb").glob("offline-run-*"))
     # The closing table is compare's.
@@ -318,7 +320,7 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint(tiny_data_dir,
     args = ["--config=configs/mlp.py", f"--root={root}", "--grid", "seed=0,1", "--heartbeat", "1", "-v"]
     args += tiny_settings(tiny_data_dir, num_epochs=4, **{"checkpoint.enabled": True})
     worker = subprocess.Popen(
-        [sys.executable, "-m", "mnist_flax.sweep", *args],
+        [sys.executable, "-m", "mnist_flax", "sweep", *args],
         cwd=REPO_ROOT,
         env={**os.environ, **SUBPROCESS_ENV},
         stdout=subprocess.PIPE,
@@ -367,7 +369,7 @@ def test_workers_that_create_the_study_storage_at_once_all_open_it(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     start = time.time() + 3  # every process imports Optuna first, then all open the new database together
     code = (
-        "import sys, time; from mnist_flax import study; study.load_optuna(); "
+        "import sys, time; from mnist_flax.sweeps import study; study.load_optuna(); "
         f"time.sleep(max(0, {start} - time.time())); study.open_storage({url!r}, 60); print('opened')"
     )
     workers = [

@@ -14,8 +14,8 @@ import pytest
 import services
 from conftest import REPO_ROOT, SUBPROCESS_ENV
 
-from mnist_flax import study
 from mnist_flax.errors import Pruned, StorageUnavailable
+from mnist_flax.sweeps import study
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 RATES = ("0.001", "0.002", "0.003", "0.004")
@@ -34,7 +34,8 @@ SETTINGS = {
 def sweep_command(root, storage: str, *extra: str, rates=RATES, **settings) -> list[str]:
     fixed = [f"{k}={v}" for k, v in {**SETTINGS, **settings}.items()]
     return (
-        [sys.executable, "-m", "mnist_flax.sweep", "--config=configs/mlp.py", f"--root={root}", f"--storage={storage}"]
+        [sys.executable, "-m", "mnist_flax", "sweep", "--config=configs/mlp.py", f"--root={root}"]
+        + [f"--storage={storage}"]
         + ["--grid", f"optimizer.learning_rate={','.join(rates)}", "--pruner", "none", "--heartbeat", "2"]
         + [item for f in fixed for item in ("--set", f)]
         + list(extra)

@@ -12,8 +12,9 @@ import services
 from conftest import REPO_ROOT, SUBPROCESS_ENV
 from test_sweep import tiny_settings
 
-from mnist_flax import study, sweep
+from mnist_flax.commands import sweep
 from mnist_flax.errors import ConfigError
+from mnist_flax.sweeps import study
 
 PASSWORD = "s3cret-Pg-word"
 RATES = ("0.001", "0.01", "0.03")  # one trial for each worker
@@ -133,7 +134,7 @@ def test_workers_share_one_study_with_the_password_off_their_command_lines(postg
     }
     workers = []
     for machine, (storage, env) in machines.items():
-        command = [sys.executable, "-m", "mnist_flax.sweep", "--config=configs/mlp.py", "--study=lr-study"]
+        command = [sys.executable, "-m", "mnist_flax", "sweep", "--config=configs/mlp.py", "--study=lr-study"]
         command += [f"--root={tmp_path / machine / 'lr'}", *storage, "--pruner=none"]
         command += ["--grid", f"optimizer.learning_rate={','.join(RATES)}", *tiny_settings(tiny_data_dir)]
         with open(tmp_path / f"{machine}.out", "w") as out, open(tmp_path / f"{machine}.err", "w") as err:
@@ -180,7 +181,7 @@ def test_workers_share_one_study_with_the_password_off_their_command_lines(postg
     assert seen == set(workdirs.values())
     with_password = [line for line in command_lines if any(PASSWORD in arg for arg in line)]
     assert with_password == [line for line in command_lines if f"--root={tmp_path / 'a' / 'lr'}" in line]
-    assert len(with_password) == 1 and "mnist_flax.sweep" in with_password[0]
+    assert len(with_password) == 1 and "mnist_flax sweep" in with_password[0]
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.suffix != ".db" and path != pgpass:
             assert PASSWORD not in path.read_text(errors="replace"), path

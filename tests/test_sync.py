@@ -1,4 +1,4 @@
-"""`python -m mnist_flax.sync WORKDIR --dry-run`: a resumed offline run is one W&B run of several segments,
+"""`python -m mnist_flax sync WORKDIR --dry-run`: a resumed offline run is one W&B run of several segments,
 handed to the real `wandb sync --dry-run` in order of start time, with no token and no network."""
 
 import os
@@ -11,7 +11,9 @@ import sys
 import pytest
 from conftest import REPO_ROOT, run_main, start_main, tiny_overrides
 
-from mnist_flax import runs, sync, tracking
+from mnist_flax.commands import sync
+from mnist_flax.records import runs
+from mnist_flax.tracking import wandb_run
 
 
 def _closed_port() -> int:
@@ -48,10 +50,10 @@ def test_the_dry_run_of_a_resumed_run_is_one_run_of_two_segments_in_order(resume
     assert first["start"] < second["start"] and first["run_id"] == second["run_id"] == runs.load(resumed_run).wandb_id
 
     # No token, and W&B's server on a closed loopback port: a dry run must need neither.
-    env = {k: v for k, v in os.environ.items() if k not in tracking.TOKEN_VARIABLES and k != "WANDB_MODE"}
+    env = {k: v for k, v in os.environ.items() if k not in wandb_run.TOKEN_VARIABLES and k != "WANDB_MODE"}
     env["WANDB_BASE_URL"] = f"http://127.0.0.1:{_closed_port()}"
     result = subprocess.run(
-        [sys.executable, "-m", "mnist_flax.sync", resumed_run, "--dry-run", "--force"],  # the checkout may be dirty
+        [sys.executable, "-m", "mnist_flax", "sync", resumed_run, "--dry-run", "--force"],  # the checkout may be dirty
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0 and result.stderr == "", result.stdout + result.stderr

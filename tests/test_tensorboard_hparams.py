@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from conftest import run_sweep
 
-from mnist_flax import config_utils
+from mnist_flax.config import schema
 
 RATES = (0.001, 0.003, 0.01)
 MEMBERS = ("000-0.001", "001-0.003", "002-0.01")
@@ -109,7 +109,7 @@ def test_tensorboard_lists_every_run_and_its_hparams(sweep_root, tmp_path):
     for member, rate in zip(MEMBERS, RATES, strict=True):
         workdir = os.path.join(sweep_root, member)
         with open(os.path.join(workdir, "config.json")) as f:
-            config = config_utils.flatten(json.load(f))
+            config = schema.flatten(json.load(f))
         with open(os.path.join(workdir, "final_metrics.json")) as f:
             final = json.load(f)
         group = groups[f"{member}/tensorboard"]

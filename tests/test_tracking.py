@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, start_main, tiny_overrides
 
-from mnist_flax import checkpoints, config_utils, provenance, sync, tracking, wandb_files
+from mnist_flax.commands import sync
+from mnist_flax.config import schema
+from mnist_flax.records import provenance
+from mnist_flax.tracking import wandb_files, wandb_run
+from mnist_flax.training import checkpointing
 
 FAKE_TOKEN = "f" * 8 + "0123456789abcdef0123456789abcdef"
 
@@ -54,7 +58,7 @@ def test_history_has_falling_train_loss_and_accuracy(offline_run):
 def test_config_matches_config_json_and_records_git(offline_run):
     workdir, _ = offline_run
     logged = wandb_files.config_values(_wandb_summary(workdir))
-    on_disk = config_utils.flatten(json.loads((workdir / "config.json").read_text()))
+    on_disk = schema.flatten(json.loads((workdir / "config.json").read_text()))
     for key, value in on_disk.items():
         assert logged[key] == value, key
     commit = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -73,6 +77,12 @@ def test_checkpoint_and_prediction_artifacts_are_logged(offline_run):
     assert any("best" in a["aliases"] for a in models)
     assert all(a["metadata"]["git"]["commit"] and "step" in a["metadata"] for a in models)
     assert any(f.startswith("state/") for f in models[-1]["files"])
+    # Each save's upload waits for the next save (or the run's end), so the async save stays async: every saved
+    # step is uploaded once, the last too, and "best" names the best validation's step.
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert [a["metadata"]["step"] for a in models] == saved
+    best_step = json.loads((workdir / "final_metrics.json").read_text())["best_validation"]["step"]
+    assert [a["metadata"]["step"] for a in models if "best" in a["aliases"]][-1] == best_step
     predictions = [a for a in summary["artifacts"] if a["type"] == "predictions"]
     assert predictions and predictions[0]["files"] == ["predictions.csv"]
     tables = {a["name"].split("-")[2] for a in summary["artifacts"] if a["type"] == "run_table"}
@@ -111,7 +121,7 @@ def test_resume_after_sigterm_ends_with_the_same_metrics(tiny_data_dir, tmp_path
     assert fired, stderr[-2000:]
     assert process.returncode == 3, stderr[-2000:]
     assert "SIGTERM" in stderr
-    saved = checkpoints.Checkpoints(
+    saved = checkpointing.Checkpoints(
         str(workdir / "checkpoints"),
         ml_collections.ConfigDict({"max_to_keep": 3, "keep_best": True, "async_save": False}),
     )
@@ -132,7 +142,7 @@ def test_resume_after_sigterm_ends_with_the_same_metrics(tiny_data_dir, tmp_path
 
 def test_retention_keeps_the_latest_and_the_best(tmp_path):
     config = ml_collections.ConfigDict({"max_to_keep": 2, "keep_best": True, "async_save": True})
-    manager = checkpoints.Checkpoints(str(tmp_path), config)
+    manager = checkpointing.Checkpoints(str(tmp_path), config)
     accuracies = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7, 5: 0.65, 6: 0.8}
     for step, accuracy in accuracies.items():
         state = {"w": jnp.full((3,), float(step))}
@@ -173,15 +183,15 @@ def test_dirty_tree_guard(tmp_path):
     clone = _clone(tmp_path, "repo")
     clean = provenance.git_info(clone)
     assert clean["dirty"] is False and len(clean["commit"]) == 40
-    tracking.check_dirty(clean, "online", allow_dirty=False)  # clean: allowed
+    wandb_run.check_dirty(clean, "online", allow_dirty=False)  # clean: allowed
     with open(os.path.join(clone, "configs", "default.py"), "a") as f:
         f.write("\n# an uncommitted change\n")
     dirty = provenance.git_info(clone)
     assert dirty["dirty"] is True
-    with pytest.raises(tracking.TrackingError, match="uncommitted changes"):
-        tracking.check_dirty(dirty, "online", allow_dirty=False)
-    tracking.check_dirty(dirty, "online", allow_dirty=True)
-    tracking.check_dirty(dirty, "offline", allow_dirty=False)
+    with pytest.raises(wandb_run.TrackingError, match="uncommitted changes"):
+        wandb_run.check_dirty(dirty, "online", allow_dirty=False)
+    wandb_run.check_dirty(dirty, "online", allow_dirty=True)
+    wandb_run.check_dirty(dirty, "offline", allow_dirty=False)
 
 
 def test_online_run_from_dirty_tree_refuses_through_main(tiny_data_dir, tmp_path):
@@ -236,9 +246,9 @@ def test_sync_refuses_dirty_runs_and_accepts_clean_ones(tiny_data_dir, tmp_path)
     assert sync.main([runs["dirty"], "--dry-run"]) == 2
     assert sync.main([runs["dirty"], "--dry-run", "--force"]) == 0
     # Without a token, a real sync stops before uploading anything.
-    env = {k: v for k, v in os.environ.items() if k not in tracking.TOKEN_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in wandb_run.TOKEN_VARIABLES}
     no_token = subprocess.run(
-        [sys.executable, "-m", "mnist_flax.sync", runs["clean"]],
+        [sys.executable, "-m", "mnist_flax", "sync", runs["clean"]],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -262,7 +272,7 @@ def test_unreachable_wandb_keeps_the_run_offline(tiny_data_dir, tmp_path):
         env={"WANDB_API_KEY": FAKE_TOKEN, "WANDB_MODE": "online"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "kept offline" in result.stderr and "mnist_flax.sync" in result.stderr
+    assert "kept offline" in result.stderr and "mnist_flax sync" in result.stderr
     summary = _wandb_summary(tmp_path)
     assert any("train/loss" in row for row in summary["history"])
     assert time.monotonic() - start < 240

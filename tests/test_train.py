@@ -11,7 +11,7 @@ import pytest
 from conftest import make_learnable_split, run_main, tiny_overrides
 
 from configs import default
-from mnist_flax import input_pipeline, metrics, models, resolve, steps
+from mnist_flax.training import input_pipeline, metrics, models, resolution, steps
 
 
 def _setup(model_name="cnn", conv_impl="xla", learning_rate=1e-3, batch_size=32, num_examples=256):
@@ -23,7 +23,7 @@ def _setup(model_name="cnn", conv_impl="xla", learning_rate=1e-3, batch_size=32,
     images, labels = make_learnable_split(num_examples, seed=3)
     images = jnp.asarray(images[..., None])
     labels = jnp.asarray(labels.astype(np.int32))
-    model = models.create_model(resolve.model(config.model, per_device_batch=0, backend="cpu"))
+    model = models.create_model(resolution.model(config.model, per_device_batch=0, backend="cpu"))
     tx = steps.make_optimizer(config.optimizer, steps.make_schedule(config.optimizer, 1, 1))
     state = steps.create_train_state(model, tx, seed=0)
     return config, state, images, labels

@@ -1,0 +1,81 @@
+"""Every use of a private name of wandb, in one place, with the wandb version it was checked against.
+
+wandb's public API has no way to do these three things, so they use its internals:
+  - `Run._console_stop()`: stop forwarding stdout/stderr to wandb's service once the service has died
+    (run.finish() calls it only when it succeeds);
+  - `Run._wl._asyncer`: the thread `wandb.teardown()` joins, joined here when teardown fails at a dead service;
+  - `wandb.proto.wandb_internal_pb2.Record`: the record type of a `.wandb` run file (tracking/wandb_files.py).
+`check(run)` runs when a run starts: a name that a new wandb changed or dropped becomes one warning, never a
+crash, and each use below degrades to doing nothing.
+"""
+
+import contextlib
+import io
+
+CHECKED_WITH = "0.31.0"  # the wandb these names were read in (uv.lock pins it); read them again when upgrading
+
+
+def check(run) -> list[str]:
+    """The private names this module uses that `run`'s wandb lacks; one warning line on stderr when any."""
+    import sys
+
+    import wandb
+
+    missing = []
+    if not callable(getattr(run, "_console_stop", None)):
+        missing.append("Run._console_stop")
+    if getattr(getattr(run, "_wl", None), "_asyncer", None) is None:
+        missing.append("Run._wl._asyncer")
+    if record_type() is None:
+        missing.append("wandb.proto.wandb_internal_pb2.Record")
+    if missing:
+        print(
+            f"warning: wandb {wandb.__version__} lacks {', '.join(missing)} (mnist_flax/tracking/wandb_internals.py "
+            f"was checked with wandb {CHECKED_WITH}); training and tracking go on, but after a W&B failure the "
+            "run's exit may be noisy, and .wandb files may not be readable",
+            file=sys.stderr,
+            flush=True,
+        )
+    return missing
+
+
+def record_type():
+    """The protobuf class of a `.wandb` file's records, or None when this wandb has none by that name."""
+    try:
+        from wandb.proto import wandb_internal_pb2
+    except ImportError:
+        return None
+    return getattr(wandb_internal_pb2, "Record", None)
+
+
+def stop_console(run) -> None:
+    """Stops wandb forwarding printed lines to its service (a dead one: each line would raise there)."""
+    with contextlib.suppress(Exception):
+        run._console_stop()
+
+
+def stop_broken_wandb(run) -> None:
+    """After W&B's service died: stops every W&B thread and hook in this process, so none outlives the run.
+
+    run.finish() and wandb.teardown() each stop at their first message to the dead service, before they restore
+    sys.stdout/sys.stderr and before teardown joins W&B's asyncio thread (a daemon thread). Left so, every line
+    printed afterwards (the final summary) schedules a task on that thread, and each task re-raises W&B's cached
+    ConnectionResetError with `with_traceback(...)`, which frees the traceback it carried until then. That
+    traceback holds the loop's frames, and so the training's JAX arrays: they were freed on W&B's thread,
+    racing with interpreter shutdown. A JAX array's C++ destructor releases the GIL; once the main thread is
+    finalizing, CPython ends a thread that asks for the GIL back with pthread_exit, whose forced unwind cannot
+    pass the noexcept destructor: std::terminate, "FATAL: exception not rethrown", SIGABRT after a finished run
+    (found with a core dump; tests/test_faults.py kills W&B's service mid-run).
+
+    """
+    import wandb
+
+    asyncer = getattr(getattr(run, "_wl", None), "_asyncer", None)
+    stop_console(run)  # stop forwarding stdout/stderr to the dead service
+    with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
+        wandb.teardown()  # unregisters wandb's atexit hook, then fails at the service before joining its thread
+    if asyncer is not None:
+        with contextlib.suppress(Exception):
+            # The queued tasks fail at once (the mailbox closed with the connection); then the thread ends, and
+            # nothing of W&B runs Python after this, so nothing is freed on its thread at exit.
+            asyncer.join()

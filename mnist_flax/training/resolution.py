@@ -1,0 +1,122 @@
+"""Resolve once: the config file plus overrides -> the concrete config of this run.
+
+Every "auto" is decided here, for this backend and device count, and nowhere
+else: steps per call, scan unroll, the convolution's formulation and batch
+split, the data source, the W&B mode. The result is validated once, written to
+`config.json`, and everything downstream reads concrete values.
+"""
+
+import jax
+import ml_collections
+
+from mnist_flax.config import schema
+from mnist_flax.config.schema import auto_or_int
+from mnist_flax.errors import ConfigError
+from mnist_flax.tracking import wandb_run
+from mnist_flax.training import input_pipeline
+
+CPU_STEPS_PER_CALL = 3
+ACCELERATOR_STEPS_PER_CALL = 50
+MAX_CONV_BATCH_SPLIT = 8
+MIN_CONV_PIECE = 16
+
+
+def steps_per_call(value, backend: str) -> int:
+    """Steps fused per compiled call. "auto": 3 on CPU, 50 on accelerators.
+
+    On CPU the fused steps are written out (see `scan_unroll`), so compile time
+    grows with the count: 3 keeps the CNN's compile (train step + predict) near
+    4 s and runs within a few percent of 5 (5 compiles in 5.5 s).
+    """
+    value = auto_or_int(value)
+    if value == "auto":
+        return CPU_STEPS_PER_CALL if backend == "cpu" else ACCELERATOR_STEPS_PER_CALL
+    return value
+
+
+def scan_unroll(value, num_steps_per_call: int, backend: str) -> int:
+    """Fused steps lax.scan unrolls per iteration. "auto": all of them on CPU, 1 on accelerators.
+
+    Unrolling them all makes `steps.make_train_step` write the steps out with
+    no loop at all: XLA's CPU convolutions leave their fast path inside a loop
+    or a conditional (jax#12868: 10x slower).
+    """
+    value = auto_or_int(value)
+    if value == "auto":
+        return num_steps_per_call if backend == "cpu" else 1
+    return value
+
+
+def conv_impl(value: str, backend: str | None = None) -> str:
+    """The convolution's formulation. "auto": XLA's own on every backend.
+
+    On CPU it wins once the batch is split and steps are fused without a loop;
+    `shifted_matmul` stays an option (benchmarks compare them). `backend` is
+    where a backend-dependent choice would go.
+    """
+    del backend
+    return "xla" if value == "auto" else value
+
+
+def conv_batch_split(value, per_device_batch: int, backend: str) -> int:
+    """Pieces the training batch is split into for the convolutions (see models.CNN).
+
+    "auto": on CPU the most pieces (up to 8, a power of two) that divide the
+    per-device batch into pieces of at least 16 examples (8 pieces of 16 at
+    batch 128); 1 on GPU/TPU, whose convolutions use the whole device already.
+    """
+    value = auto_or_int(value)
+    if value != "auto":
+        return value
+    if backend != "cpu" or per_device_batch <= 0:
+        return 1
+    pieces = MAX_CONV_BATCH_SPLIT
+    while pieces > 1 and (per_device_batch % pieces or per_device_batch // pieces < MIN_CONV_PIECE):
+        pieces //= 2
+    return pieces
+
+
+def model(model_config: ml_collections.ConfigDict, per_device_batch: int, backend: str) -> ml_collections.ConfigDict:
+    """The model section with its "auto" fields decided (a copy)."""
+    fields = model_config.to_dict()
+    if "conv_impl" in fields:
+        fields["conv_impl"] = conv_impl(fields["conv_impl"], backend)
+    if "conv_batch_split" in fields:
+        fields["conv_batch_split"] = conv_batch_split(fields["conv_batch_split"], per_device_batch, backend)
+    return ml_collections.ConfigDict(fields)
+
+
+def resolve(
+    config: ml_collections.ConfigDict, backend: str | None = None, num_devices: int | None = None
+) -> ml_collections.ConfigDict:
+    """The concrete config of this run: every "auto" decided, batch sizes checked against the devices, the result
+    validated.
+
+    Args:
+      config: the config as the file and the overrides give it, validated (`schema.validate`; not changed).
+      backend: "cpu", "gpu", "tpu"; default: JAX's default backend.
+      num_devices: devices the batch is split over; default: every device of every process.
+    """
+    backend = backend or jax.default_backend()
+    num_devices = num_devices or jax.device_count()
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % num_devices:
+            raise ConfigError(f"{name}: {config[name]} does not split evenly over {num_devices} devices")
+    fields = config.to_dict()
+    per_device = config.batch_size // num_devices
+    fields["model"] = model(config.model, per_device, backend).to_dict()
+    pieces = fields["model"].get("conv_batch_split", 1)
+    if per_device % pieces:
+        raise ConfigError(
+            f"model.conv_batch_split: {pieces} pieces do not divide the batch of {per_device} on each device"
+        )
+    fused = steps_per_call(config.train.steps_per_call, backend)
+    fields["train"].update(steps_per_call=fused, scan_unroll=scan_unroll(config.train.scan_unroll, fused, backend))
+    source, location = input_pipeline.resolve_source(config.data)
+    fields["data"]["source"] = source
+    if source == "idx":
+        fields["data"]["local_dir"] = location
+    fields["wandb"]["mode"] = wandb_run.resolve_mode(config.wandb.mode, wandb_run.read_token())
+    resolved = ml_collections.ConfigDict(fields)
+    schema.validate(resolved)
+    return resolved

@@ -1,0 +1,244 @@
+"""The numerics: train state, optimizer, loss, the compiled train and predict steps.
+
+Pure functions compiled once per run; no I/O, no TensorFlow, no W&B. The loop
+in `train.py` calls them; benchmarks and tests call them directly.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from mnist_flax.errors import ConfigError
+from mnist_flax.training import distributed, input_pipeline, metrics
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimizer state and step, plus the run's base PRNG key.
+
+    Dropout keys are fold_in(rng, step), so a resumed run draws the same keys.
+    """
+
+    rng: jax.Array
+
+
+# ---------------------------------------------------------------- setup
+
+
+def make_schedule(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int):
+    """The learning-rate schedule: constant, cosine, or linear warmup then cosine."""
+    peak = optimizer_config.learning_rate
+    total_steps = max(1, steps_per_epoch * num_epochs)
+    name = optimizer_config.schedule
+    if name == "constant":
+        return optax.constant_schedule(peak)
+    if name == "cosine":
+        return optax.cosine_decay_schedule(peak, decay_steps=total_steps)
+    if name == "warmup_cosine":
+        warmup = min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps - 1)
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total_steps
+        )
+    raise ConfigError(f"optimizer.schedule: unknown schedule {name!r}")
+
+
+def make_optimizer(optimizer_config: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
+    """sgd, momentum, adam or adamw on the schedule, with optional clipping and L2."""
+    name, decay = optimizer_config.name, optimizer_config.weight_decay
+    if name == "adamw":
+        tx = optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2, weight_decay=decay)
+    else:
+        if name == "sgd":
+            base = optax.sgd(schedule)
+        elif name == "momentum":
+            base = optax.sgd(schedule, momentum=optimizer_config.momentum)
+        elif name == "adam":
+            base = optax.adam(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2)
+        else:
+            raise ConfigError(f"optimizer.name: unknown optimizer {name!r}")
+        # Coupled L2 for the non-decoupled optimizers, so weight_decay means something for each.
+        tx = optax.chain(optax.add_decayed_weights(decay), base) if decay else base
+    if optimizer_config.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), tx)
+    return tx
+
+
+def compute_loss(logits: jax.Array, labels: jax.Array, loss_config: ml_collections.ConfigDict) -> jax.Array:
+    """Mean loss over the batch: cross-entropy (with label smoothing) or focal loss."""
+    num_classes = logits.shape[-1]
+    if loss_config.name == "cross_entropy":
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), loss_config.label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+    if loss_config.name == "focal":
+        # Focal loss (Lin et al. 2017): down-weights examples already classified well.
+        log_p = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+        return (-((1.0 - jnp.exp(log_p)) ** loss_config.focal_gamma) * log_p).mean()
+    raise ConfigError(f"loss.name: unknown loss {loss_config.name!r}")
+
+
+def preprocess(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] images to float32 [0, 1]."""
+    return images.astype(jnp.float32) / 255.0
+
+
+def create_train_state(model, tx, seed: int) -> TrainState:
+    """Initialises parameters and optimizer state from the seed."""
+    rng = jax.random.PRNGKey(seed)
+    init_rng, state_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, *input_pipeline.IMAGE_SHAPE), jnp.float32)
+    params = jax.jit(lambda key: model.init(key, dummy, train=False)["params"])(init_rng)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
+
+
+# ---------------------------------------------------------------- compiled steps
+
+
+def empty_guard() -> dict:
+    """Device-side record of non-finite losses: how many, and the first step."""
+    return {"count": jnp.zeros((), jnp.int32), "first_step": jnp.full((), -1, jnp.int32)}
+
+
+def _one_step_fn(loss_config, steps_per_epoch: int, shard, augment_config):
+    """fn(carry, images, labels, order) -> carry: one optimizer step on the batch at row step % steps_per_epoch."""
+
+    def one_step(carry, images, labels, order):
+        state, train_metrics, guard = carry
+        batch_idx = shard(order[state.step % steps_per_epoch])
+        batch_images, batch_labels = preprocess(shard(images[batch_idx])), shard(labels[batch_idx])
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+        if augment_config is not None:
+            batch_images = input_pipeline.augment(
+                batch_images,
+                jax.random.fold_in(dropout_rng, 1),  # a stream of its own; dropout's draws stay as they were
+                flip=augment_config.flip,
+                max_shift=augment_config.max_shift,
+            )
+
+        def loss_fn(params):
+            logits = state.apply_fn({"params": params}, batch_images, train=True, rngs={"dropout": dropout_rng})
+            return compute_loss(logits, batch_labels, loss_config), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        updated = state.apply_gradients(grads=grads)
+        state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        state = state.replace(step=updated.step)
+        step_metrics = metrics.TrainMetrics.single_from_model_output(loss=loss, logits=logits, labels=batch_labels)
+        merged = train_metrics.merge(step_metrics)
+        train_metrics = jax.tree.map(lambda m, t: jnp.where(finite, m, t), merged, train_metrics)
+        guard = {
+            "count": guard["count"] + (~finite).astype(jnp.int32),
+            "first_step": jnp.where((guard["first_step"] < 0) & ~finite, updated.step - 1, guard["first_step"]).astype(
+                jnp.int32
+            ),
+        }
+        return state, train_metrics, guard
+
+    return one_step
+
+
+def make_train_step(
+    loss_config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1, mesh=None, augment_config=None
+):
+    """Returns a jitted fn(carry, images, labels, order) -> carry.
+
+    carry = (state, train_metrics, guard). Each step gathers its batch on the
+    device from the resident `images`/`labels` by the epoch's `order`, at row
+    `state.step % steps_per_epoch`. A step whose loss or gradients are not finite
+    leaves params and optimizer state unchanged and is counted in `guard`; the
+    host decides at the next log point whether to stop. With steps_per_call > 1
+    the steps are fused: written out one after another when `unroll` covers
+    them all, else with lax.scan; steps past the end of the epoch are masked
+    out, so a call never crosses an epoch and nothing recompiles.
+    `augment_config` (config.data.augment) flips and shifts the batch on the device.
+    With a mesh, the batch is split along its "data" axis (the carry and the
+    resident data are replicated); without one, it runs on the default device.
+    """
+    one_step = _one_step_fn(loss_config, steps_per_epoch, _batch_constraint(mesh), augment_config)
+    out_shardings = distributed.replicated(mesh) if mesh is not None else None
+    if steps_per_call == 1:
+        return jax.jit(one_step, donate_argnums=(0,), out_shardings=out_shardings)
+
+    def unrolled_steps(carry, images, labels, order):
+        # Straight-line code: every step runs, and a step past the end of the epoch is dropped by a select
+        # (a conditional would take XLA's CPU convolutions off their fast path, like a loop).
+        remaining = steps_per_epoch - carry[0].step % steps_per_epoch
+        for i in range(steps_per_call):
+            stepped = one_step(carry, images, labels, order)
+            if i == 0:  # a call never starts at the end of an epoch
+                carry = stepped
+            else:
+                carry = jax.tree.map(lambda new, old, keep=i < remaining: jnp.where(keep, new, old), stepped, carry)
+        return carry
+
+    def fused_steps(carry, images, labels, order):
+        remaining = steps_per_epoch - carry[0].step % steps_per_epoch
+
+        def body(carry, i):
+            carry = jax.lax.cond(i < remaining, lambda c: one_step(c, images, labels, order), lambda c: c, carry)
+            return carry, None
+
+        carry, _ = jax.lax.scan(body, carry, jnp.arange(steps_per_call), unroll=unroll)
+        return carry
+
+    fused = unrolled_steps if unroll >= steps_per_call else fused_steps
+    return jax.jit(fused, donate_argnums=(0,), out_shardings=out_shardings)
+
+
+def _batch_constraint(mesh):
+    """Marks an array as split along the mesh's data axis (identity without a mesh)."""
+    if mesh is None:
+        return lambda x: x
+    return lambda x: jax.lax.with_sharding_constraint(x, distributed.batch_sharded(mesh))
+
+
+def make_predict(apply_fn, batch_size: int, mesh=None):
+    """Returns a jitted fn(params, images, start) -> log-probabilities of one batch (replicated)."""
+    shard = _batch_constraint(mesh)
+
+    def predict(params, images, start):
+        batch = shard(jax.lax.dynamic_slice_in_dim(images, start, batch_size))
+        return jax.nn.log_softmax(apply_fn({"params": params}, preprocess(batch), train=False))
+
+    return jax.jit(predict, out_shardings=distributed.replicated(mesh) if mesh is not None else None)
+
+
+def evaluate(predict, params, split: input_pipeline.DeviceSplit, batch_size: int) -> tuple[np.ndarray, dict]:
+    """Log-probabilities of every example of a (padded) split and its classification report."""
+    outputs = [predict(params, split.images, start) for start in range(0, split.images.shape[0], batch_size)]
+    log_probs = np.concatenate([distributed.to_host(o) for o in outputs])[: split.num_valid]
+    labels = distributed.to_host(split.labels)[: split.num_valid]
+    return log_probs, metrics.classification_metrics(log_probs, labels)
+
+
+class CompileCounter:
+    """Counts XLA compilations while active (for tests and reports): `count` the programs asked for (compiled,
+    or loaded from the persistent compilation cache), `cached` those loaded from it."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+    CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+    def __init__(self):
+        self.count = 0
+        self.cached = 0
+        self.seconds = 0.0
+
+    def _listener(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+            self.seconds += duration
+
+    def _hit(self, event: str, **kwargs) -> None:
+        if event == self.CACHE_HIT:
+            self.cached += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        jax.monitoring.register_event_listener(self._hit)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+        jax.monitoring.unregister_event_listener(self._hit)
