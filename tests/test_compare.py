@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, run_sweep
 
+from mnist_flax import layout
 from mnist_flax.commands import compare
 from mnist_flax.tracking import wandb_run
 
@@ -31,7 +32,7 @@ def sweep_root(tiny_data_dir, tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("compare") / "lr")
     result = run_sweep(root, "configs/mlp.py", f"optimizer.learning_rate={','.join(RATES)}", tiny_data_dir, **SETTINGS)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]  # 1: a member failed
-    assert sorted(os.listdir(root)) == [*MEMBERS, "study.db", "summary.json", "sweep.json"]
+    assert sorted(os.listdir(root)) == [*MEMBERS, layout.STUDY_DB, layout.SUMMARY, layout.SWEEP]
     return root
 
 
@@ -47,7 +48,7 @@ def run_compare(*args: str, env: dict | None = None) -> subprocess.CompletedProc
 
 
 def _final(root: str, member: str) -> dict:
-    with open(os.path.join(root, member, "final_metrics.json")) as f:
+    with open(os.path.join(root, member, layout.FINAL_METRICS)) as f:
         return json.load(f)
 
 
@@ -93,7 +94,7 @@ def test_json_parses_and_holds_what_each_run_wrote(sweep_root):
         assert row["best_val_accuracy"] == final["best_validation"]["val_accuracy"]
         assert row["seconds"] == final["seconds"] and row["steps"] == final["steps"]
     assert rows[0]["test_accuracy"] != rows[1]["test_accuracy"]
-    with open(os.path.join(sweep_root, "002-1e12", "stopped.json")) as f:
+    with open(os.path.join(sweep_root, "002-1e12", layout.STOPPED)) as f:
         stopped = json.load(f)
     assert rows[2]["reason"] == stopped["reason"] and rows[2]["steps"] == stopped["step"]
     assert rows[2]["test_accuracy"] is None and rows[2]["seconds"] is None
@@ -140,12 +141,12 @@ def test_a_folder_that_is_no_run_is_one_line_and_exit_2(tmp_path):
 def test_each_bad_reference_is_one_line_and_the_good_runs_are_still_compared(sweep_root, tmp_path):
     half = tmp_path / "half-written"
     shutil.copytree(os.path.join(sweep_root, "000-0.01"), half)
-    text = (half / "final_metrics.json").read_text()
-    (half / "final_metrics.json").write_text(text[: len(text) // 2])  # killed while writing it
+    text = (half / layout.FINAL_METRICS).read_text()
+    (half / layout.FINAL_METRICS).write_text(text[: len(text) // 2])  # killed while writing it
     garbled = tmp_path / "garbled"
     shutil.copytree(os.path.join(sweep_root, "001-0.1"), garbled)
-    lines = (garbled / "metrics.jsonl").read_text().splitlines()
-    (garbled / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    lines = (garbled / layout.METRICS).read_text().splitlines()
+    (garbled / layout.METRICS).write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
     bad = [str(tmp_path / "missing"), str(half), str(garbled), "my-team/mnist/abc12345"]
 
     result = run_compare(sweep_root, *bad, env=WITHOUT_TOKEN)
@@ -167,16 +168,16 @@ def test_a_member_that_never_trained_is_a_row_not_dropped(sweep_root, tmp_path, 
     root = tmp_path / "partial"
     shutil.copytree(sweep_root, root)
     member = root / "001-0.1"
-    log, trial = (member / "sweep.log").read_text(), (member / "trial.json").read_text()
+    log, trial = (member / layout.SWEEP_LOG).read_text(), (member / layout.TRIAL).read_text()
     shutil.rmtree(member)
     member.mkdir()  # it failed before writing its config: only the worker's records of it are there
-    (member / "trial.json").write_text(trial)
-    (member / "sweep.log").write_text(log.split("\n")[0] + "\nerror: data folder /nowhere is missing\n")
+    (member / layout.TRIAL).write_text(trial)
+    (member / layout.SWEEP_LOG).write_text(log.split("\n")[0] + "\nerror: data folder /nowhere is missing\n")
     never = root / "002-1e12"  # a worker took this trial and died before its main.py started
-    trial = (never / "trial.json").read_text()
+    trial = (never / layout.TRIAL).read_text()
     shutil.rmtree(never)
     never.mkdir()
-    (never / "trial.json").write_text(trial)
+    (never / layout.TRIAL).write_text(trial)
     assert compare.main([str(root), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["runs"]
     assert [(r["run"], r["status"]) for r in rows] == [

@@ -6,6 +6,7 @@ import os
 import pytest
 from conftest import run_main, tiny_overrides
 
+from mnist_flax import layout
 from mnist_flax.training import compile_cache
 
 
@@ -15,7 +16,7 @@ def _run(tiny_data_dir, workdir, cache: str):
         env={compile_cache.ENV: cache},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    with open(os.path.join(workdir, "final_metrics.json")) as f:
+    with open(os.path.join(workdir, layout.FINAL_METRICS)) as f:
         return json.load(f)
 
 
@@ -28,7 +29,7 @@ def test_a_second_start_compiles_nothing_and_computes_the_same(tiny_data_dir, tm
     second = _run(tiny_data_dir, tmp_path / "second", str(cache))["compilations"]
     assert second["from_cache"] == second["ahead_of_time"] == compiled["ahead_of_time"]  # none compiled again
     assert sorted(os.listdir(cache)) == entries
-    again = json.load(open(tmp_path / "second" / "final_metrics.json"))
+    again = json.load(open(tmp_path / "second" / layout.FINAL_METRICS))
     assert again["test"] == first["test"] and again["best_validation"] == first["best_validation"]  # bit for bit
     off = _run(tiny_data_dir, tmp_path / "off", "off")
     assert off["compilations"]["from_cache"] == 0 and off["test"] == first["test"]

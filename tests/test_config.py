@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, run_main, tiny_overrides, write_idx
 
+from mnist_flax import layout
 from mnist_flax.config import diff, schema
 from mnist_flax.errors import ConfigError
 
@@ -176,7 +177,7 @@ def trained_workdir(tmp_path_factory, tiny_data_dir) -> str:
     workdir = str(tmp_path_factory.mktemp("existing_run") / "mlp")
     result = run_main(["--config=configs/mlp.py", f"--workdir={workdir}", *tiny_overrides(tiny_data_dir, num_epochs=1)])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert os.path.isfile(os.path.join(workdir, "final_metrics.json"))
+    assert os.path.isfile(os.path.join(workdir, layout.FINAL_METRICS))
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "20"))  # 1000 train / 50 = 20 steps
     return workdir
 
@@ -438,4 +439,4 @@ def test_bad_input_through_main(case, trained_workdir, tiny_data_dir, broken_dat
     # Nothing of the existing run changed, and nothing was added to it.
     assert tree_hashes(trained_workdir) == before
     # Nothing was trained: no run started writing metrics anywhere.
-    assert not glob.glob(str(tmp_path / "**" / "metrics.jsonl"), recursive=True)
+    assert not glob.glob(str(tmp_path / "**" / layout.METRICS), recursive=True)

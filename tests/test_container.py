@@ -19,6 +19,7 @@ import tomllib
 import pytest
 from conftest import REPO_ROOT, tiny_overrides, write_idx_dataset
 
+from mnist_flax import layout
 from mnist_flax.commands import diff
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -158,15 +159,15 @@ def test_tiny_training_in_the_container(image, tmp_path):
     config = diff.load_flat(str(workdir))
     assert config["model.name"] == "mlp" and config["data.local_dir"] == "/data"
     assert config["wandb.notes"] == "trained in a container"  # an argument with spaces arrived whole
-    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (workdir / layout.METRICS).read_text().splitlines()]
     assert metrics
-    final = json.loads((workdir / "final_metrics.json").read_text())
+    final = json.loads((workdir / layout.FINAL_METRICS).read_text())
     assert final["test"]["accuracy"] > 0.5  # the synthetic set is easy to learn
     assert final["git"]["commit"] == git("rev-parse", "HEAD")  # the commit the image was built from
     assert glob.glob(str(workdir / "wandb" / "offline-run-*" / "run-*.wandb"))
     steps = [name for name in os.listdir(workdir / "checkpoints") if name.isdigit()]
     assert steps
-    assert os.stat(workdir / "config.json").st_uid != 0  # written by the non-root user
+    assert os.stat(workdir / layout.CONFIG).st_uid != 0  # written by the non-root user
 
     for path in workdir.rglob("*"):
         if path.is_file():
@@ -223,7 +224,7 @@ def test_the_cuda_image_trains_on_the_cpu_where_there_is_no_gpu_and_says_so(cuda
     assert result.returncode == 0, output[-4000:]
     assert f"no accelerator found: jax-cuda12-plugin {jax_pin()} is installed, but JAX sees no device" in output
     assert "cpu x1" in output and "Traceback" not in output
-    final = json.loads((runs / "tiny" / "final_metrics.json").read_text())
+    final = json.loads((runs / "tiny" / layout.FINAL_METRICS).read_text())
     assert final["test"]["accuracy"] > 0.5
     sizes = {
         name: int(docker("image", "inspect", "--format", "{{.Size}}", name).stdout) for name in (IMAGE, cuda_image)

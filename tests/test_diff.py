@@ -7,6 +7,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
+from mnist_flax import layout
 from mnist_flax.commands.diff import load_flat
 from mnist_flax.config import diff, overrides, schema
 from mnist_flax.records.files import write_json
@@ -31,7 +32,7 @@ def _workdir(tmp_path, name, spec):
         for part in section.split(".") if section else []:
             target = target[part]
         target[leaf] = tuple(value) if isinstance(value, list) else value
-    write_json(str(path / "config.json"), config.to_dict())
+    write_json(str(path / layout.CONFIG), config.to_dict())
     return str(path)
 
 

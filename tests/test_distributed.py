@@ -13,6 +13,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
 
+from mnist_flax import layout
+
 TOLERANCE = 1e-4
 
 
@@ -22,8 +24,8 @@ def _args(data_dir, workdir):
 
 
 def _results(workdir):
-    report = json.loads((workdir / "final_metrics.json").read_text())
-    history = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    report = json.loads((workdir / layout.FINAL_METRICS).read_text())
+    history = [json.loads(line) for line in open(workdir / layout.METRICS)]
     train_losses = [r["train/loss"] for r in history if "train/loss" in r]
     return report, train_losses
 
@@ -66,7 +68,7 @@ def test_long_dispatch_on_simulated_devices_does_not_deadlock(tiny_data_dir, tmp
     ]
     result = run_main(args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, timeout=400)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((tmp_path / "final_metrics.json").read_text())["steps"] == 1000 // 8
+    assert json.loads((tmp_path / layout.FINAL_METRICS).read_text())["steps"] == 1000 // 8
 
 
 @pytest.mark.slow

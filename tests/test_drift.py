@@ -10,6 +10,7 @@ import pytest
 from conftest import run_main, tiny_overrides
 from test_environment_record import write_distribution
 
+from mnist_flax import layout
 from mnist_flax.records import runs
 from mnist_flax.training import drift
 
@@ -28,13 +29,13 @@ def _snapshot(workdir) -> dict:
             for name in names:
                 path = os.path.join(folder, name)
                 files[os.path.relpath(path, workdir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    files["config.json"] = hashlib.sha256(open(os.path.join(workdir, "config.json"), "rb").read()).hexdigest()
+    files[layout.CONFIG] = hashlib.sha256(open(os.path.join(workdir, layout.CONFIG), "rb").read()).hexdigest()
     return files
 
 
 def _extra_package_difference(finished_run) -> str:
     """What the resume names: the extra package, and the verdict where the checkpoint's run was the locked one."""
-    locked = json.load(open(os.path.join(finished_run, "provenance.json")))["environment"]["locked"]
+    locked = json.load(open(os.path.join(finished_run, layout.PROVENANCE)))["environment"]["locked"]
     return ("locked True -> False, " if locked else "") + "packages.extra-pkg not installed -> 1.0"
 
 
@@ -88,14 +89,14 @@ def test_a_record_only_change_resumes_and_is_recorded(finished_run, tiny_data_di
         f"warning: resuming in another environment than the checkpoint's ({_extra_package_difference(finished_run)})"
     )
     assert warning in result.stdout.splitlines(), result.stdout[-2000:]
-    environment = json.load(open(os.path.join(workdir, "provenance.json")))["environment"]
+    environment = json.load(open(os.path.join(workdir, layout.PROVENANCE)))["environment"]
     assert environment["packages"]["extra-pkg"] == "1.0" and environment["locked"] is False
     assert environment["unlocked"]["extra-pkg"] == ["not in uv.lock", "1.0"]  # outside the locked environment
-    history = json.load(open(os.path.join(workdir, "config_history.json")))
+    history = json.load(open(os.path.join(workdir, layout.CONFIG_HISTORY)))
     assert [entry["step"] for entry in history] == [20]
     assert history[0]["changed"] == {"log_every_steps": [5, 7], "wandb.name": ["", "renamed"]}
     assert history[0]["previous_config"]["log_every_steps"] == 5
-    assert json.load(open(os.path.join(workdir, "config.json")))["wandb"]["name"] == "renamed"
+    assert json.load(open(os.path.join(workdir, layout.CONFIG)))["wandb"]["name"] == "renamed"
     # W&B's record of the new start says so too, in the same run.
     folders = runs.offline_run_folders(workdir)
     assert len(folders) == 2
@@ -110,9 +111,9 @@ def test_a_deliberate_change_is_allowed_and_kept(finished_run, tiny_data_dir, tm
     extra = {"num_epochs": 2, "resume.allow_config_changes": True}
     result = run_main(["--config=configs/mlp.py", f"--workdir={workdir}", *tiny_overrides(tiny_data_dir, **extra)])
     assert result.returncode == 0, result.stderr[-2000:]
-    final = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    final = json.load(open(os.path.join(workdir, layout.FINAL_METRICS)))
     assert final["steps"] == 40
-    history = json.load(open(os.path.join(workdir, "config_history.json")))
+    history = json.load(open(os.path.join(workdir, layout.CONFIG_HISTORY)))
     assert history[0]["step"] == 20 and history[0]["changed"]["num_epochs"] == [1, 2]
     assert history[0]["previous_config"]["num_epochs"] == 1
 
@@ -130,8 +131,8 @@ def test_other_data_has_another_fingerprint_and_is_refused_on_resume(finished_ru
     _copy_with_one_label_changed(tiny_data_dir, changed_dir)
     fresh = str(tmp_path / "fresh")
     assert run_main(_args(changed_dir, fresh)).returncode == 0
-    original = json.load(open(os.path.join(finished_run, "provenance.json")))["data"]
-    modified = json.load(open(os.path.join(fresh, "provenance.json")))["data"]
+    original = json.load(open(os.path.join(finished_run, layout.PROVENANCE)))["data"]
+    modified = json.load(open(os.path.join(fresh, layout.PROVENANCE)))["data"]
     assert original["test"] == modified["test"]  # the test file is the same
     assert [original[s] == modified[s] for s in ("train", "validation")].count(False) == 1  # one label moved
     assert original["files"]["train-labels-idx1-ubyte.gz"] != modified["files"]["train-labels-idx1-ubyte.gz"]

@@ -7,6 +7,8 @@ import os
 import pytest
 from conftest import REPO_ROOT, run_main, tiny_overrides
 
+from mnist_flax import layout
+
 CONFIG_FILES = sorted(
     os.path.relpath(p, REPO_ROOT)
     for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py"))
@@ -20,9 +22,9 @@ def test_every_config_trains_a_few_steps(config_file, tiny_data_dir, tmp_path):
         [f"--config={config_file}", f"--workdir={tmp_path}", *tiny_overrides(tiny_data_dir, num_epochs=1)]
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("config.json", "config_changes.json", "metrics.jsonl", "final_metrics.json", "predictions.csv"):
+    for name in (layout.CONFIG, layout.CONFIG_CHANGES, layout.METRICS, layout.FINAL_METRICS, layout.PREDICTIONS):
         assert (tmp_path / name).is_file(), name
-    report = json.loads((tmp_path / "final_metrics.json").read_text())
+    report = json.loads((tmp_path / layout.FINAL_METRICS).read_text())
     assert report["steps"] == (1200 - 200) // 50
     assert set(report["test"]) >= {"accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc_macro"}
     assert "done:" in result.stdout and str(tmp_path) in result.stdout
@@ -35,7 +37,7 @@ def test_bare_command_makes_a_fresh_workdir(tiny_data_dir):
     workdir = line.split(": ", 1)[1]
     try:
         assert os.path.relpath(workdir, REPO_ROOT).startswith("runs" + os.sep + "mlp-")
-        assert os.path.isfile(os.path.join(workdir, "final_metrics.json"))
+        assert os.path.isfile(os.path.join(workdir, layout.FINAL_METRICS))
     finally:
         import shutil
 
@@ -57,7 +59,7 @@ def test_mlp_reaches_80_percent_on_fashion_mnist_in_one_epoch(fashion_dir, tmp_p
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "final_metrics.json").read_text())
+    report = json.loads((tmp_path / layout.FINAL_METRICS).read_text())
     assert report["steps"] == 55000 // 128  # one full epoch of the 55,000 training examples
     assert report["test"]["num_examples"] == 10000
     assert report["test"]["accuracy"] >= 0.80, report["test"]["accuracy"]
@@ -76,6 +78,6 @@ def test_cnn_beats_70_percent_on_a_fashion_mnist_subset(fashion_dir, tmp_path):
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "final_metrics.json").read_text())
+    report = json.loads((tmp_path / layout.FINAL_METRICS).read_text())
     assert report["test"]["num_examples"] == 10000
     assert report["test"]["accuracy"] >= 0.70, report["test"]["accuracy"]

@@ -15,6 +15,7 @@ import ml_collections
 import pytest
 from conftest import run_main, start_main, tiny_overrides
 
+from mnist_flax import layout
 from mnist_flax.config.schema import load_config_file
 from mnist_flax.records import files
 from mnist_flax.training import checkpointing, models, steps
@@ -67,7 +68,7 @@ def _assert_checkpoints_restore(workdir):
 def test_kills_and_preemptions_lose_nothing(tiny_data_dir, tmp_path):
     straight = run_main(_args(tiny_data_dir, tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    expected = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
+    expected = json.loads((tmp_path / "straight" / layout.FINAL_METRICS).read_text())
 
     workdir = tmp_path / "faulty"
     args = _args(tiny_data_dir, workdir)
@@ -98,7 +99,7 @@ def test_kills_and_preemptions_lose_nothing(tiny_data_dir, tmp_path):
     finished = run_main(args)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert survived == len(faults)
-    result = json.loads((workdir / "final_metrics.json").read_text())
+    result = json.loads((workdir / layout.FINAL_METRICS).read_text())
     assert result["steps"] == expected["steps"] == EPOCHS * 20
     assert result["test"]["accuracy"] == expected["test"]["accuracy"]
     assert result["test"]["loss"] == pytest.approx(expected["test"]["loss"], rel=1e-6)
@@ -194,6 +195,6 @@ def test_wandb_dying_mid_run_does_not_stop_training(tiny_data_dir, tmp_path):
     assert process.returncode == 0, stderr[-2000:]
     assert "warning: W&B stopped accepting data" in stderr
     assert "Traceback" not in stderr
-    history = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    history = [json.loads(line) for line in open(tmp_path / layout.METRICS)]
     assert max(r["step"] for r in history if "train/loss" in r) == 6 * 20  # every metric kept after the failure
-    assert json.loads((tmp_path / "final_metrics.json").read_text())["steps"] == 120
+    assert json.loads((tmp_path / layout.FINAL_METRICS).read_text())["steps"] == 120

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mnist_flax import layout
 from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError, MnistFlaxError
 from mnist_flax.training import input_pipeline, loop
@@ -82,13 +83,13 @@ def test_mlp_trains_and_writes_its_records(mlp_run, tiny_data_dir):
     assert_trained(report, workdir)
     assert checkpoint_steps(workdir) == {STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH}
 
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(workdir, layout.CONFIG)) as f:
         saved_config = json.load(f)
     assert saved_config["model"]["name"] == "mlp" and saved_config["num_epochs"] == 2
     assert saved_config["batch_size"] == BATCH_SIZE and saved_config["data"]["local_dir"] == tiny_data_dir
 
     # metrics.jsonl: the training loss, logged every few steps, falls.
-    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    records = read_jsonl(os.path.join(workdir, layout.METRICS))
     losses = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
     assert len(losses) >= 2 * STEPS_PER_EPOCH // 5
     assert [step for step, _ in losses] == sorted({step for step, _ in losses})
@@ -98,14 +99,14 @@ def test_mlp_trains_and_writes_its_records(mlp_run, tiny_data_dir):
     assert any("val/accuracy" in r for r in records) and any("test/accuracy" in r for r in records)
 
     # final_metrics.json holds the returned report, numbers as numbers.
-    with open(os.path.join(workdir, "final_metrics.json")) as f:
+    with open(os.path.join(workdir, layout.FINAL_METRICS)) as f:
         final = json.load(f)
     assert final == json.loads(json.dumps(report, default=str))
     assert final["test"]["accuracy"] == report["test"]["accuracy"] and isinstance(final["test"]["accuracy"], float)
     assert final["steps"] == report["steps"]
 
     # predictions.csv: one row per test image, the predicted class is the most probable one.
-    header, table = read_predictions_csv(os.path.join(workdir, "predictions.csv"))
+    header, table = read_predictions_csv(os.path.join(workdir, layout.PREDICTIONS))
     assert header[:4] == ["index", "label", "predicted", "confidence"]
     assert table.shape == (TEST_EXAMPLES, 4 + 10)
     probs = table[:, 4:]
@@ -121,7 +122,7 @@ def test_resume_with_more_epochs(mlp_run, tiny_data_dir, tmp_path, capsys):
     first_workdir, first_report = mlp_run
     workdir = str(tmp_path / "resumed")
     shutil.copytree(first_workdir, workdir)
-    lines_before = len(read_jsonl(os.path.join(workdir, "metrics.jsonl")))
+    lines_before = len(read_jsonl(os.path.join(workdir, layout.METRICS)))
     capsys.readouterr()
 
     longer = tiny_config("configs/mlp.py", tiny_data_dir, num_epochs=3)
@@ -136,7 +137,7 @@ def test_resume_with_more_epochs(mlp_run, tiny_data_dir, tmp_path, capsys):
     assert_trained(report, workdir, num_epochs=3)
     assert 3 * STEPS_PER_EPOCH in checkpoint_steps(workdir)
     # Only the third epoch was trained: every train line this run appended is past the saved step.
-    appended = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[lines_before:]
+    appended = read_jsonl(os.path.join(workdir, layout.METRICS))[lines_before:]
     train_steps = [r["step"] for r in appended if "train/loss" in r]
     assert train_steps and min(train_steps) > saved_step and max(train_steps) == 3 * STEPS_PER_EPOCH
     assert min(r["step"] for r in appended) >= saved_step
@@ -155,11 +156,11 @@ def test_eval_only_reproduces_the_best_checkpoint(mlp_run, tiny_data_dir, tmp_pa
 
     assert report["test"]["accuracy"] == first_report["test"]["accuracy"]
     assert report["test"]["loss"] == pytest.approx(first_report["test"]["loss"], rel=1e-5)
-    _, first_table = read_predictions_csv(os.path.join(first_workdir, "predictions.csv"))
-    _, table = read_predictions_csv(os.path.join(workdir, "predictions.csv"))
+    _, first_table = read_predictions_csv(os.path.join(first_workdir, layout.PREDICTIONS))
+    _, table = read_predictions_csv(os.path.join(workdir, layout.PREDICTIONS))
     np.testing.assert_allclose(table, first_table, atol=1e-5)
     # Nothing was trained and no checkpoint of its own was written.
-    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    records = read_jsonl(os.path.join(workdir, layout.METRICS))
     assert not any("train/loss" in r for r in records)
     assert not os.path.isdir(os.path.join(workdir, "checkpoints")) or checkpoint_steps(workdir) == set()
 
@@ -168,9 +169,9 @@ def test_cnn_trains(tiny_data_dir, tmp_path):
     workdir = str(tmp_path / "cnn")
     report = loop.train_and_evaluate(tiny_config("configs/cnn.py", tiny_data_dir), workdir)
     assert_trained(report, workdir)
-    for name in ("config.json", "metrics.jsonl", "final_metrics.json", "predictions.csv"):
+    for name in (layout.CONFIG, layout.METRICS, layout.FINAL_METRICS, layout.PREDICTIONS):
         assert os.path.isfile(os.path.join(workdir, name)), name
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(workdir, layout.CONFIG)) as f:
         assert json.load(f)["model"]["name"] == "cnn"
 
 
@@ -195,6 +196,6 @@ def test_validation_callbacks_see_every_validation_and_can_stop_the_run(tiny_dat
             tiny_config("configs/mlp.py", tiny_data_dir, num_epochs=3), str(workdir), on_validation=(prune,)
         )
     # Out through the one shutdown path: the stop is recorded, and the run did not finish.
-    stopped = json.load(open(workdir / "stopped.json"))
-    assert stopped["status"] == "failed" and stopped["step"] == STEPS_PER_EPOCH
-    assert not (workdir / "final_metrics.json").exists()
+    stopped = json.load(open(workdir / layout.STOPPED))
+    assert stopped["status"] == layout.FAILED and stopped["step"] == STEPS_PER_EPOCH
+    assert not (workdir / layout.FINAL_METRICS).exists()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, run_main
 
+from mnist_flax import layout
 from mnist_flax.config import schema
 from mnist_flax.records.files import read_predictions
 from mnist_flax.training import input_pipeline
@@ -181,7 +182,7 @@ def test_data_notebook_describes_the_loaded_data(rendered, fashion_dir):
 @pytest.mark.slow
 def test_run_notebook_numbers_agree_with_the_run(rendered, two_runs):
     summary = json.loads((rendered / "02_runs.summary.json").read_text())
-    with open(os.path.join(two_runs["lr_default"], "final_metrics.json")) as f:
+    with open(os.path.join(two_runs["lr_default"], layout.FINAL_METRICS)) as f:
         logged = json.load(f)["test"]
     computed = summary["test"]
     assert summary["run"] == two_runs["lr_default"] and summary["other_run"] == two_runs["lr_5e-4"]
@@ -203,7 +204,7 @@ def test_run_notebook_numbers_agree_with_the_run(rendered, two_runs):
     assert [count for _, _, count in summary["most_confused"]] == largest[: len(summary["most_confused"])].tolist()
 
     # The grid shows mistakes only, the most confident first.
-    predictions = read_predictions(os.path.join(two_runs["lr_default"], "predictions.csv"))
+    predictions = read_predictions(os.path.join(two_runs["lr_default"], layout.PREDICTIONS))
     shown = np.array(summary["misclassified_shown"])
     mistakes = int((predictions["label"] != predictions["predicted"]).sum())
     assert len(shown) == min(24, mistakes)

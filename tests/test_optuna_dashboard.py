@@ -18,6 +18,8 @@ import urllib.request
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
 
+from mnist_flax import layout
+
 LEARNING_RATES = ("0.01", "0.1")
 NUM_EPOCHS = 2
 # Plain SGD at a constant rate: on the tiny data 0.01 is still learning after an epoch, so the values differ.
@@ -64,7 +66,7 @@ def sweep_root(tiny_data_dir, tmp_path_factory) -> str:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert os.path.isfile(os.path.join(root, "study.db"))
+    assert os.path.isfile(os.path.join(root, layout.STUDY_DB))
     return root
 
 
@@ -101,9 +103,9 @@ def dashboard(sweep_root, tmp_path_factory):
 
 def recorded_run(workdir: str) -> tuple[float, dict[int, float]]:
     """A trial run's best validation accuracy (final_metrics.json) and its per-epoch ones (metrics.jsonl)."""
-    with open(os.path.join(workdir, "final_metrics.json")) as f:
+    with open(os.path.join(workdir, layout.FINAL_METRICS)) as f:
         best = json.load(f)["best_validation"]["val_accuracy"]
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with open(os.path.join(workdir, layout.METRICS)) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     per_epoch = {int(round(row["val/epoch"])): row["val/accuracy"] for row in rows if "val/accuracy" in row}
     return best, per_epoch

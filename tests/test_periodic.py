@@ -8,6 +8,7 @@ import ml_collections
 import pytest
 from conftest import REPO_ROOT, run_main, tiny_overrides
 
+from mnist_flax import layout
 from mnist_flax.config import schema
 from mnist_flax.training import periodic, resolution
 
@@ -131,7 +132,7 @@ def test_a_run_records_the_resolved_config_it_used(tiny_data_dir, tmp_path, conf
         [f"--config=configs/{config_name}.py", f"--workdir={workdir}", *tiny_overrides(tiny_data_dir, num_epochs=1)]
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    recorded = json.loads((workdir / "config.json").read_text())
+    recorded = json.loads((workdir / layout.CONFIG).read_text())
     flat = schema.flatten(recorded)
     assert "auto" not in flat.values()
     # What the run says it used is what config.json holds.
@@ -147,7 +148,7 @@ def test_a_run_records_the_resolved_config_it_used(tiny_data_dir, tmp_path, conf
         )
         assert flat["model.conv_batch_split"] == 2  # batch 50: 2 pieces of 25
     # What the file and the overrides said stays beside it, for diffs of intent.
-    requested = schema.flatten(json.loads((workdir / "config_requested.json").read_text()))
+    requested = schema.flatten(json.loads((workdir / layout.CONFIG_REQUESTED).read_text()))
     assert requested["train.steps_per_call"] == "auto" and requested["data.source"] == "auto"
     assert {k for k, v in requested.items() if v != flat[k]} <= {
         "train.steps_per_call",
@@ -159,7 +160,7 @@ def test_a_run_records_the_resolved_config_it_used(tiny_data_dir, tmp_path, conf
         "wandb.mode",
     }
     # The metrics show the periodic rule at work: validation at each epoch end, train logs on call boundaries.
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (workdir / layout.METRICS).read_text().splitlines()]
     steps_per_epoch = (1200 - 200) // 50
     assert [r["step"] for r in lines if "val/accuracy" in r] == [steps_per_epoch]
     logged = [r["step"] for r in lines if "train/loss" in r]

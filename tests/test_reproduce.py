@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
 from test_environment_record import write_lock
 
+from mnist_flax import layout
 from mnist_flax.commands import reproduce
 from mnist_flax.records import provenance
 from mnist_flax.records.files import write_json, write_predictions
@@ -91,7 +92,7 @@ def repo(tiny_data_dir, tmp_path_factory):
     clone = _clone_of_the_working_tree(root / "clone")
     commit_x = _git(clone, "rev-parse", "HEAD")
     run = _train(clone, root / "run", tiny_data_dir, tmp_dir)
-    steps_py = os.path.join(clone, "mnist_flax", "steps.py")
+    steps_py = os.path.join(clone, "mnist_flax", "training", "steps.py")
     with open(steps_py) as f:
         code = f.read()
     assert "/ 255.0" in code
@@ -112,17 +113,17 @@ def test_reproduces_the_recorded_commit_not_the_checkout(repo):
     strict = ["--strict-environment"] if locked else []
     result = _reproduce(repo["clone"], repo["tmp"], repo["run"], "--workdir", out, *strict)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads((out / "provenance.json").read_text())["environment"]["locked"] is locked
+    assert json.loads((out / layout.PROVENANCE).read_text())["environment"]["locked"] is locked
     assert "config: equal" in result.stdout and "reproduction matches" in result.stdout
     assert "provenance: the same data (train, validation, test) and environment" in result.stdout
-    recorded = json.loads(open(os.path.join(repo["run"], "final_metrics.json")).read())
-    reproduced = json.loads((out / "final_metrics.json").read_text())
+    recorded = json.loads(open(os.path.join(repo["run"], layout.FINAL_METRICS)).read())
+    reproduced = json.loads((out / layout.FINAL_METRICS).read_text())
     assert reproduced["git"]["commit"] == repo["x"] and reproduced["git"]["dirty"] is False
     assert reproduced["test"]["accuracy"] == recorded["test"]["accuracy"]  # commit Y would be at chance
-    assert (out / "predictions.csv").read_text() == open(os.path.join(repo["run"], "predictions.csv")).read()
+    assert (out / layout.PREDICTIONS).read_text() == open(os.path.join(repo["run"], layout.PREDICTIONS)).read()
     # The recorded resolved config ran as it is: config.json equal apart from the W&B name and mode.
-    a = json.loads(open(os.path.join(repo["run"], "config.json")).read())
-    b = json.loads((out / "config.json").read_text())
+    a = json.loads(open(os.path.join(repo["run"], layout.CONFIG)).read())
+    b = json.loads((out / layout.CONFIG).read_text())
     assert b["wandb"].pop("name") == "reproduced" and a["wandb"].pop("name") == ""
     assert a == b  # the recorded run was offline, and so is the reproduction by default
     assert _git(repo["clone"], "rev-parse", "HEAD") == repo["y"] and not _git(repo["clone"], "status", "--porcelain")
@@ -146,8 +147,8 @@ def test_a_dirty_run_needs_force(repo, tiny_data_dir):
     forced = _reproduce(clone, repo["tmp"], run, "--workdir", out, "--force", "--wandb-mode=disabled")
     assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]  # the change was a comment
     assert "recorded from a dirty tree" in forced.stdout
-    assert json.loads((out / "final_metrics.json").read_text())["git"] == {**json.loads(
-        open(os.path.join(run, "final_metrics.json")).read())["git"], "dirty": False, "branch": "HEAD"}  # fmt: skip
+    assert json.loads((out / layout.FINAL_METRICS).read_text())["git"] == {**json.loads(
+        open(os.path.join(run, layout.FINAL_METRICS)).read())["git"], "dirty": False, "branch": "HEAD"}  # fmt: skip
     _assert_nothing_left(clone, repo["tmp"])
 
 
@@ -155,7 +156,7 @@ def test_a_dirty_run_needs_force(repo, tiny_data_dir):
 def test_a_commit_the_repository_does_not_have(repo):
     run = repo["root"] / "fabricated"
     shutil.copytree(repo["run"], run)
-    for name in ("final_metrics.json", "provenance.json"):
+    for name in (layout.FINAL_METRICS, layout.PROVENANCE):
         if (run / name).is_file():
             record = json.loads((run / name).read_text())
             record["git"]["commit"] = FAKE_COMMIT
@@ -174,18 +175,18 @@ def _fake_run(path, commit=FAKE_COMMIT, dirty=False, source="git", finished=True
               predicted=None, provenance=None) -> str:  # fmt: skip
     """A workdir as a finished run leaves it, as far as reproduce reads it."""
     os.makedirs(path)
-    write_json(os.path.join(path, "config.json"), {"seed": 0, "model": {"name": "mlp", "dense_features": [8]}})
+    write_json(os.path.join(path, layout.CONFIG), {"seed": 0, "model": {"name": "mlp", "dense_features": [8]}})
     probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]]) if probs is None else np.asarray(probs)
     labels = np.array([0, 1, 1])
     if finished:
         report = {"accuracy": 2 / 3, "loss": test_loss}
-        write_json(os.path.join(path, "final_metrics.json"), {
+        write_json(os.path.join(path, layout.FINAL_METRICS), {
             "best_validation": {"step": 10, "val_accuracy": 0.5}, "validation": {"loss": 0.5, "accuracy": 0.5},
             "test": report, "steps": 10, "git": {"commit": commit, "branch": "main", "dirty": dirty, "source": source},
         })  # fmt: skip
-        write_predictions(os.path.join(path, "predictions.csv"), np.log(probs), labels)
+        write_predictions(os.path.join(path, layout.PREDICTIONS), np.log(probs), labels)
     if provenance is not None:
-        write_json(os.path.join(path, "provenance.json"), provenance)
+        write_json(os.path.join(path, layout.PROVENANCE), provenance)
     return str(path)
 
 

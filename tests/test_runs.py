@@ -64,14 +64,14 @@ def _read(path: str):
 
 def _assert_same_run(records: dict[str, runs.RunRecord], path: str) -> None:
     """Every record of `records` holds what the workdir at `path` wrote."""
-    final = _read(os.path.join(path, "final_metrics.json"))
-    config = schema.flatten(_read(os.path.join(path, "config.json")))
-    with open(os.path.join(path, "wandb_run_id")) as f:
+    final = _read(os.path.join(path, layout.FINAL_METRICS))
+    config = schema.flatten(_read(os.path.join(path, layout.CONFIG)))
+    with open(os.path.join(path, layout.WANDB_RUN_ID)) as f:
         run_id = f.read().strip()
     for source, record in records.items():
-        assert record.status == "finished" and record.finished and record.stopped is None, source
+        assert record.status == layout.FINISHED and record.finished and record.stopped is None, source
         assert record.config == config, source
-        assert record.config_changes == _read(os.path.join(path, "config_changes.json")), source
+        assert record.config_changes == _read(os.path.join(path, layout.CONFIG_CHANGES)), source
         assert record.wandb_id == run_id == final["wandb"]["run_id"], source
         assert record.git["commit"] == final["git"]["commit"] and record.git["dirty"] == final["git"]["dirty"]
         assert record.test_accuracy == final["test"]["accuracy"] < 1.0, source
@@ -120,7 +120,7 @@ def test_a_sweep_member_reads_the_same_as_its_workdir_and_wandb_folder(sweep_roo
     assert members[0].wandb_id != members[1].wandb_id
     assert members[0].series("train/loss")[1].tolist() != members[1].series("train/loss")[1].tolist()
     # The sweep runner's table reads the same records.
-    summary = _read(os.path.join(sweep_root, "summary.json"))
+    summary = _read(os.path.join(sweep_root, layout.SUMMARY))
     assert [row["test_accuracy"] for row in summary["runs"]] == [m.test_accuracy for m in members]
     assert [row["best_val_accuracy"] for row in summary["runs"]] == [m.best_val_accuracy for m in members]
 
@@ -138,24 +138,24 @@ def test_an_interrupted_run_is_not_finished(workdir, tmp_path):
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy)
     finished = runs.load(copy)
-    os.remove(os.path.join(copy, "final_metrics.json"))
+    os.remove(os.path.join(copy, layout.FINAL_METRICS))
     killed = runs.load(copy)
-    assert killed.status == "incomplete" and not killed.finished
+    assert killed.status == layout.INCOMPLETE and not killed.finished
     assert killed.final is None and killed.best_val_accuracy is None and killed.test_accuracy is None
     assert killed.history == finished.history and killed.config == finished.config
     assert killed.git == finished.git  # from the W&B run's config, with no final_metrics.json
     assert killed.wandb_id == finished.wandb_id
 
     stopped = {"status": "preempted", "reason": "SIGTERM at step 12", "step": 12, "exit_code": 3}
-    with open(os.path.join(copy, "stopped.json"), "w") as f:
+    with open(os.path.join(copy, layout.STOPPED), "w") as f:
         json.dump(stopped, f)
     preempted = runs.load(copy)
-    assert preempted.status == "preempted" and preempted.stopped == stopped
-    shutil.copy(os.path.join(workdir, "final_metrics.json"), copy)  # stopped.json is the later word
-    assert runs.load(copy).status == "preempted"
-    with open(os.path.join(copy, "stopped.json"), "w") as f:
+    assert preempted.status == layout.PREEMPTED and preempted.stopped == stopped
+    shutil.copy(os.path.join(workdir, layout.FINAL_METRICS), copy)  # stopped.json is the later word
+    assert runs.load(copy).status == layout.PREEMPTED
+    with open(os.path.join(copy, layout.STOPPED), "w") as f:
         json.dump({**stopped, "status": "failed", "reason": "non-finite loss at step 12", "exit_code": 2}, f)
-    assert runs.load(copy).status == "failed"
+    assert runs.load(copy).status == layout.FAILED
 
 
 def test_a_stopped_wandb_run_is_not_finished(workdir, monkeypatch):
@@ -175,7 +175,7 @@ def test_a_stopped_wandb_run_is_not_finished(workdir, monkeypatch):
         monkeypatch.setattr(wandb_files, "summarize", stopped_at(exit_code))
         record = runs.load(folder)
         assert record.status == status and record.final is None, exit_code
-        if status != "incomplete":
+        if status != layout.INCOMPLETE:
             assert record.stopped == {
                 "status": status,
                 "reason": "SIGTERM at step 12",
@@ -187,14 +187,14 @@ def test_a_stopped_wandb_run_is_not_finished(workdir, monkeypatch):
 def test_requested_config_is_read_and_falls_back_to_config(workdir, tmp_path):
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("wandb"))
-    requested = _read(os.path.join(copy, "config.json"))
+    requested = _read(os.path.join(copy, layout.CONFIG))
     requested["train"]["steps_per_call"] = "auto"
-    with open(os.path.join(copy, "config_requested.json"), "w") as f:
+    with open(os.path.join(copy, layout.CONFIG_REQUESTED), "w") as f:
         json.dump(requested, f)
     record = runs.load(copy)
     assert record.requested_config["train.steps_per_call"] == "auto"
     assert record.requested_config == {**record.config, "train.steps_per_call": "auto"}
-    os.remove(os.path.join(copy, "config_requested.json"))  # a run from before config_requested.json
+    os.remove(os.path.join(copy, layout.CONFIG_REQUESTED))  # a run from before config_requested.json
     assert runs.load(copy).requested_config == record.config
 
 
@@ -202,10 +202,10 @@ def test_a_metrics_line_cut_short_is_left_out(workdir, tmp_path):
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("wandb"))
     history = runs.load(copy).history
-    with open(os.path.join(copy, "metrics.jsonl"), "a") as f:
+    with open(os.path.join(copy, layout.METRICS), "a") as f:
         f.write('{"step": 21, "train/lo')
     assert runs.load(copy).history == history
-    with open(os.path.join(copy, "metrics.jsonl"), "a") as f:
+    with open(os.path.join(copy, layout.METRICS), "a") as f:
         f.write('\n{"step": 22}\n')
     with pytest.raises(ConfigError, match="metrics.jsonl:.*not a JSON object"):
         runs.load(copy)

@@ -19,6 +19,8 @@ from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main
 from test_distributed import TOLERANCE, _args, _assert_agree, _results
 from test_sweep import tiny_settings
 
+from mnist_flax import layout
+
 pytestmark = pytest.mark.slow
 EPOCHS = 4
 THIS_MACHINE = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
@@ -141,14 +143,14 @@ def test_a_preempted_job_is_requeued_and_resumes_the_same_run(cluster, uninterru
     assert f"resumed at step {stopped_at}" in text and stopped_at < EPOCHS * 20
 
     # The same final metrics as the job that was never interrupted.
-    expected = json.loads((uninterrupted[0] / "final_metrics.json").read_text())
-    result = json.loads((workdir / "final_metrics.json").read_text())
+    expected = json.loads((uninterrupted[0] / layout.FINAL_METRICS).read_text())
+    result = json.loads((workdir / layout.FINAL_METRICS).read_text())
     assert result["steps"] == expected["steps"] == EPOCHS * 20
     assert result["test"]["accuracy"] == expected["test"]["accuracy"]
     assert result["test"]["loss"] == pytest.approx(expected["test"]["loss"], rel=1e-6)
     assert result["best_validation"] == expected["best_validation"]
     # One W&B run across both starts: two offline segments of one run id.
-    run_id = (workdir / "wandb_run_id").read_text().strip()
+    run_id = (workdir / layout.WANDB_RUN_ID).read_text().strip()
     segments = sorted(glob.glob(str(workdir / "wandb" / "offline-run-*")))
     assert len(segments) == 2 and all(s.endswith(f"-{run_id}") for s in segments)
     assert result["wandb"]["run_id"] == run_id
@@ -170,4 +172,4 @@ def test_a_job_array_of_two_sweep_workers_shares_one_study(cluster, tiny_data_di
     assert sorted(t.params["seed"] for t in trials) == [0, 1, 2]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert sum(output.count("[trial ") for output in outputs) == 3
-    assert len(glob.glob(str(root / "*" / "final_metrics.json"))) == 3
+    assert len(glob.glob(str(root / "*" / layout.FINAL_METRICS))) == 3

@@ -14,6 +14,7 @@ import yaml
 from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
+from mnist_flax import layout
 from mnist_flax.commands import diff, sweep
 from mnist_flax.config import overrides, schema
 from mnist_flax.errors import ConfigError
@@ -119,7 +120,7 @@ def test_sweep_run_script_trains_in_a_workdir_named_after_the_run(tiny_data_dir,
     workdir = tmp_path / "sweep-sweep123" / "run45678"
     config = diff.load_flat(str(workdir))
     assert config["model.name"] == "mlp" and config["optimizer.learning_rate"] == 0.003
-    assert (workdir / "final_metrics.json").is_file()
+    assert (workdir / layout.FINAL_METRICS).is_file()
 
 
 def test_the_sweep_file_is_generated_from_the_config_files_search_space():
@@ -255,19 +256,19 @@ def test_a_grid_study_trains_each_point_prunes_the_bad_one_and_continues(tiny_da
     assert [t.params["optimizer.learning_rate"] for t in trials] == [0.05, 0.1, 1e-7]  # each point once
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED]
     for trial, name in zip(trials[:2], names[:2], strict=True):
-        final = json.loads((root / name / "final_metrics.json").read_text())
+        final = json.loads((root / name / layout.FINAL_METRICS).read_text())
         assert trial.value == final["best_validation"]["val_accuracy"]  # the objective is what the run recorded
         assert sorted(trial.intermediate_values) == [1, 2, 3]  # reported after each epoch's validation
         assert trial.user_attrs["workdir"] == str(root / name)
     # The bad trial: pruned by the median pruner after its first epoch, in its own main.py, with its record.
     pruned = trials[2]
     assert list(pruned.intermediate_values) == [1] and pruned.intermediate_values[1] < 0.3
-    stopped = json.loads((root / names[2] / "stopped.json").read_text())
+    stopped = json.loads((root / names[2] / layout.STOPPED).read_text())
     steps_per_epoch = (1200 - 200) // 50
-    assert stopped["status"] == "pruned" and stopped["exit_code"] == 4
+    assert stopped["status"] == layout.PRUNED and stopped["exit_code"] == 4
     assert stopped["step"] == steps_per_epoch < 3 * steps_per_epoch  # before its last epoch
     assert "pruned by the sweep's median pruner after epoch 1" in stopped["reason"]
-    record = json.loads((root / names[2] / "trial.json").read_text())
+    record = json.loads((root / names[2] / layout.TRIAL).read_text())
     assert record["exit_code"] == 4
     # Its last validation is kept where the results are read: trial.json, compare's table, the summary.
     assert record["last_validation"] == {"epoch": 1, "step": steps_per_epoch,
@@ -292,7 +293,7 @@ def test_a_grid_study_trains_each_point_prunes_the_bad_one_and_continues(tiny_da
     note = next(line for line in lines if line.startswith(f"{names[2]}: pruned: "))
     assert f"last validation (epoch 1): acc {pruned.intermediate_values[1]:.4f}" in note
     assert "study sweep-lr: 2 complete, 1 pruned" in result.stdout
-    summary = json.loads((root / "summary.json").read_text())
+    summary = json.loads((root / layout.SUMMARY).read_text())
     best = max(trials[:2], key=lambda t: t.value)
     assert summary["best"]["number"] == best.number and summary["states"] == {"complete": 2, "pruned": 1}
     assert [(p["number"], p["epoch"], p["value"]) for p in summary["pruned"]] == [
@@ -335,15 +336,15 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint(tiny_data_dir,
     worker.kill()
     worker.communicate(timeout=60)
     assert "step 52/" in seen[-1], "".join(seen[-30:])
-    trial_record = json.loads((root / "000-0" / "trial.json").read_text())
+    trial_record = json.loads((root / "000-0" / layout.TRIAL).read_text())
     assert services.wait_until_gone(trial_record["pid"], 120)  # the orphaned main.py saves and exits on its own
-    stopped = json.loads((root / "000-0" / "stopped.json").read_text())
-    assert stopped["status"] == "preempted" and stopped["step"] >= 52
+    stopped = json.loads((root / "000-0" / layout.STOPPED).read_text())
+    assert stopped["status"] == layout.PREEMPTED and stopped["step"] >= 52
     # main.py writes its log itself: what it printed before and after its worker died is kept (through a pipe
     # to the dead worker, its last lines would have failed it with BrokenPipeError before it saved).
-    log = (root / "000-0" / "sweep.log").read_text()
+    log = (root / "000-0" / layout.SWEEP_LOG).read_text()
     assert "step 52/" in log and f"error: SIGTERM at step {stopped['step']}" in log, log[-2000:]
-    first_run_id = (root / "000-0" / "wandb_run_id").read_text()
+    first_run_id = (root / "000-0" / layout.WANDB_RUN_ID).read_text()
 
     time.sleep(2.5)  # past the grace period (2 heartbeats): the next worker finds trial 0 stale
     rerun = run_sweep(args)
@@ -356,11 +357,11 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint(tiny_data_dir,
         optuna.trial.TrialState.COMPLETE,  # its retry, in the same workdir
     ]
     assert attempts[2].system_attrs["failed_trial"] == 0 and attempts[2].params == attempts[0].params
-    log = (root / "000-0" / "sweep.log").read_text()
+    log = (root / "000-0" / layout.SWEEP_LOG).read_text()
     assert f"resumed at step {stopped['step']}" in log  # the retry started from the saved step, not from 0
-    final = json.loads((root / "000-0" / "final_metrics.json").read_text())
-    assert final["steps"] == 4 * 20 and not (root / "000-0" / "stopped.json").exists()
-    assert (root / "000-0" / "wandb_run_id").read_text() == first_run_id  # one W&B run across both starts
+    final = json.loads((root / "000-0" / layout.FINAL_METRICS).read_text())
+    assert final["steps"] == 4 * 20 and not (root / "000-0" / layout.STOPPED).exists()
+    assert (root / "000-0" / layout.WANDB_RUN_ID).read_text() == first_run_id  # one W&B run across both starts
     assert attempts[2].value == final["best_validation"]["val_accuracy"]
 
 

@@ -14,6 +14,7 @@ import pytest
 import services
 from conftest import REPO_ROOT, SUBPROCESS_ENV
 
+from mnist_flax import layout
 from mnist_flax.errors import Pruned, StorageUnavailable
 from mnist_flax.sweeps import study
 
@@ -57,7 +58,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 def validations(workdir) -> int:
     try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        with open(os.path.join(workdir, layout.METRICS)) as f:
             return sum('"val/accuracy"' in line for line in f)
     except OSError:
         return 0
@@ -68,7 +69,7 @@ def trial_dirs(root) -> list[str]:
 
 
 def final(workdir) -> dict:
-    with open(os.path.join(workdir, "final_metrics.json")) as f:
+    with open(os.path.join(workdir, layout.FINAL_METRICS)) as f:
         return json.load(f)
 
 
@@ -116,7 +117,7 @@ def test_two_workers_ride_out_a_database_outage_and_match_an_undisturbed_sweep(s
     assert sorted(t.state.name for t in the_study.get_trials()) == ["COMPLETE"] * len(RATES)
     # The trials the outage caught end as the same points trained undisturbed (SQLite, one worker).
     clean_root = tmp_path / "undisturbed"
-    rates = [json.load(open(w / "trial.json"))["params"]["optimizer.learning_rate"] for w in first]
+    rates = [json.load(open(w / layout.TRIAL))["params"]["optimizer.learning_rate"] for w in first]
     clean = subprocess.run(
         sweep_command(clean_root, f"sqlite:///{tmp_path / 'clean.db'}", rates=[str(r) for r in rates]),
         cwd=REPO_ROOT,
@@ -127,8 +128,8 @@ def test_two_workers_ride_out_a_database_outage_and_match_an_undisturbed_sweep(s
     )
     assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
     for caught in first:
-        rate = json.load(open(caught / "trial.json"))["params"]["optimizer.learning_rate"]
-        (twin,) = [clean_root / n for n in trial_dirs(clean_root) if json.load(open(clean_root / n / "trial.json"))
+        rate = json.load(open(caught / layout.TRIAL))["params"]["optimizer.learning_rate"]
+        (twin,) = [clean_root / n for n in trial_dirs(clean_root) if json.load(open(clean_root / n / layout.TRIAL))
                    ["params"]["optimizer.learning_rate"] == rate]  # fmt: skip
         a, b = final(caught), final(twin)
         assert a["test"]["accuracy"] == b["test"]["accuracy"]
@@ -156,14 +157,14 @@ def test_an_outage_past_the_patience_stops_the_trial_resumably(server, tmp_path)
     last = output.strip().splitlines()[-1]
     assert last.startswith("error: the study's storage has been unreachable for") and "--storage-patience 4" in last
     assert "run the same command again" in last and "Traceback" not in output
-    stopped = json.load(open(workdir / "stopped.json"))
-    assert stopped["status"] == "preempted"  # stopped as on SIGTERM: a checkpoint, resumable
-    assert "storage is unreachable" in json.load(open(workdir / "trial.json"))["state"]
+    stopped = json.load(open(workdir / layout.STOPPED))
+    assert stopped["status"] == layout.PREEMPTED  # stopped as on SIGTERM: a checkpoint, resumable
+    assert "storage is unreachable" in json.load(open(workdir / layout.TRIAL))["state"]
     again = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **SUBPROCESS_ENV}, capture_output=True,
                            text=True, timeout=600)  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert final(workdir)["steps"] > stopped["step"]
-    assert "resumed at step" in open(workdir / "sweep.log").read()
+    assert "resumed at step" in open(workdir / layout.SWEEP_LOG).read()
     assert trial_dirs(root) == [workdir.name]  # the retry trained in the same workdir
 
 

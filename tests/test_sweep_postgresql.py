@@ -12,6 +12,7 @@ import services
 from conftest import REPO_ROOT, SUBPROCESS_ENV
 from test_sweep import tiny_settings
 
+from mnist_flax import layout
 from mnist_flax.commands import sweep
 from mnist_flax.errors import ConfigError
 from mnist_flax.sweeps import study
@@ -164,9 +165,9 @@ def test_workers_share_one_study_with_the_password_off_their_command_lines(postg
     found = sorted(str(p.parent) for p in tmp_path.glob("*/lr/*/final_metrics.json"))
     assert found == sorted(workdirs.values())
     for trial in trials:
-        final = json.loads(open(os.path.join(workdirs[trial.number], "final_metrics.json")).read())
+        final = json.loads(open(os.path.join(workdirs[trial.number], layout.FINAL_METRICS)).read())
         assert trial.value == final["best_validation"]["val_accuracy"]
-        config = json.loads(open(os.path.join(workdirs[trial.number], "config.json")).read())
+        config = json.loads(open(os.path.join(workdirs[trial.number], layout.CONFIG)).read())
         assert config["wandb"]["group"] == "lr-study"
     # Every worker trained one: each takes a trial as it starts, long before the first trial ends. All end with
     # the same study counts; each says how many trials the others trained.
@@ -181,7 +182,7 @@ def test_workers_share_one_study_with_the_password_off_their_command_lines(postg
     assert seen == set(workdirs.values())
     with_password = [line for line in command_lines if any(PASSWORD in arg for arg in line)]
     assert with_password == [line for line in command_lines if f"--root={tmp_path / 'a' / 'lr'}" in line]
-    assert len(with_password) == 1 and "mnist_flax sweep" in with_password[0]
+    assert len(with_password) == 1 and " -m mnist_flax sweep " in f" {' '.join(with_password[0])} "
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.suffix != ".db" and path != pgpass:
             assert PASSWORD not in path.read_text(errors="replace"), path

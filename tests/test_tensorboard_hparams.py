@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 from conftest import run_sweep
 
+from mnist_flax import layout
 from mnist_flax.config import schema
 
 RATES = (0.001, 0.003, 0.01)
@@ -108,9 +109,9 @@ def test_tensorboard_lists_every_run_and_its_hparams(sweep_root, tmp_path):
     assert infos["batch_size"]["differs"] is False and infos["model.name"]["domainDiscrete"] == ["mlp"]
     for member, rate in zip(MEMBERS, RATES, strict=True):
         workdir = os.path.join(sweep_root, member)
-        with open(os.path.join(workdir, "config.json")) as f:
+        with open(os.path.join(workdir, layout.CONFIG)) as f:
             config = schema.flatten(json.load(f))
-        with open(os.path.join(workdir, "final_metrics.json")) as f:
+        with open(os.path.join(workdir, layout.FINAL_METRICS)) as f:
             final = json.load(f)
         group = groups[f"{member}/tensorboard"]
         assert group["hparams"]["optimizer.learning_rate"] == rate == config["optimizer.learning_rate"]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, start_main, tiny_overrides
 
+from mnist_flax import layout
 from mnist_flax.commands import sync
 from mnist_flax.config import schema
 from mnist_flax.records import provenance
@@ -51,14 +52,14 @@ def test_history_has_falling_train_loss_and_accuracy(offline_run):
     assert any("val/auroc_macro" in row for row in history)
     assert any("test/accuracy" in row for row in history)
     # The JSON-lines sink got the same train series.
-    jsonl = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    jsonl = [json.loads(line) for line in open(workdir / layout.METRICS)]
     assert [r["train/loss"] for r in jsonl if "train/loss" in r] == pytest.approx(losses)
 
 
 def test_config_matches_config_json_and_records_git(offline_run):
     workdir, _ = offline_run
     logged = wandb_files.config_values(_wandb_summary(workdir))
-    on_disk = schema.flatten(json.loads((workdir / "config.json").read_text()))
+    on_disk = schema.flatten(json.loads((workdir / layout.CONFIG).read_text()))
     for key, value in on_disk.items():
         assert logged[key] == value, key
     commit = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -81,15 +82,15 @@ def test_checkpoint_and_prediction_artifacts_are_logged(offline_run):
     # step is uploaded once, the last too, and "best" names the best validation's step.
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert [a["metadata"]["step"] for a in models] == saved
-    best_step = json.loads((workdir / "final_metrics.json").read_text())["best_validation"]["step"]
+    best_step = json.loads((workdir / layout.FINAL_METRICS).read_text())["best_validation"]["step"]
     assert [a["metadata"]["step"] for a in models if "best" in a["aliases"]][-1] == best_step
     predictions = [a for a in summary["artifacts"] if a["type"] == "predictions"]
-    assert predictions and predictions[0]["files"] == ["predictions.csv"]
+    assert predictions and predictions[0]["files"] == [layout.PREDICTIONS]
     tables = {a["name"].split("-")[2] for a in summary["artifacts"] if a["type"] == "run_table"}
     assert {"testconfusion_matrix_table", "testroc_table", "testpr_table", "testmisclassified"} <= tables
     assert (
         summary["summary"]["test_accuracy"]
-        == json.loads((workdir / "final_metrics.json").read_text())["test"]["accuracy"]
+        == json.loads((workdir / layout.FINAL_METRICS).read_text())["test"]["accuracy"]
     )
     assert summary["exit_code"] == 0
 
@@ -129,8 +130,8 @@ def test_resume_after_sigterm_ends_with_the_same_metrics(tiny_data_dir, tmp_path
     resumed = run_main([*args, f"--workdir={workdir}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed at step" in resumed.stdout
-    a = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
-    b = json.loads((workdir / "final_metrics.json").read_text())
+    a = json.loads((tmp_path / "straight" / layout.FINAL_METRICS).read_text())
+    b = json.loads((workdir / layout.FINAL_METRICS).read_text())
     # Same data order, dropout keys and optimizer state: the same numbers (tolerance 1e-6 for float noise).
     assert b["test"]["accuracy"] == a["test"]["accuracy"]
     assert b["test"]["loss"] == pytest.approx(a["test"]["loss"], rel=1e-6, abs=1e-7)
@@ -159,7 +160,7 @@ def test_retention_keeps_the_latest_and_the_best(tmp_path):
 def test_init_from_restores_exactly_the_saved_parameters(offline_run, tiny_data_dir, tmp_path):
     workdir, _ = offline_run
     # Evaluate the run's best checkpoint: the predictions equal the run's own final ones, to the byte.
-    best_step = json.loads((workdir / "final_metrics.json").read_text())["best_validation"]["step"]
+    best_step = json.loads((workdir / layout.FINAL_METRICS).read_text())["best_validation"]["step"]
     result = run_main(
         [
             "--config=configs/cnn.py",
@@ -170,7 +171,7 @@ def test_init_from_restores_exactly_the_saved_parameters(offline_run, tiny_data_
         ]
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "predictions.csv").read_text() == (workdir / "predictions.csv").read_text()
+    assert (tmp_path / layout.PREDICTIONS).read_text() == (workdir / layout.PREDICTIONS).read_text()
 
 
 def _clone(tmp_path, name) -> str:

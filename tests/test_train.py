@@ -11,6 +11,7 @@ import pytest
 from conftest import make_learnable_split, run_main, tiny_overrides
 
 from configs import default
+from mnist_flax import layout
 from mnist_flax.training import input_pipeline, metrics, models, resolution, steps
 
 
@@ -155,7 +156,7 @@ def test_run_compiles_nothing_after_the_first_epoch(tiny_data_dir, tmp_path):
         ["--config=configs/cnn.py", f"--workdir={tmp_path}", *tiny_overrides(tiny_data_dir, num_epochs=3)]
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((tmp_path / "final_metrics.json").read_text())
+    report = json.loads((tmp_path / layout.FINAL_METRICS).read_text())
     assert report["compilations"]["per_epoch"][1:] == [0, 0]
     assert report["test"]["accuracy"] > 0.9  # the tiny set is easy: the pipeline works end to end
     assert "compiled in" in result.stdout and "epoch 3/3" in result.stdout
@@ -182,5 +183,5 @@ def test_huge_learning_rate_stops_with_a_clear_error(tiny_data_dir, tmp_path):
     assert "Traceback" not in result.stderr
     skipped = run_main(args[:1] + [f"--workdir={tmp_path}/skip"] + args[2:] + ["--config.train.on_nonfinite=skip"])
     assert skipped.returncode == 0, skipped.stderr[-2000:]
-    history = [json.loads(line) for line in open(os.path.join(tmp_path, "skip", "metrics.jsonl"))]
+    history = [json.loads(line) for line in open(os.path.join(tmp_path, "skip", layout.METRICS))]
     assert sum(r.get("train/nonfinite_steps", 0) for r in history) > 0

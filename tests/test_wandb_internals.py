@@ -7,7 +7,7 @@ from conftest import REPO_ROOT
 
 from mnist_flax.tracking import wandb_internals
 
-PRIVATE = {"_console_stop", "_wl", "_asyncer", "wandb_internal_pb2"}
+PRIVATE = {"_console_stop", "_wl", "_asyncer", "wandb_internal_pb2", "_log_artifact"}
 
 
 def test_no_module_but_wandb_internals_touches_a_private_wandb_name():
@@ -39,8 +39,11 @@ def test_a_changed_internal_is_one_warning_and_the_uses_do_nothing(capsys):
     class Moved:  # a run of a wandb that renamed both names
         pass
 
-    assert wandb_internals.check(Moved()) == ["Run._console_stop", "Run._wl._asyncer"]
+    assert wandb_internals.check(Moved()) == ["Run._console_stop", "Run._wl._asyncer", "Run._log_artifact"]
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: wandb ")
-    assert "Run._console_stop, Run._wl._asyncer" in lines[0] and wandb_internals.CHECKED_WITH in lines[0]
+    assert (
+        "Run._console_stop, Run._wl._asyncer, Run._log_artifact" in lines[0]
+        and wandb_internals.CHECKED_WITH in lines[0]
+    )
     wandb_internals.stop_console(Moved())  # no AttributeError

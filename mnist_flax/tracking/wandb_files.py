@@ -104,6 +104,10 @@ def summarize(path: str) -> dict:
                     "aliases": list(artifact.aliases),
                     "metadata": json.loads(artifact.metadata) if artifact.metadata else {},
                     "files": [entry.path for entry in artifact.manifest.contents],
+                    "references": [entry.ref for entry in artifact.manifest.contents if entry.ref],
+                    "digest": artifact.digest,
+                    # An input of the run (declared with use_artifact), not one of its outputs.
+                    "used": bool(artifact.use_after_commit),
                 }
             )
         elif kind == "exit":

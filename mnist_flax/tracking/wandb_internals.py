@@ -4,7 +4,10 @@ wandb's public API has no way to do these three things, so they use its internal
   - `Run._console_stop()`: stop forwarding stdout/stderr to wandb's service once the service has died
     (run.finish() calls it only when it succeeds);
   - `Run._wl._asyncer`: the thread `wandb.teardown()` joins, joined here when teardown fails at a dead service;
-  - `wandb.proto.wandb_internal_pb2.Record`: the record type of a `.wandb` run file (tracking/wandb_files.py).
+  - `wandb.proto.wandb_internal_pb2.Record`: the record type of a `.wandb` run file (tracking/wandb_files.py);
+  - `Run._log_artifact(..., use_after_commit=True)`: what `Run.use_artifact` does with a new artifact online,
+    done here in an offline run too, where `use_artifact` refuses: the run's file records the artifact as the
+    run's input, and `wandb sync` commits it and declares the use.
 `check(run)` runs when a run starts: a name that a new wandb changed or dropped becomes one warning, never a
 crash, and each use below degrades to doing nothing.
 """
@@ -26,6 +29,8 @@ def check(run) -> list[str]:
         missing.append("Run._console_stop")
     if getattr(getattr(run, "_wl", None), "_asyncer", None) is None:
         missing.append("Run._wl._asyncer")
+    if not callable(getattr(run, "_log_artifact", None)):
+        missing.append("Run._log_artifact")
     if record_type() is None:
         missing.append("wandb.proto.wandb_internal_pb2.Record")
     if missing:
@@ -46,6 +51,14 @@ def record_type():
     except ImportError:
         return None
     return getattr(wandb_internal_pb2, "Record", None)
+
+
+def use_new_artifact(run, artifact, offline: bool) -> None:
+    """Declares a new (draft) artifact as the run's input, online or offline."""
+    if not offline:
+        run.use_artifact(artifact)  # public: logs it, then declares the use
+        return
+    run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
 
 
 def stop_console(run) -> None:

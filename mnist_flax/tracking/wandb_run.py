@@ -10,6 +10,7 @@ remembers it and sends nothing more; training goes on.
 """
 
 import functools
+import json
 import os
 import secrets
 import string
@@ -159,6 +160,40 @@ class Tracker:
         if self.run is None or self.mode != "offline":
             return None
         return f"python -m mnist_flax sync {self.workdir}"
+
+    @_survives_wandb_failure
+    def use_dataset(self, name: str, source: str, fingerprint: dict, sizes: dict) -> None:
+        """Declares the data the run trains on as its input: a `dataset` artifact named for `data.name`.
+
+        Its content is `fingerprint.json` (each split's SHA-256 of the decoded images and labels, and the source
+        files' hashes), so the same data gives the same digest, and W&B the same version, in every run; changed
+        data (another file, one label, another validation split) a new one. Local IDX files are added by
+        reference (file://, without W&B hashing them again: their hashes are in fingerprint.json), not
+        uploaded: they are a public data set every machine installs from its own package, so copying 30 MB
+        into W&B per version would buy nothing the hashes do not already pin.
+        """
+        if self.run is None:
+            return
+        import wandb
+
+        kind, _, location = source.partition(":")
+        content = {"name": name, "source": kind, **fingerprint, "examples": sizes}
+        artifact = wandb.Artifact(name, type="dataset", metadata=content)
+        with artifact.new_file("fingerprint.json") as f:
+            json.dump(content, f, indent=2, sort_keys=True)
+        if kind == "idx":
+            for file_name in sorted(fingerprint.get("files", {})):
+                path = os.path.abspath(os.path.join(location, file_name))
+                artifact.add_reference(f"file://{path}", name=file_name, checksum=False)
+        wandb_internals.use_new_artifact(self.run, artifact, offline=self.mode == "offline")
+
+    @_survives_wandb_failure
+    def use_model(self, reference: str) -> None:
+        """Declares the W&B model artifact a run starts from (init_from) as its input, so the lineage of a
+        fine-tuned model goes back to its parent and the parent's data. Online only: an offline run cannot
+        name an artifact of the server (`init_from` downloaded it, so a network was there; run it online)."""
+        if self.run is not None and self.mode == "online":
+            self.run.use_artifact(reference, type="model")
 
     @_survives_wandb_failure
     def log_checkpoint(self, step_dir: str, step: int, aliases: list[str], metadata: dict) -> None:

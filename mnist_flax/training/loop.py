@@ -254,6 +254,12 @@ def _start_records(run: Setup, requested, overrides: dict, config_changes: dict)
     tracker = wandb_run.Tracker.start(
         config, workdir, record["git"], overrides, config_changes, primary, requested.to_dict(), extra, run.flat
     )
+    # The lineage: the data the run trains on, and the model it starts from, as the W&B run's inputs.
+    datasets = run.datasets
+    sizes = {name: len(getattr(datasets, name)) for name in ("train", "validation", "test")}
+    tracker.use_dataset(datasets.name, datasets.source, record["data"], sizes)
+    if config.init_from and _is_artifact_reference(config.init_from) and run.resumed_from is None:
+        tracker.use_model(config.init_from)
     writer = writers.create_writer(workdir, tensorboard=config.tensorboard, tracker=tracker, is_primary=primary)
     if run.resumed_from is None:
         writer.write_hparams(run.flat)
@@ -270,7 +276,7 @@ def _restore(config, checkpoints, resumed_from: int | None, state):
     # 2. Else the parameters of another run (`init_from`): a new run that starts from them.
     elif config.init_from:
         path = config.init_from
-        if not os.path.exists(path) and ":" in path and "/" in path:
+        if _is_artifact_reference(path):
             from mnist_flax.tracking import wandb_run
 
             path = wandb_run.download_model_artifact(path)
@@ -284,6 +290,11 @@ def _restore(config, checkpoints, resumed_from: int | None, state):
     if best["step"] is not None and best["step"] != step and best["step"] in checkpoints.all_steps():
         best_params = checkpoints.restore(best["step"], state)[0].params
     return state, best, best_params
+
+
+def _is_artifact_reference(path: str) -> bool:
+    """Whether `init_from` names a W&B artifact (entity/project/name:alias), not a local folder."""
+    return not os.path.exists(path) and ":" in path and "/" in path
 
 
 def _compile(run: Setup, state: LoopState, model, mesh) -> None:

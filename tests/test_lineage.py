@@ -1,0 +1,67 @@
+"""The lineage W&B draws, data -> run -> model, read back from offline runs' files.
+
+Each run declares the data it trained on as a `dataset` artifact (its input) and logs its checkpoints as
+`model` artifacts (its outputs). The same data is the same artifact digest (so the same W&B version); changed
+data is a new one.
+"""
+
+import json
+import os
+
+import pytest
+from conftest import run_main, tiny_overrides, write_idx_dataset
+
+from mnist_flax import layout
+from mnist_flax.tracking import wandb_files
+
+
+def train(workdir, data_dir, **extra) -> dict:
+    result = run_main(
+        ["--config=configs/mlp.py", f"--workdir={workdir}", *tiny_overrides(data_dir, num_epochs=1, **extra)]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [os.path.join(workdir, "wandb", d) for d in os.listdir(os.path.join(workdir, "wandb"))
+                  if d.startswith("offline-run-")]  # fmt: skip
+    return wandb_files.summarize(wandb_files.run_file(run_dir))
+
+
+def datasets_of(summary: dict) -> list[dict]:
+    return [a for a in summary["artifacts"] if a["type"] == "dataset"]
+
+
+@pytest.fixture(scope="module")
+def three_runs(tiny_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lineage")
+    changed = write_idx_dataset(str(root / "changed_data"), num_train=1100)  # other examples: other files
+    return {
+        "first": (root / "first", train(root / "first", tiny_data_dir)),
+        "second": (root / "second", train(root / "second", tiny_data_dir)),
+        "changed": (root / "changed", train(root / "changed", changed)),
+        "other_split": (
+            root / "other_split",
+            train(root / "other_split", tiny_data_dir, **{"data.validation_size": 300}),
+        ),
+    }
+
+
+def test_a_run_declares_its_data_as_its_input_and_its_models_as_outputs(three_runs):
+    workdir, summary = three_runs["first"]
+    (dataset,) = datasets_of(summary)
+    assert dataset["used"] and dataset["name"] == "fashion_mnist"  # data.name
+    recorded = json.loads((workdir / layout.PROVENANCE).read_text())["data"]
+    for split in ("train", "validation", "test"):
+        assert dataset["metadata"][split] == recorded[split]
+    assert dataset["metadata"]["files"] == recorded["files"] and len(recorded["files"]) == 4
+    # The IDX files by reference (file://), beside the fingerprint that pins their content.
+    assert sorted(os.path.basename(r) for r in dataset["references"]) == sorted(recorded["files"])
+    assert all(r.startswith("file:///") for r in dataset["references"]) and "fingerprint.json" in dataset["files"]
+    models = [a for a in summary["artifacts"] if a["type"] == "model"]
+    assert models and not any(a["used"] for a in models)  # outputs
+
+
+def test_the_same_data_is_the_same_version_and_changed_data_a_new_one(three_runs):
+    digest = {name: datasets_of(summary)[0]["digest"] for name, (_, summary) in three_runs.items()}
+    assert digest["first"] == digest["second"]
+    assert digest["changed"] != digest["first"]  # other files
+    assert digest["other_split"] != digest["first"]  # the same files, another validation split: other data
+    assert len(set(digest.values())) == 3
