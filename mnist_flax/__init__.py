@@ -7,6 +7,7 @@ The subpackages are layers; each imports only those below it (tests/test_layout.
     tracking         the W&B run, the metric writers, the `.wandb` reader, the token
     records          a run's files on disk, its provenance, a run read back
     training         models, data, compiled steps, the loop, checkpoints (imports without TensorFlow)
+    serving          a trained model as a product: export (ONNX, jax.export), model card, predict
     sweeps           search spaces, the Optuna study, the worker
     commands         `python -m mnist_flax COMMAND`
 """

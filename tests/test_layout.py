@@ -9,7 +9,7 @@ from conftest import REPO_ROOT
 
 PACKAGE = pathlib.Path(REPO_ROOT) / "mnist_flax"
 # Bottom to top. A module may import its own layer and those below it, never one above.
-LAYERS = ["errors", "layout", "config", "tracking", "records", "training", "sweeps", "commands", "__main__"]
+LAYERS = ["errors", "layout", "config", "tracking", "records", "training", "serving", "sweeps", "commands", "__main__"]
 RANK = {name: 0 if name in ("errors", "layout") else i for i, name in enumerate(LAYERS)}
 
 
@@ -88,18 +88,18 @@ def run_entry(*args: str) -> subprocess.CompletedProcess:
 def test_python_m_mnist_flax_lists_its_commands_and_refuses_an_unknown_one():
     listed = run_entry("--help")
     assert listed.returncode == 0, listed.stderr
-    for command in ("train", "compare", "diff", "reproduce", "sync", "sweep"):
+    for command in ("train", "compare", "diff", "reproduce", "sync", "sweep", "export", "predict"):
         assert f"  {command} " in listed.stdout
     unknown = run_entry("fit")
     assert unknown.returncode == 2
     assert unknown.stderr.strip().splitlines() == [
-        "error: unknown command 'fit'; the commands are train, compare, diff, reproduce, sync, sweep"
+        "error: unknown command 'fit'; the commands are train, compare, diff, reproduce, sync, sweep, export, predict"
     ]
     assert run_entry().returncode == 2  # no command: the usage, and a usage error
 
 
 def test_each_command_answers_help_under_its_own_name():
-    for command in ("compare", "diff", "reproduce", "sync", "sweep"):
+    for command in ("compare", "diff", "reproduce", "sync", "sweep", "export", "predict"):
         result = run_entry(command, "--help")
         assert result.returncode == 0, result.stderr
         assert f"python -m mnist_flax {command}" in result.stdout

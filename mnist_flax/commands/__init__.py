@@ -8,4 +8,6 @@ COMMANDS = {
     "reproduce": ("reproduce", "train a run again from its recorded commit: RUN [--workdir DIR]"),
     "sync": ("sync", "upload offline runs to W&B: WORKDIR_OR_RUN_DIR... [--dry-run]"),
     "sweep": ("sweep", "run or join an Optuna sweep: --config=FILE --grid FIELD=V1,V2 | --sweep[=NAME] ..."),
+    "export": ("export", "export a run's best model for other runtimes: RUN [--format onnx|jax] [--out DIR]"),
+    "predict": ("predict", "classify images with a model: MODEL IMAGE... [--top K] [--json]"),
 }

@@ -1,0 +1,224 @@
+"""A run's best model as a file that runs without this code base: ONNX (the default) or a `jax.export` program.
+
+`export_run(RUN, fmt, out)` reads the finished run (records.runs), its best checkpoint (serving.trained), and
+writes into `out` (default RUN/export/) the model file, model_card.json and model_card.md. Everything is
+built in memory first and written to a temporary folder beside `out`, renamed to `out` at the end: a failed
+export leaves nothing behind and changes nothing of the run. A run tracked in W&B (offline or online) then
+logs the export as a `model-export` artifact of its own W&B run (`log_to_wandb`).
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+
+from mnist_flax import layout
+from mnist_flax.errors import CheckpointError, ConfigError, MnistFlaxError, WorkdirError, first_line
+from mnist_flax.records import files, runs
+from mnist_flax.serving import model_card
+
+FORMATS = model_card.MODEL_FILES  # --format -> the model file
+EXPORT_DIR = "export"  # RUN/export/: the default --out
+ARTIFACT_TYPE = "model-export"
+JAX_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # a jax.export program runs only on the platforms it was lowered for
+
+
+@dataclasses.dataclass
+class Exported:
+    """What an export wrote."""
+
+    folder: str
+    files: dict[str, int]  # file name -> bytes
+    card: dict
+
+
+def export_run(run: str, fmt: str = "onnx", out: str | None = None) -> Exported:
+    """Writes the run's best model in `fmt` with its model card into `out` (default RUN/export/).
+
+    Raises:
+      MnistFlaxError: an unknown format, a run that is not a finished workdir or has no checkpoint of its best
+        model, an `out` that exists and is not an empty folder, a workdir a training is writing to.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    record = runs.load(run, history=False, predictions=True)
+    if record.source != "workdir":
+        raise ConfigError(f"{run} is a W&B run, not a run workdir: export reads the checkpoints of a workdir")
+    out = os.path.abspath(out or os.path.join(record.path, EXPORT_DIR))
+    _check_out(out)
+    if not record.finished:
+        why = f": {record.stopped['reason']}" if record.stopped and record.stopped.get("reason") else ""
+        raise CheckpointError(
+            f"run {record.path} did not finish ({record.status}{why}); only a finished run has a best model to export"
+        )
+    from mnist_flax.serving import trained  # JAX: loaded only here (predict imports this module without it)
+
+    with _no_training(record.path):
+        model = trained.from_run(record.path)
+        if record.predictions is None:
+            raise MnistFlaxError(f"run {record.path} has no {layout.PREDICTIONS}, which the model card's figures need")
+        payload, details = _serialize(model, fmt, record)
+        provenance = files.read_json(os.path.join(record.path, layout.PROVENANCE), {})
+        config = files.read_json(os.path.join(record.path, layout.CONFIG))
+        sizes = {FORMATS[fmt]: len(payload)}
+        card = model_card.build(
+            record, model, provenance, config, {"name": fmt, "file": FORMATS[fmt], **details}, sizes
+        )
+        contents = {
+            FORMATS[fmt]: payload,
+            model_card.JSON_NAME: json.dumps(card, indent=2, sort_keys=True, default=str).encode(),
+            model_card.MARKDOWN_NAME: model_card.markdown(card).encode(),
+        }
+        _write_folder(out, contents)
+        return Exported(out, {name: len(data) for name, data in contents.items()}, card)
+
+
+def _check_out(out: str) -> None:
+    if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        what = "is not empty" if os.path.isdir(out) else "is not a folder"
+        raise WorkdirError(f"--out {out} exists and {what}; name a new folder, or remove it")
+
+
+@contextlib.contextmanager
+def _no_training(workdir: str):
+    """Holds a shared lock on the workdir's `.lock` (never writing it): refuses while a training holds the
+    workdir, and keeps one from starting there until the export is done."""
+    path = os.path.join(workdir, layout.LOCK)
+    if not os.path.exists(path):
+        yield
+        return
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirError(
+                f"workdir {workdir} is in use by a running training; export it once it finished"
+            ) from None
+        yield
+
+
+def _serialize(model, fmt: str, record) -> tuple[bytes, dict]:
+    """(the model file's bytes, what the model card says of the format) of a serving.trained.TrainedModel."""
+    if fmt == "onnx":
+        from mnist_flax.serving import onnx_graph
+
+        metadata = {
+            "class_names": model.class_names,
+            "data_set": model.data_name,
+            "run": record.path,
+            "checkpoint_step": str(model.step),
+            "git_commit": record.git.get("commit", ""),
+        }
+        proto = onnx_graph.build(model.model_config, model.params, metadata)
+        details = {
+            "opset": onnx_graph.OPSET,
+            "ir_version": proto.ir_version,
+            "runtime": "onnxruntime or any ONNX runtime",
+        }
+        return proto.SerializeToString(), details
+    import jax
+    from jax import export
+
+    probabilities, params = model.probabilities_fn(), model.params
+    (batch,) = export.symbolic_shape("N")
+    images = jax.ShapeDtypeStruct((batch, 28, 28), "uint8")
+    program = export.export(jax.jit(lambda x: probabilities(params, x)), platforms=JAX_PLATFORMS)(images)
+    details = {
+        "platforms": list(program.platforms),
+        "calling_convention_version": program.calling_convention_version,
+        # jax.export's compatibility policy: newer JAX releases read it for at least six months.
+        "runtime": f"jax.export.deserialize, JAX {jax.__version__} or a release of the six months after it",
+    }
+    return bytes(program.serialize()), details
+
+
+def _write_folder(out: str, contents: dict[str, bytes]) -> None:
+    """Writes the files into a temporary folder beside `out`, then renames it to `out`; on failure, nothing."""
+    parent = os.path.dirname(out)
+    made = []  # the parents this export creates, removed again on failure
+    probe = parent
+    while not os.path.exists(probe):
+        made.append(probe)
+        probe = os.path.dirname(probe)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
+    except OSError as e:
+        raise WorkdirError(f"cannot write the export beside {out}: {e.strerror}") from None
+    try:
+        for name, data in contents.items():
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(data)
+        os.chmod(staging, 0o755)  # mkdtemp's folder is private; the export is not
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked): replaced by the staged folder
+        os.rename(staging, out)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise WorkdirError(f"writing the export to {out} failed: {e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------- W&B
+
+
+def log_to_wandb(exported: Exported, run: str, fmt: str) -> dict | None:
+    """Logs the export as a `model-export` artifact of the run's own W&B run; None if the run has none.
+
+    The run is resumed by its id (RUN/wandb_run_id) in its own project, in the mode it ran in: online when it
+    ran online and a key is here, else offline, which adds one `offline-run-*` folder to RUN/wandb/ (the
+    artifact's record; `python -m mnist_flax sync RUN` uploads it after the run's own). The segment's W&B
+    config holds the run's git state, as the training's segments do, so `sync` treats it like them.
+    """
+    from mnist_flax.tracking import wandb_run
+
+    record = runs.load(run, history=False, predictions=False)
+    mode = ((record.final or {}).get("wandb") or {}).get("mode")
+    if not record.wandb_id or mode in (None, "disabled") or os.environ.get("WANDB_MODE", "").lower() == "disabled":
+        return None
+    mode = "online" if mode == "online" and wandb_run.read_token() else "offline"
+    import wandb
+
+    wandb_config = files.read_json(os.path.join(record.path, layout.CONFIG)).get("wandb") or {}
+    init = dict(
+        id=record.wandb_id,
+        resume="allow",
+        dir=record.path,
+        project=wandb_config.get("project") or None,
+        entity=wandb_config.get("entity") or None,
+        config={f"{layout.WANDB_GIT_PREFIX}{k}": v for k, v in record.git.items()},
+        settings=wandb.Settings(
+            silent=True,
+            console="off",
+            save_code=False,
+            disable_git=True,
+            init_timeout=float(wandb_config.get("init_timeout", 60.0)),
+        ),
+    )
+    try:
+        session = wandb.init(mode=mode, **init)
+    except Exception as e:  # online but unreachable: the offline segment uploads with the run's own
+        if mode != "online":
+            raise MnistFlaxError(f"W&B could not start an offline run: {first_line(e)}") from None
+        wandb.teardown()
+        mode, session = "offline", wandb.init(mode="offline", **init)
+    name = f"export-{record.wandb_id}"
+    summary = {k: exported.card[k] for k in ("format", "input", "output", "class_names", "files")}
+    summary.update(
+        checkpoint_step=exported.card["model"]["checkpoint_step"],
+        git_commit=exported.card["git"].get("commit"),
+        data=exported.card["data"]["name"],
+        test_accuracy=(exported.card["metrics"].get("test") or {}).get("accuracy"),
+    )
+    artifact = wandb.Artifact(name, type=ARTIFACT_TYPE, metadata=summary)
+    for file_name in exported.files:  # file by file: add_dir prints a line of its own
+        artifact.add_file(os.path.join(exported.folder, file_name), name=file_name)
+    session.log_artifact(artifact, aliases=["latest", fmt])
+    folder = os.path.dirname(session.dir) if mode == "offline" else None
+    session.finish()
+    return {"name": name, "type": ARTIFACT_TYPE, "mode": mode, "run_id": record.wandb_id, "folder": folder}

@@ -1,0 +1,232 @@
+"""A trained model read back for inference: its config, its parameters, the step they are from.
+
+From a run workdir (its best model: the checkpoint at final_metrics.json's best validation step), from a
+checkpoints folder (the kept step with the best validation accuracy), from one checkpoint step folder, or
+from a W&B `model` artifact (a step folder, downloaded). The model is rebuilt from the config the run recorded
+(`models.create_model`), in its inference form (`models.for_inference`: XLA's convolution on the whole batch,
+whatever `model.conv_impl` and `model.conv_batch_split` a run resolved on its machine), and the parameters are
+checked against it, so a checkpoint of another model is one line, not a failure deep inside a call.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from mnist_flax import layout
+from mnist_flax.errors import CheckpointError, ConfigError, MnistFlaxError, first_line
+from mnist_flax.records import files, runs
+from mnist_flax.training import input_pipeline, models, steps
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A model's parameters and the config that describes it."""
+
+    config: dict  # the resolved config, nested, as the run (or the checkpoint's metadata) recorded it
+    params: dict  # the parameter pytree, as NumPy arrays
+    step: int  # the training step of the checkpoint
+    checkpoint: str  # the checkpoint step folder the parameters were read from
+
+    @property
+    def model_config(self) -> dict:
+        return self.config["model"]
+
+    @property
+    def data_name(self) -> str:
+        return self.config["data"]["name"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return class_names(self.data_name)
+
+    def module(self):
+        """The Flax module, in the form inference runs (models.for_inference)."""
+        return models.for_inference(models.create_model(ml_collections.ConfigDict(self.model_config)))
+
+    def probabilities_fn(self) -> Callable:
+        """fn(params, images) -> class probabilities [N, 10] float32, for uint8 images [N, 28, 28]: the model's
+        own preprocessing (steps.preprocess) and its inference form, then a softmax over the logits."""
+        module = self.module()
+
+        def probabilities(params, images):
+            inputs = steps.preprocess(images)[..., None]  # [N, 28, 28, 1], as the training's batches
+            return jax.nn.softmax(module.apply({"params": params}, inputs, train=False), axis=-1)
+
+        return probabilities
+
+
+def class_names(data_name: str) -> list[str]:
+    """The class names of a data set, in label order (the labels as text for an unknown one)."""
+    return list(input_pipeline.CLASS_NAMES.get(data_name, [str(c) for c in range(models.NUM_CLASSES)]))
+
+
+# ---------------------------------------------------------------- where a model comes from
+
+
+def from_run(workdir: str) -> TrainedModel:
+    """A run's best model: for a finished run the checkpoint at final_metrics.json's best validation step; for
+    one that has not finished (still training, stopped) its kept step with the best validation accuracy (the
+    latest where none has one).
+
+    Raises:
+      CheckpointError: the run has no checkpoint of its best step (or none at all).
+    """
+    record = runs.load(workdir, history=False, predictions=False)
+    if record.source != "workdir":
+        raise ConfigError(f"{workdir} is not a run workdir (no {layout.CONFIG}): name the run's workdir")
+    directory = os.path.join(record.path, layout.CHECKPOINTS)
+    if record.finished:
+        step = (record.final.get("best_validation") or {}).get("step")
+        if step is None:
+            raise CheckpointError(f"run {record.path} finished without a validation, so it has no best model")
+        folder = os.path.join(directory, str(step))
+        if not _is_step_folder(folder):
+            kept = ", ".join(map(str, kept_steps(directory))) or "none"
+            raise CheckpointError(
+                f"run {record.path} has no checkpoint of its best model (step {step}; kept steps: {kept})"
+            )
+    else:
+        folder = os.path.join(directory, str(best_kept_step(directory, record.path)))
+    config = files.read_json(os.path.join(record.path, layout.CONFIG))
+    return _load(folder, config)
+
+
+def from_checkpoints(directory: str) -> TrainedModel:
+    """The kept step of a checkpoints folder with the best validation accuracy (the latest where none has one)."""
+    return from_step_folder(os.path.join(directory, str(best_kept_step(directory, directory))))
+
+
+def from_step_folder(folder: str) -> TrainedModel:
+    """One checkpoint step folder (RUN/checkpoints/STEP, or a W&B model artifact): the model its metadata names."""
+    meta = read_meta(folder)
+    config = meta.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{folder}: the checkpoint's metadata names no model config (not an mnist_flax model)")
+    return _load(folder, config)
+
+
+def open_model(reference: str) -> TrainedModel:
+    """A run workdir, a checkpoints folder, one step folder, or a W&B model artifact `entity/project/name:alias`."""
+    path = os.path.abspath(os.path.expanduser(reference))
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, layout.CONFIG)):
+            return from_run(path)
+        if _is_step_folder(path):
+            return from_step_folder(path)
+        if kept_steps(path):
+            return from_checkpoints(path)
+        raise CheckpointError(
+            f"{path} is no run workdir, checkpoints folder, checkpoint step, model artifact or export"
+        )
+    if runs.is_wandb_path(reference) and ":" in reference:
+        return from_step_folder(download(reference))
+    raise ConfigError(f"{reference}: no such folder, and not a W&B model artifact (entity/project/name:alias)")
+
+
+def download(reference: str) -> str:
+    """A W&B model artifact's local folder (downloaded); needs a key."""
+    from mnist_flax.tracking import wandb_run
+
+    if wandb_run.read_token() is None:
+        raise MnistFlaxError(
+            f"{reference}: no such folder, and downloading it as a W&B artifact needs a W&B key: "
+            "set WANDB_API_KEY (or WANDB_TOKEN) in the environment"
+        )
+    try:
+        return wandb_run.download_model_artifact(reference)
+    except CheckpointError as e:  # its message names init_from, the field it was written for
+        raise CheckpointError(str(e).removeprefix("init_from: ")) from None
+
+
+# ---------------------------------------------------------------- checkpoint folders
+
+
+def kept_steps(directory: str) -> list[int]:
+    """The complete steps of a checkpoints folder (orbax renames a step's folder to its number once written)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if _is_step_folder(os.path.join(directory, name)))
+
+
+def best_kept_step(directory: str, owner: str) -> int:
+    """The kept step with the best validation accuracy (layout.improves: the latest among equals), else the latest."""
+    steps_kept = kept_steps(directory)
+    if not steps_kept:
+        raise CheckpointError(f"{owner} has no checkpoint (no complete step in {directory})")
+    best_step, best = steps_kept[-1], None
+    for step in steps_kept:
+        accuracy = (read_meta(os.path.join(directory, str(step))).get("metrics") or {}).get("val_accuracy")
+        if accuracy is not None and layout.improves(accuracy, best):
+            best_step, best = step, accuracy
+    return best_step
+
+
+def _is_step_folder(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta"))
+
+
+def _checkpointer():
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def read_meta(folder: str) -> dict:
+    """The metadata saved beside a checkpoint's state (config, step, metrics)."""
+    if not _is_step_folder(folder):
+        raise CheckpointError(f"{folder} is not a checkpoint step (no state/ and meta/ in it)")
+    try:
+        meta = _checkpointer().restore(folder, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many types for a folder it cannot read
+        raise CheckpointError(f"{folder}: the checkpoint's metadata cannot be read: {first_line(e)}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder}: the checkpoint's metadata is not a JSON object")
+    return meta
+
+
+def _load(folder: str, config: dict) -> TrainedModel:
+    """The parameters of a step folder, checked against the model that `config` describes."""
+    trained = TrainedModel(config=config, params={}, step=0, checkpoint=os.path.abspath(folder))
+    try:
+        module = trained.module()
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}: the model its config names cannot be built: {first_line(e)}") from None
+    try:
+        state = _checkpointer().restore(folder, ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        params, step = state["params"], int(np.asarray(state.get("step", 0)))
+    except Exception as e:  # orbax raises many types for a folder it cannot read
+        raise CheckpointError(f"{folder}: the checkpoint's state cannot be read: {first_line(e)}") from None
+    expected = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_pipeline.IMAGE_SHAPE)), train=False)
+    )["params"]
+    mismatch = _mismatch(expected, params)
+    if mismatch:
+        described = ", ".join(f"{k}={v}" for k, v in sorted(trained.model_config.items()) if k != "name")
+        raise CheckpointError(
+            f"{folder} holds the parameters of another model than the {trained.model_config['name']} its config "
+            f"names ({described}): {mismatch}"
+        )
+    trained.params = jax.tree.map(np.asarray, params)
+    trained.step = step
+    return trained
+
+
+def _mismatch(expected, params) -> str | None:
+    """The first difference between the parameters a model needs and those a checkpoint holds (None: they fit)."""
+    if not isinstance(params, dict):
+        return "the checkpoint holds no parameter tree"
+    want = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(expected).items()}
+    have = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(params).items()}
+    for name in sorted(set(want) | set(have)):
+        if name not in have:
+            return f"{name} is missing"
+        if name not in want:
+            return f"{name} is not a parameter of this model"
+        if tuple(want[name]) != tuple(have[name]):
+            return f"{name} is {list(have[name])}, the model needs {list(want[name])}"
+    return None
