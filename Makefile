@@ -43,7 +43,7 @@ lock:  ## regenerate uv.lock after editing pyproject.toml's dependencies (then c
 train: setup  ## train CONFIG (default the CNN) on Fashion-MNIST; ARGS='--config.num_epochs=2 ...'
 	$(PY) main.py --config=$(CONFIG) $(ARGS)
 
-test: setup-test-system setup lint  ## system packages, lint, then the whole test suite (about 15 min on 2 cores)
+test: setup-test-system setup lint  ## system packages, lint, then the whole test suite (about 70 min on a 2-core Xeon)
 	$(PY) -m pytest -q --durations=15
 
 test-fast:  ## the tests that need no real-data training or container

@@ -20,6 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(process, timeout: float = 30) -> None:
+    """Stops a process a test started, by its own handle: SIGTERM, then SIGKILL after `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
+
+
 def wait_until_gone(pid: int, timeout: float) -> bool:
     """True once process `pid` has exited (or is a zombie left for its parent to reap)."""
     deadline = time.monotonic() + timeout
@@ -215,13 +226,7 @@ def slurm_cluster(timeout: float = 90):
         yield {"SLURM_CONF": conf, "base": base, "host": host}
     finally:
         for daemon in reversed(daemons):
-            if daemon.poll() is None:
-                daemon.terminate()
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait(timeout=30)
+            stop(daemon)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -17,6 +17,7 @@ import time
 import tomllib
 
 import pytest
+import services
 from conftest import REPO_ROOT, tiny_overrides, write_idx_dataset
 
 from mnist_flax import layout
@@ -63,12 +64,7 @@ def docker_daemon(tmp_path_factory):
             time.sleep(0.5)
         yield
     finally:
-        daemon.terminate()  # only the daemon this fixture started, by its PID
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        services.stop(daemon, timeout=60)  # only the daemon this fixture started, by its PID
         log.close()
 
 

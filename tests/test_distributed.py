@@ -6,11 +6,11 @@ another order than one device does), accuracies equal.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+import services
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
 
 from mnist_flax import layout
@@ -81,15 +81,9 @@ def test_batch_must_split_over_the_devices(tiny_data_dir, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "error: batch_size: 50 does not split evenly over 8 devices"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_together_and_agree(single_device, tiny_data_dir, tmp_path):
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{services.free_port()}"
     processes = []
     for process_id in (0, 1):
         env = {

@@ -8,7 +8,6 @@ GET /api/studies/<study_id>?after=0 for the study's trials.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import services
 from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
 
 from mnist_flax import layout
@@ -33,12 +33,6 @@ def dashboard_executable() -> str:
     found = beside if os.access(beside, os.X_OK) else shutil.which("optuna-dashboard")
     assert found, "optuna-dashboard is not installed: it is in pyproject.toml's dev group (make setup)"
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str) -> dict:
@@ -73,7 +67,7 @@ def sweep_root(tiny_data_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def dashboard(sweep_root, tmp_path_factory):
     """The base URL of `optuna-dashboard sqlite:///ROOT/study.db`, answering; stopped by its pid afterwards."""
-    port = free_port()
+    port = services.free_port()
     url = f"http://127.0.0.1:{port}"
     command = [dashboard_executable(), f"sqlite:///{sweep_root}/study.db", "--port", str(port), "--host", "127.0.0.1"]
     log_path = tmp_path_factory.mktemp("dashboard_log") / "optuna-dashboard.log"
@@ -92,12 +86,7 @@ def dashboard(sweep_root, tmp_path_factory):
                 time.sleep(0.2)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        services.stop(process, timeout=10)
         log.close()
 
 

@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import pytest
+import services
 from conftest import run_sweep
 
 from mnist_flax import layout
@@ -96,12 +97,7 @@ def test_tensorboard_lists_every_run_and_its_hparams(sweep_root, tmp_path):
         experiment = _request(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
         tags = _request(f"{url}/data/plugin/scalars/tags")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        services.stop(process, timeout=20)
 
     infos = {info["name"]: info for info in experiment["hparamInfos"]}
     assert infos["optimizer.learning_rate"]["differs"] is True
