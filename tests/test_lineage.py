@@ -30,22 +30,33 @@ def datasets_of(summary: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def three_runs(tiny_data_dir, tmp_path_factory):
+def runs_on_data(tiny_data_dir, tmp_path_factory):
+    """One-epoch runs: the first with its checkpoints (the model artifacts); two that start from it (init_from,
+    one eval_only); and runs on the same data, on other files, and on another validation split. Only the first
+    keeps checkpoints: of the others, only the artifacts they use are read."""
     root = tmp_path_factory.mktemp("lineage")
     changed = write_idx_dataset(str(root / "changed_data"), num_train=1100)  # other examples: other files
+    bare = {"checkpoint.enabled": False}
+    first = root / "first"
     return {
-        "first": (root / "first", train(root / "first", tiny_data_dir)),
-        "second": (root / "second", train(root / "second", tiny_data_dir)),
-        "changed": (root / "changed", train(root / "changed", changed)),
+        "first": (first, train(first, tiny_data_dir)),
+        # Runs that start from the first one's checkpoint: fine-tuned, and evaluated only.
+        "fine_tuned": (root / "fine_tuned", train(root / "fine_tuned", tiny_data_dir, **bare, init_from=str(first))),
+        "evaluated": (
+            root / "evaluated",
+            train(root / "evaluated", tiny_data_dir, **bare, init_from=str(first), eval_only=True),
+        ),
+        "second": (root / "second", train(root / "second", tiny_data_dir, **bare)),
+        "changed": (root / "changed", train(root / "changed", changed, **bare)),
         "other_split": (
             root / "other_split",
-            train(root / "other_split", tiny_data_dir, **{"data.validation_size": 300}),
+            train(root / "other_split", tiny_data_dir, **bare, **{"data.validation_size": 300}),
         ),
     }
 
 
-def test_a_run_declares_its_data_as_its_input_and_its_models_as_outputs(three_runs):
-    workdir, summary = three_runs["first"]
+def test_a_run_declares_its_data_as_its_input_and_its_models_as_outputs(runs_on_data):
+    workdir, summary = runs_on_data["first"]
     (dataset,) = datasets_of(summary)
     assert dataset["used"] and dataset["name"] == "fashion_mnist"  # data.name
     recorded = json.loads((workdir / layout.PROVENANCE).read_text())["data"]
@@ -59,8 +70,23 @@ def test_a_run_declares_its_data_as_its_input_and_its_models_as_outputs(three_ru
     assert models and not any(a["used"] for a in models)  # outputs
 
 
-def test_the_same_data_is_the_same_version_and_changed_data_a_new_one(three_runs):
-    digest = {name: datasets_of(summary)[0]["digest"] for name, (_, summary) in three_runs.items()}
+@pytest.mark.parametrize("child", ["fine_tuned", "evaluated"])
+def test_a_run_started_from_a_checkpoint_declares_its_parents_model_version_as_input(runs_on_data, child):
+    workdir, parent = runs_on_data["first"]
+    latest = max(int(step) for step in os.listdir(workdir / layout.CHECKPOINTS) if step.isdigit())
+    (logged,) = [a for a in parent["artifacts"] if a["type"] == "model" and a["metadata"]["step"] == latest]
+    _, summary = runs_on_data[child]
+    (used,) = [a for a in summary["artifacts"] if a["type"] == "model" and a["used"]]
+    # The parent's artifact, with the digest of the version it logged for that step: W&B keeps one version per
+    # digest, so on sync the child's input is that version, and its lineage goes on to the parent's data.
+    assert used["name"] == f"model-{parent['run_id']}" == logged["name"]
+    assert used["digest"] == logged["digest"] and sorted(used["files"]) == sorted(logged["files"])
+    assert [a["digest"] for a in datasets_of(summary)] == [datasets_of(parent)[0]["digest"]]
+
+
+def test_the_same_data_is_the_same_version_and_changed_data_a_new_one(runs_on_data):
+    digest = {name: datasets_of(summary)[0]["digest"] for name, (_, summary) in runs_on_data.items()}
+    digest = {name: digest[name] for name in ("first", "second", "changed", "other_split")}
     assert digest["first"] == digest["second"]
     assert digest["changed"] != digest["first"]  # other files
     assert digest["other_split"] != digest["first"]  # the same files, another validation split: other data

@@ -44,7 +44,7 @@ def export_run(run: str, fmt: str = "onnx", out: str | None = None) -> Exported:
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-    record = runs.load(run, history=False, predictions=True)
+    record = runs.load(run, history=False, predictions=False)
     if record.source != "workdir":
         raise ConfigError(f"{run} is a W&B run, not a run workdir: export reads the checkpoints of a workdir")
     out = os.path.abspath(out or os.path.join(record.path, EXPORT_DIR))
@@ -58,8 +58,6 @@ def export_run(run: str, fmt: str = "onnx", out: str | None = None) -> Exported:
 
     with _no_training(record.path):
         model = trained.from_run(record.path)
-        if record.predictions is None:
-            raise MnistFlaxError(f"run {record.path} has no {layout.PREDICTIONS}, which the model card's figures need")
         payload, details = _serialize(model, fmt, record)
         provenance = files.read_json(os.path.join(record.path, layout.PROVENANCE), {})
         config = files.read_json(os.path.join(record.path, layout.CONFIG))

@@ -2,8 +2,8 @@
 
 `model_card.json` for machines (the keys below), `model_card.md` for people: the data set and its fingerprint
 (provenance.json's `data`), the git commit, the config, the validation and test metrics (final_metrics.json),
-the per-class accuracy on the test split (predictions.csv), the export's date, format and file sizes, and the
-run it came from.
+the per-class accuracy on the test split (the test report's per-class recall), the export's date, format and
+file sizes, and the run it came from.
 """
 
 import datetime
@@ -27,13 +27,15 @@ PREPROCESSING = "inside the model: pixels / 255 as float32 (steps.preprocess), t
 VERSIONS = ("jax", "flax", "onnx", "onnxruntime")
 
 
-def per_class_accuracy(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> list[dict]:
-    """Each class's share of its test examples predicted right (None for a class without examples)."""
+def per_class_accuracy(test: dict, class_names: list[str]) -> list[dict]:
+    """Each class's share of its test examples predicted right: the test report's per-class recall, with the
+    class's examples from its confusion matrix (rows are the true classes). None for a class without examples."""
+    recall = (test.get("per_class") or {}).get("recall") or []
+    examples = [int(sum(row)) for row in test.get("confusion_matrix") or []]
     rows = []
     for label, name in enumerate(class_names):
-        mine = labels == label
-        count = int(mine.sum())
-        accuracy = float((predicted[mine] == label).mean()) if count else None
+        count = examples[label] if label < len(examples) else 0
+        accuracy = float(recall[label]) if count and label < len(recall) else None
         rows.append({"label": label, "class": name, "accuracy": accuracy, "examples": count})
     return rows
 
@@ -42,13 +44,13 @@ def build(record, trained, provenance: dict, config: dict, fmt: dict, files: dic
     """The card's content.
 
     Args:
-      record: the run (records.runs.RunRecord, finished, with its predictions).
+      record: the run (records.runs.RunRecord, finished).
       trained: the exported model (serving.trained.TrainedModel).
       provenance: the run's provenance.json; config: its config.json.
       fmt: {"name": "onnx"|"jax", "file": ..., and what the format adds (opset, platforms)}.
       files: the export's model file(s) and their sizes in bytes.
     """
-    final, predictions = record.final, record.predictions
+    final = record.final
     wandb_config = config.get("wandb") or {}
     return {
         "model": {
@@ -70,7 +72,7 @@ def build(record, trained, provenance: dict, config: dict, fmt: dict, files: dic
         },
         "git": provenance.get("git") or record.git,
         "metrics": {k: final.get(k) for k in ("best_validation", "validation", "test")},
-        "per_class_accuracy": per_class_accuracy(predictions["label"], predictions["predicted"], trained.class_names),
+        "per_class_accuracy": per_class_accuracy(final.get("test") or {}, trained.class_names),
         "config": config,
         "run": {
             "name": record.name,
@@ -121,7 +123,7 @@ def _metrics_section(metrics: dict, per_class: list[dict]) -> list[str]:
         report = metrics.get(split) or {}
         cells = [report.get(k) for k in ("accuracy", "loss", "f1_macro", "auroc_macro", "num_examples")]
         lines.append(f"| {split} | " + " | ".join(_number(c) for c in cells) + " |")
-    lines += ["", "Per class, on the test split (predictions.csv):", ""]
+    lines += ["", "Per class, on the test split:", ""]
     lines += ["| label | class | accuracy | examples |", "| ---: | --- | ---: | ---: |"]
     lines += [f"| {r['label']} | {r['class']} | {_number(r['accuracy'])} | {r['examples']} |" for r in per_class]
     return lines

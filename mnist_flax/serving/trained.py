@@ -16,13 +16,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mnist_flax import layout
 from mnist_flax.errors import CheckpointError, ConfigError, MnistFlaxError, first_line
 from mnist_flax.records import files, runs
-from mnist_flax.training import input_pipeline, models, steps
+from mnist_flax.training import checkpointing, input_pipeline, models, steps
 
 
 @dataclasses.dataclass
@@ -82,34 +81,45 @@ def from_run(workdir: str) -> TrainedModel:
     if record.source != "workdir":
         raise ConfigError(f"{workdir} is not a run workdir (no {layout.CONFIG}): name the run's workdir")
     directory = os.path.join(record.path, layout.CHECKPOINTS)
+    saved = checkpointing.SavedCheckpoints(directory) if os.path.isdir(directory) else None
+    kept = saved.all_steps() if saved else []
     if record.finished:
         step = (record.final.get("best_validation") or {}).get("step")
         if step is None:
             raise CheckpointError(f"run {record.path} finished without a validation, so it has no best model")
-        folder = os.path.join(directory, str(step))
-        if not _is_step_folder(folder):
-            kept = ", ".join(map(str, kept_steps(directory))) or "none"
+        if step not in kept:
             raise CheckpointError(
-                f"run {record.path} has no checkpoint of its best model (step {step}; kept steps: {kept})"
+                f"run {record.path} has no checkpoint of its best model "
+                f"(step {step}; kept steps: {', '.join(map(str, kept)) or 'none'})"
             )
+    elif kept:
+        step = saved.best_step()
     else:
-        folder = os.path.join(directory, str(best_kept_step(directory, record.path)))
+        raise CheckpointError(f"run {record.path} has no checkpoint (no complete step in {directory})")
     config = files.read_json(os.path.join(record.path, layout.CONFIG))
-    return _load(folder, config)
+    return _load(saved, step, config)
 
 
-def from_checkpoints(directory: str) -> TrainedModel:
-    """The kept step of a checkpoints folder with the best validation accuracy (the latest where none has one)."""
-    return from_step_folder(os.path.join(directory, str(best_kept_step(directory, directory))))
-
-
-def from_step_folder(folder: str) -> TrainedModel:
-    """One checkpoint step folder (RUN/checkpoints/STEP, or a W&B model artifact): the model its metadata names."""
-    meta = read_meta(folder)
+def from_checkpoints(location: str) -> TrainedModel:
+    """One step folder (RUN/checkpoints/STEP, or a W&B model artifact), else the kept step of a checkpoints folder
+    with the best validation accuracy (the latest where none has one): the model its metadata names."""
+    saved = _saved(location, location)
+    step = saved.best_step()
+    meta = saved.read_meta(step)
     config = meta.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"{folder}: the checkpoint's metadata names no model config (not an mnist_flax model)")
-    return _load(folder, config)
+        raise CheckpointError(
+            f"{saved.path(step)}: the checkpoint's metadata names no model config (not an mnist_flax model)"
+        )
+    return _load(saved, step, config)
+
+
+def _saved(location: str, owner: str) -> checkpointing.SavedCheckpoints:
+    """A step folder or a checkpoints folder with at least one complete step."""
+    saved = checkpointing.SavedCheckpoints(location) if os.path.isdir(location) else None
+    if saved is None or not (saved.folder or saved.all_steps()):
+        raise CheckpointError(f"{owner} has no checkpoint (no complete step in {location})")
+    return saved
 
 
 def open_model(reference: str) -> TrainedModel:
@@ -118,15 +128,13 @@ def open_model(reference: str) -> TrainedModel:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, layout.CONFIG)):
             return from_run(path)
-        if _is_step_folder(path):
-            return from_step_folder(path)
-        if kept_steps(path):
+        if checkpointing.is_step_folder(path) or checkpointing.SavedCheckpoints(path).all_steps():
             return from_checkpoints(path)
         raise CheckpointError(
             f"{path} is no run workdir, checkpoints folder, checkpoint step, model artifact or export"
         )
     if runs.is_wandb_path(reference) and ":" in reference:
-        return from_step_folder(download(reference))
+        return from_checkpoints(download(reference))
     raise ConfigError(f"{reference}: no such folder, and not a W&B model artifact (entity/project/name:alias)")
 
 
@@ -145,62 +153,19 @@ def download(reference: str) -> str:
         raise CheckpointError(str(e).removeprefix("init_from: ")) from None
 
 
-# ---------------------------------------------------------------- checkpoint folders
+# ---------------------------------------------------------------- parameters, checked
 
 
-def kept_steps(directory: str) -> list[int]:
-    """The complete steps of a checkpoints folder (orbax renames a step's folder to its number once written)."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(name) for name in os.listdir(directory) if _is_step_folder(os.path.join(directory, name)))
-
-
-def best_kept_step(directory: str, owner: str) -> int:
-    """The kept step with the best validation accuracy (layout.improves: the latest among equals), else the latest."""
-    steps_kept = kept_steps(directory)
-    if not steps_kept:
-        raise CheckpointError(f"{owner} has no checkpoint (no complete step in {directory})")
-    best_step, best = steps_kept[-1], None
-    for step in steps_kept:
-        accuracy = (read_meta(os.path.join(directory, str(step))).get("metrics") or {}).get("val_accuracy")
-        if accuracy is not None and layout.improves(accuracy, best):
-            best_step, best = step, accuracy
-    return best_step
-
-
-def _is_step_folder(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta"))
-
-
-def _checkpointer():
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-
-
-def read_meta(folder: str) -> dict:
-    """The metadata saved beside a checkpoint's state (config, step, metrics)."""
-    if not _is_step_folder(folder):
-        raise CheckpointError(f"{folder} is not a checkpoint step (no state/ and meta/ in it)")
-    try:
-        meta = _checkpointer().restore(folder, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # orbax raises many types for a folder it cannot read
-        raise CheckpointError(f"{folder}: the checkpoint's metadata cannot be read: {first_line(e)}") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{folder}: the checkpoint's metadata is not a JSON object")
-    return meta
-
-
-def _load(folder: str, config: dict) -> TrainedModel:
-    """The parameters of a step folder, checked against the model that `config` describes."""
-    trained = TrainedModel(config=config, params={}, step=0, checkpoint=os.path.abspath(folder))
+def _load(saved: checkpointing.SavedCheckpoints, step: int | None, config: dict) -> TrainedModel:
+    """The parameters of a checkpoint step, checked against the model that `config` describes."""
+    folder = saved.path(step)
+    trained = TrainedModel(config=config, params={}, step=0, checkpoint=folder)
     try:
         module = trained.module()
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder}: the model its config names cannot be built: {first_line(e)}") from None
-    try:
-        state = _checkpointer().restore(folder, ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-        params, step = state["params"], int(np.asarray(state.get("step", 0)))
-    except Exception as e:  # orbax raises many types for a folder it cannot read
-        raise CheckpointError(f"{folder}: the checkpoint's state cannot be read: {first_line(e)}") from None
+    state = saved.restore_state(step)
+    params = state.get("params") if isinstance(state, dict) else None
     expected = jax.eval_shape(
         lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_pipeline.IMAGE_SHAPE)), train=False)
     )["params"]
@@ -212,7 +177,7 @@ def _load(folder: str, config: dict) -> TrainedModel:
             f"names ({described}): {mismatch}"
         )
     trained.params = jax.tree.map(np.asarray, params)
-    trained.step = step
+    trained.step = int(np.asarray(state.get("step", 0)))
     return trained
 
 

@@ -196,6 +196,20 @@ class Tracker:
             self.run.use_artifact(reference, type="model")
 
     @_survives_wandb_failure
+    def use_checkpoint(self, step_dir: str, parent_run_id: str) -> None:
+        """Declares a local checkpoint step a run starts from (init_from, eval_only) as its input: the parent
+        run's `model-<run id>` artifact, with the step's files as the parent logged them, so it has the
+        digest of the parent's version of that step, and W&B (which keeps one version per digest) links this
+        run to it: the lineage goes back to the parent and its data, offline (on sync) as online."""
+        if self.run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"model-{parent_run_id}", type="model")
+        artifact.add_dir(step_dir)
+        wandb_internals.use_new_artifact(self.run, artifact, offline=self.mode == "offline")
+
+    @_survives_wandb_failure
     def log_checkpoint(self, step_dir: str, step: int, aliases: list[str], metadata: dict) -> None:
         """Uploads one checkpoint step directory as a `model` artifact."""
         if self.run is None:

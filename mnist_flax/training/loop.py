@@ -258,8 +258,13 @@ def _start_records(run: Setup, requested, overrides: dict, config_changes: dict)
     datasets = run.datasets
     sizes = {name: len(getattr(datasets, name)) for name in ("train", "validation", "test")}
     tracker.use_dataset(datasets.name, datasets.source, record["data"], sizes)
-    if config.init_from and _is_artifact_reference(config.init_from) and run.resumed_from is None:
-        tracker.use_model(config.init_from)
+    if config.init_from and run.resumed_from is None:
+        if _is_artifact_reference(config.init_from):
+            tracker.use_model(config.init_from)
+        else:
+            parent = checkpointing.parent_checkpoint(config.init_from)
+            if parent:  # else restoring it reports what is wrong with it
+                tracker.use_checkpoint(*parent)
     writer = writers.create_writer(workdir, tensorboard=config.tensorboard, tracker=tracker, is_primary=primary)
     if run.resumed_from is None:
         writer.write_hparams(run.flat)
