@@ -23,9 +23,9 @@ def run_child(spec: dict, timeout: float = 1800, env: dict | None = None) -> dic
 
     Args:
       spec: `kind` ("torch" or "hostfed"), `data_npz` (HostData.save), `batch_size`, `warmup_steps`, `steps`; for
-        torch `architecture` (TorchNet's shapes) and `threads`; for hostfed `config` (a config file);
-        optionally `cores` (the CPU affinity, set before torch or JAX size their thread pools). "roofline_profile":
-        roofline.py's profile of the library's step (run with `env` = XLA's traceme flag).
+        torch `architecture` (TorchNet's shapes), `threads` and `data_path` (dataloader or resident); for hostfed
+        `config` (a config file); optionally `cores` (the CPU affinity, set before torch or JAX size their thread
+        pools). "roofline_profile": roofline.py's profile of the library's step (run with `env` = XLA's traceme flag).
       env: variables to set in the child (XLA_FLAGS).
     """
     command = [sys.executable, "-m", "benchmarks.child", json.dumps(spec)]
@@ -54,7 +54,12 @@ def measure(spec: dict) -> dict:
         from benchmarks.torch_loop import TorchContender
 
         contender = TorchContender(
-            spec["architecture"], data, spec["batch_size"], threads=spec["threads"], compile=spec.get("compile", False)
+            spec["architecture"],
+            data,
+            spec["batch_size"],
+            threads=spec["threads"],
+            compile=spec.get("compile", False),
+            data_path=spec.get("data_path", "dataloader"),
         )
     else:
         from benchmarks import flax_example, pieces
@@ -100,6 +105,7 @@ def whole_run(spec: dict) -> dict:
         num_epochs=spec["epochs"],
         seed=spec.get("seed", 0),
         compile=spec.get("compile", False),
+        data_path=spec.get("data_path", "dataloader"),
     )
     subset = spec.get("steps_per_epoch") or contender.steps_per_epoch
     epochs, excluded, start = [], 0.0, time.perf_counter()

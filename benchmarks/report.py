@@ -26,6 +26,7 @@ TITLES = {
     "roofline": "Where the CNN's step goes, against the cores' fp32 peak (roofline.py)",
     "install": "Setup: a fresh venv from uv.lock, pip against uv (install.py)",
     "compile_cache": "Start-up: a first and a second start with the persistent compilation cache (compile_cache.py)",
+    "trials": "Sweep trials: the overhead beyond training, trials per hour, compiles per trial (trials.py)",
 }
 NOTES = {
     "compile_cache": "Each round, `python main.py` twice with one cache folder, empty before the first start: the "

@@ -7,6 +7,7 @@ example's host-fed loop, on 1-8 CPU devices, with and without tracking, to 90%, 
     python benchmarks/run.py --only accuracy      # 3 seeds x 10 epochs of the default CNN (about 10 min a seed)
     python benchmarks/run.py --only baseline --baseline-rev aa717e7   # that commit's run beside this checkout's
     python benchmarks/run.py --only whole_run     # 10 epochs each: ours (bare, tracked), PyTorch, torch.compile
+    python benchmarks/run.py --only trials        # sweeps of one-epoch trials: overhead, trials/hour, compiles
 
 Each section's result is kept in benchmarks/results.json (with its date, command, CPU and load average) and
 benchmarks/RESULTS.md is rendered from all of them. The studies of the CNN's step on CPU are apart, in
@@ -25,6 +26,7 @@ if REPO_ROOT not in sys.path:
 from benchmarks import report, sections  # noqa: E402
 from benchmarks.common import FASHION_DIR, format_table  # noqa: E402
 from benchmarks.overhead import section_overhead  # noqa: E402
+from benchmarks.trials import section_trials  # noqa: E402
 
 SECTIONS = {
     "throughput": sections.section_throughput,
@@ -34,6 +36,7 @@ SECTIONS = {
     "accuracy": sections.section_accuracy,
     "baseline": sections.section_baseline,
     "whole_run": sections.section_whole_run,
+    "trials": section_trials,
 }
 DEFAULT_SECTIONS = ("throughput", "whole_run", "scaling", "overhead", "time_to_90")
 

@@ -20,6 +20,9 @@ from benchmarks.common import REPO_ROOT, median, ratio, spread
 THREADS = 2  # torch.set_num_threads; XLA's CPU client sizes its pool from the CPU affinity (2 cores here)
 TORCH, HOSTFED, OURS = "PyTorch (DataLoader + nn.Module)", "JAX host-fed (Flax example)", "ours: train_and_evaluate"
 TORCH_COMPILE = "PyTorch + torch.compile (inductor)"
+# The like-for-like peers: the training set resident as one tensor, batches gathered by index (torch_loop.py).
+TORCH_RESIDENT = "PyTorch, resident tensors (index gather)"
+TORCH_RESIDENT_COMPILE = "PyTorch, resident tensors + torch.compile"
 IPS, RATIO, PCT = "{:,.0f}", "{:.2f}x", "{:.0%}"
 CONTENDER_COLUMNS = [["model", "model", "{}"], ["batch", "batch_size", "{}"], ["contender", "label", "{}"]]
 RATE_COLUMNS = [["images/s", "images_per_second", IPS], ["vs PyTorch", "vs_base", RATIO]]
@@ -123,6 +126,10 @@ def section_throughput(ctx: Context) -> dict:
         contenders = {
             TORCH: functools.partial(peer, ctx, "torch", model, batch_size),
             TORCH_COMPILE: functools.partial(peer, ctx, "torch", model, batch_size, compile=True),
+            TORCH_RESIDENT: functools.partial(peer, ctx, "torch", model, batch_size, data_path="resident"),
+            TORCH_RESIDENT_COMPILE: functools.partial(
+                peer, ctx, "torch", model, batch_size, compile=True, data_path="resident"
+            ),
             HOSTFED: functools.partial(peer, ctx, "hostfed", model, batch_size),
             f"{OURS} (default config)": functools.partial(ours, ctx, model, batch_size),
         }
@@ -134,9 +141,11 @@ def section_throughput(ctx: Context) -> dict:
         results = interleaved(contenders, ctx.settings.rounds)
         hostfed_ips = [r["images_per_second"] for r in results[HOSTFED]]
         compiled_ips = [r["images_per_second"] for r in results[TORCH_COMPILE]]
+        resident_ips = [r["images_per_second"] for r in results[TORCH_RESIDENT_COMPILE]]
         for row in summary_rows(results, TORCH, model=model, batch_size=batch_size):
             row["vs_hostfed"] = ratio(row["rounds_images_per_second"], hostfed_ips)
             row["vs_compile"] = ratio(row["rounds_images_per_second"], compiled_ips)
+            row["vs_resident_compile"] = ratio(row["rounds_images_per_second"], resident_ips)
             rows.append(row)
     threads1 = threads1_rows(ctx)
     return {
@@ -147,7 +156,8 @@ def section_throughput(ctx: Context) -> dict:
                 "columns": [
                     *CONTENDER_COLUMNS,
                     *RATE_COLUMNS,
-                    ["vs torch.compile", "vs_compile", RATIO],
+                    ["vs resident torch.compile", "vs_resident_compile", RATIO],
+                    ["vs DataLoader torch.compile", "vs_compile", RATIO],
                     ["vs host-fed", "vs_hostfed", RATIO],
                     ["spread", "spread", PCT],
                     ["eval images/s", "eval_images_per_second", IPS],
@@ -189,8 +199,17 @@ def throughput_targets(rows: list[dict], threads1: list[dict]) -> list[list[str]
             continue
         b = r["batch_size"]
         targets.append([f"CNN vs PyTorch >= 1.0 (aim 1.5), batch {b}", f"{r['vs_base']:.2f}x", _met(r["vs_base"] >= 1)])
+        resident = r["vs_resident_compile"]
         targets.append(
-            [f"CNN vs torch.compile, steady, batch {b}", f"{r['vs_compile']:.2f}x", _met(r["vs_compile"] >= 1)]
+            [f"CNN vs resident-data torch.compile, steady, batch {b} >= 1.0 (aim 1.3)", f"{resident:.2f}x",
+             _met(resident >= 1)]
+        )  # fmt: skip
+        targets.append(
+            [
+                f"CNN vs DataLoader torch.compile, steady, batch {b}",
+                f"{r['vs_compile']:.2f}x",
+                _met(r["vs_compile"] >= 1),
+            ]
         )
         targets.append(
             [f"CNN above the host-fed loop, batch {b}", f"{r['vs_hostfed']:.2f}x", _met(r["vs_hostfed"] > 1)]
@@ -416,12 +435,13 @@ TARGET_ACCURACY = 0.93
 
 
 def section_whole_run(ctx: Context) -> dict:
-    """The default CNN recipe end to end: 10 epochs at batch 128, validation after each, against both PyTorch peers.
+    """The default CNN recipe end to end: 10 epochs at batch 128, validation after each, against the PyTorch peers.
 
     Like for like: ours with tracking off (as the peers have none) and as `python main.py` runs it; PyTorch eager and
-    with torch.compile, the same recipe (AdamW, warmup-cosine, label smoothing, dropout), data in memory, two
-    threads. Rounds alternate; each ratio is taken round by round. The time to 93% test accuracy counts from the
-    process's start (imports, data, compilation included), for ours from `python main.py`.
+    with torch.compile, the same recipe (AdamW, warmup-cosine, label smoothing, dropout), each fed by a DataLoader
+    and from resident tensors (the headline peer: the data resident, as ours), two threads. Rounds alternate; each
+    ratio is taken round by round. The time to 93% test accuracy counts from the process's start (imports, data,
+    compilation included), for ours from `python main.py`.
     """
     import copy
 
@@ -451,6 +471,10 @@ def section_whole_run(ctx: Context) -> dict:
     contenders = {
         TORCH: functools.partial(child.run_child, copy.deepcopy(torch_spec)),
         TORCH_COMPILE: functools.partial(child.run_child, {**copy.deepcopy(torch_spec), "compile": True}),
+        TORCH_RESIDENT: functools.partial(child.run_child, {**copy.deepcopy(torch_spec), "data_path": "resident"}),
+        TORCH_RESIDENT_COMPILE: functools.partial(
+            child.run_child, {**copy.deepcopy(torch_spec), "compile": True, "data_path": "resident"}
+        ),
         OURS_BARE: functools.partial(_ours_whole, ctx, changes),
         OURS_TRACKED: functools.partial(library.main_py_run, ctx.data_dir, changes, TARGET_ACCURACY),
     }
@@ -470,6 +494,7 @@ def section_whole_run(ctx: Context) -> dict:
                 "test_accuracy": median([r["test_accuracy"] for r in runs]),
                 "seconds_to_target": median(to_target) if to_target else None,
                 "vs_compile": ratio([r["train_seconds"] for r in results[TORCH_COMPILE]], seconds),
+                "vs_resident_compile": ratio([r["train_seconds"] for r in results[TORCH_RESIDENT_COMPILE]], seconds),
                 "vs_eager": ratio([r["train_seconds"] for r in results[TORCH]], seconds),
                 "rounds": runs,
             }
@@ -478,19 +503,21 @@ def section_whole_run(ctx: Context) -> dict:
     targets = []
     for label in (OURS_BARE, OURS_TRACKED):
         row = by_label[label]
-        targets.append(
-            [
-                f"{label} vs torch.compile, whole run >= 1.0 (aim 1.3)",
-                f"{row['vs_compile']:.2f}x",
-                _met(row["vs_compile"] >= 1),
-            ]
-        )
-    accurate = by_label[OURS_BARE]["test_accuracy"] >= by_label[TORCH_COMPILE]["test_accuracy"]
+        for peer_key, peer_name in (("vs_resident_compile", "resident-data torch.compile"),
+                                    ("vs_compile", "DataLoader torch.compile")):  # fmt: skip
+            targets.append(
+                [
+                    f"{label} vs {peer_name}, whole run >= 1.0 (aim 1.3)",
+                    f"{row[peer_key]:.2f}x",
+                    _met(row[peer_key] >= 1),
+                ]
+            )
+    best_peer = max(by_label[TORCH_COMPILE]["test_accuracy"], by_label[TORCH_RESIDENT_COMPILE]["test_accuracy"])
     targets.append(
         [
-            "test accuracy >= torch.compile's",
-            f"{by_label[OURS_BARE]['test_accuracy']:.4f} vs {by_label[TORCH_COMPILE]['test_accuracy']:.4f}",
-            _met(accurate),
+            "test accuracy >= torch.compile's (the better of its two data paths)",
+            f"{by_label[OURS_BARE]['test_accuracy']:.4f} vs {best_peer:.4f}",
+            _met(by_label[OURS_BARE]["test_accuracy"] >= best_peer),
         ]
     )
     return {
@@ -501,8 +528,9 @@ def section_whole_run(ctx: Context) -> dict:
                 "columns": [
                     ["contender", "label", "{}"],
                     ["training s (10 epochs, validation incl.)", "train_seconds", "{:.1f}"],
-                    ["vs torch.compile", "vs_compile", RATIO],
-                    ["vs PyTorch eager", "vs_eager", RATIO],
+                    ["vs resident torch.compile", "vs_resident_compile", RATIO],
+                    ["vs DataLoader torch.compile", "vs_compile", RATIO],
+                    ["vs DataLoader eager", "vs_eager", RATIO],
                     ["s from start to the end", "seconds_from_start", "{:.1f}"],
                     ["s to 93% test accuracy", "seconds_to_target", "{:.1f}"],
                     ["test accuracy", "test_accuracy", "{:.4f}"],

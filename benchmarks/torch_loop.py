@@ -1,4 +1,9 @@
-"""The plain PyTorch equivalent: TensorDataset + DataLoader, an nn.Module, AdamW, the usual loop.
+"""The PyTorch peers: an nn.Module, AdamW, the usual loop, fed by a DataLoader or from resident tensors.
+
+Two data paths: `dataloader` (TensorDataset + DataLoader with shuffle: what most PyTorch code runs) and
+`resident` (the whole training set as one float tensor in memory, each epoch a `torch.randperm`, each batch
+gathered by index with `images[perm[i:i+B]]`: the advantage ours has, its data resident on the device, given to
+the peer). Either eager or with `torch.compile` (TorchInductor).
 
 Same architecture as mnist_flax's CNN and MLP (3x3 SAME convolutions, ReLU, 2x2 average pooling, dense layers,
 dropout after each dense hidden layer), the same optimizer (AdamW, warmup + cosine schedule, weight decay 1e-4)
@@ -61,7 +66,10 @@ class TorchContender:
         log_every_steps: int = 100,
         seed: int = 0,
         compile: bool = False,
+        data_path: str = "dataloader",
     ):
+        if data_path not in ("dataloader", "resident"):
+            raise ValueError(f"data_path: {data_path!r} (dataloader or resident)")
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -74,9 +82,12 @@ class TorchContender:
         train = torch.utils.data.TensorDataset(
             to_tensor(data.train_images), torch.from_numpy(data.train_labels.astype(np.int64))
         )
+        self.data_path = data_path
         self.loader = torch.utils.data.DataLoader(
             train, batch_size=batch_size, shuffle=True, drop_last=True, pin_memory=self.device.type == "cuda"
         )
+        self.train_images, self.train_labels = (t.to(self.device) for t in train.tensors)
+        self._order, self._position = None, 0  # the resident path's epoch permutation and place in it
         self.test_images = to_tensor(data.test_images)
         self.test_labels = torch.from_numpy(data.test_labels.astype(np.int64))
         self.net = TorchNet(
@@ -108,13 +119,7 @@ class TorchContender:
         """Trains `steps` steps; returns the images processed."""
         self.net.train()
         for _ in range(steps):
-            try:
-                images, labels = next(self._batches)
-            except StopIteration:
-                self._batches = iter(self.loader)
-                images, labels = next(self._batches)
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            images, labels = self._next_batch()
             self.optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(self.model(images), labels, label_smoothing=self.label_smoothing)
             loss.backward()
@@ -127,6 +132,20 @@ class TorchContender:
                 self._loss_sum.zero_()
         self._sync()
         return steps * self.batch_size
+
+    def _next_batch(self):
+        if self.data_path == "resident":
+            if self._order is None or self._position + self.batch_size > len(self._order):
+                self._order, self._position = torch.randperm(len(self.train_labels), device=self.device), 0
+            index = self._order[self._position : self._position + self.batch_size]
+            self._position += self.batch_size
+            return self.train_images[index], self.train_labels[index]
+        try:
+            images, labels = next(self._batches)
+        except StopIteration:
+            self._batches = iter(self.loader)
+            images, labels = next(self._batches)
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def evaluate(self, batch_size: int = 1000, split: str = "test") -> tuple[float, float]:
         """Forward pass over the test (or validation) set; returns (seconds, accuracy)."""
