@@ -73,12 +73,13 @@ class StepTimer:
         )
         self.order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3))
         self.data_key = np.asarray(jax.random.PRNGKey(config.seed + 1))
-        step = steps.make_train_step(config.loss, self.steps_per_epoch, steps_per_call, scan_unroll)
+        step = steps.make_train_step(config, self.steps_per_epoch, steps_per_call, scan_unroll)
+        self.values = steps.hyperparameters(config)
         predict = steps.make_predict(models.for_inference(self.model).apply, config.eval_batch_size)
         self.carry = (state, metrics.TrainMetrics.empty(), steps.empty_guard())
         self.order = self.order_fn(self.data_key, 0, self.num_train, self.batch_size)
         start = time.perf_counter()
-        self.step_fn = step.lower(self.carry, self.train.images, self.train.labels, self.order).compile()
+        self.step_fn = step.lower(self.carry, self.train.images, self.train.labels, self.order, self.values).compile()
         self.compile_train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         self.predict = predict.lower(state.params, self.test.images, 0).compile()
@@ -97,7 +98,7 @@ class StepTimer:
             epoch = self.step // self.steps_per_epoch
             if self.step and self.step % self.steps_per_epoch == 0:
                 self.order = self.order_fn(self.data_key, epoch, self.num_train, self.batch_size)
-            self.carry = self.step_fn(self.carry, self.train.images, self.train.labels, self.order)
+            self.carry = self.step_fn(self.carry, self.train.images, self.train.labels, self.order, self.values)
             previous, self.step = self.step, min(self.step + self.steps_per_call, (epoch + 1) * self.steps_per_epoch)
             done += self.step - previous
         jax.block_until_ready(self.carry)

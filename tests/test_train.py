@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from conftest import make_learnable_split, run_main, tiny_overrides
 
@@ -39,11 +40,11 @@ def test_loss_falls_on_a_fixed_batch(model_name):
     config, state, images, labels = _setup(model_name)
     # One step per epoch: every step sees the same batch (row 0 of the order).
     order = jnp.arange(32, dtype=jnp.int32)[None]
-    step_fn = steps.make_train_step(config.loss, steps_per_epoch=1)
+    step_fn = steps.make_train_step(config, steps_per_epoch=1)
     carry = _carry(state)
     losses = []
     for _ in range(25):
-        carry = step_fn(carry, images, labels, order)
+        carry = step_fn(carry, images, labels, order, steps.hyperparameters(config))
         losses.append(float(carry[1].compute()["loss"]))
         carry = (carry[0], metrics.TrainMetrics.empty(), carry[2])
     assert losses[-1] < 0.5 * losses[0], losses
@@ -53,16 +54,18 @@ def test_loss_falls_on_a_fixed_batch(model_name):
 def test_epoch_loop_compiles_the_step_once():
     config, state, images, labels = _setup("mlp")
     steps_per_epoch = 256 // 32
-    step_fn = steps.make_train_step(config.loss, steps_per_epoch)
+    step_fn = steps.make_train_step(config, steps_per_epoch)
     order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3))
     carry = _carry(state)
     with steps.CompileCounter() as first_epoch:
-        carry = step_fn(carry, images, labels, order_fn(jax.random.PRNGKey(0), 0, 256, 32))
+        carry = step_fn(
+            carry, images, labels, order_fn(jax.random.PRNGKey(0), 0, 256, 32), steps.hyperparameters(config)
+        )
     with steps.CompileCounter() as later:
         for epoch in range(3):
             order = order_fn(jax.random.PRNGKey(0), epoch, 256, 32)
             for _ in range(steps_per_epoch):
-                carry = step_fn(carry, images, labels, order)
+                carry = step_fn(carry, images, labels, order, steps.hyperparameters(config))
         jax.block_until_ready(carry)
     assert first_epoch.count >= 1  # the counter sees compilations at all
     assert later.count == 0
@@ -75,14 +78,14 @@ def test_fused_steps_match_single_steps(unroll):
     config, state, images, labels = _setup("mlp")
     steps_per_epoch = 8
     order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, 256, 32)
-    single = steps.make_train_step(config.loss, steps_per_epoch, steps_per_call=1)
-    fused = steps.make_train_step(config.loss, steps_per_epoch, steps_per_call=3, unroll=unroll)
+    single = steps.make_train_step(config, steps_per_epoch, steps_per_call=1)
+    fused = steps.make_train_step(config, steps_per_epoch, steps_per_call=3, unroll=unroll)
     carry_a = _carry(jax.tree.map(jnp.copy, state))
     for _ in range(steps_per_epoch):
-        carry_a = single(carry_a, images, labels, order)
+        carry_a = single(carry_a, images, labels, order, steps.hyperparameters(config))
     carry_b = _carry(state)
     for _ in range(3):  # 3 + 3 + 2 (the last call masks one step)
-        carry_b = fused(carry_b, images, labels, order)
+        carry_b = fused(carry_b, images, labels, order, steps.hyperparameters(config))
     assert int(carry_b[0].step) == int(carry_a[0].step) == steps_per_epoch
     for a, b in zip(jax.tree.leaves(carry_a[0].params), jax.tree.leaves(carry_b[0].params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -95,10 +98,12 @@ def test_augmentation_changes_the_step_and_repeats():
     augment = ml_collections.ConfigDict({"flip": True, "max_shift": 2})
 
     def params_after_two_steps(augment_config):
-        step_fn = steps.make_train_step(config.loss, 2, augment_config=augment_config)
+        if augment_config is not None:
+            config.data.augment = augment_config
+        step_fn = steps.make_train_step(config, 2)
         carry = _carry(jax.tree.map(jnp.copy, state))
         for _ in range(2):
-            carry = step_fn(carry, images, labels, order)
+            carry = step_fn(carry, images, labels, order, steps.hyperparameters(config))
         return jax.tree.leaves(carry[0].params)
 
     plain, augmented, again = (
@@ -114,12 +119,18 @@ def test_augmentation_changes_the_step_and_repeats():
 def test_nonfinite_update_is_skipped_and_counted():
     config, state, images, labels = _setup("mlp")
     bad_images = images.at[:].set(255)
-    step_fn = steps.make_train_step(config.loss, steps_per_epoch=1)
+    step_fn = steps.make_train_step(config, steps_per_epoch=1)
     # A NaN parameter makes the loss NaN: the update must not be applied.
     poisoned = state.replace(
         params=jax.tree.map(lambda p: p.at[..., 0].set(jnp.nan) if p.ndim == 2 else p, state.params)
     )
-    carry = step_fn(_carry(jax.tree.map(jnp.copy, poisoned)), bad_images, labels, jnp.arange(32, dtype=jnp.int32)[None])
+    carry = step_fn(
+        _carry(jax.tree.map(jnp.copy, poisoned)),
+        bad_images,
+        labels,
+        jnp.arange(32, dtype=jnp.int32)[None],
+        steps.hyperparameters(config),
+    )
     new_state, _, guard = carry
     assert int(guard["count"]) == 1 and int(guard["first_step"]) == 0
     assert int(new_state.step) == 1
@@ -149,6 +160,95 @@ def test_losses_and_optimizers_build():
             steps.make_optimizer(optimizer_config, sched)
             if schedule == "warmup_cosine":
                 assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(optimizer_config.learning_rate)
+
+
+RECIPES = {
+    "adamw_warmup_cosine_smoothing": {"optimizer.name": "adamw", "optimizer.schedule": "warmup_cosine"},
+    "momentum_cosine_l2_clip": {
+        "optimizer.name": "momentum",
+        "optimizer.schedule": "cosine",
+        "optimizer.learning_rate": 0.05,
+        "optimizer.grad_clip_norm": 1.0,
+        "loss.label_smoothing": 0.0,
+    },
+    "adam_constant_l2": {"optimizer.name": "adam", "optimizer.schedule": "constant", "optimizer.weight_decay": 5e-4},
+    "sgd_no_decay": {"optimizer.name": "sgd", "optimizer.learning_rate": 0.1, "optimizer.weight_decay": 0.0},
+}
+
+
+def _recipe(overrides: dict) -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.model.name, config.num_epochs, config.optimizer.warmup_epochs = "mlp", 2, 1.0
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=list(RECIPES))
+def test_hyperparameters_passed_as_values_give_the_baked_in_numbers_bit_for_bit(recipe):
+    """The step takes learning rate, weight decay, momentum and label smoothing as arguments; its parameters
+    after 6 steps (across warmup's end) are bit for bit those of optax's own schedule and smoothing on Python
+    floats, with flax's apply_gradients: the numbers a constant-baking step gave."""
+    config = _recipe(RECIPES[recipe])
+    steps_per_epoch, batch = 3, 32
+    images, labels = make_learnable_split(steps_per_epoch * batch, seed=3)
+    images, labels = jnp.asarray(images[..., None]), jnp.asarray(labels.astype(np.int32))
+    order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, steps_per_epoch * batch, batch)
+    model = models.create_model(config.model)
+    total = steps_per_epoch * config.num_epochs
+    schedule = {
+        "constant": optax.constant_schedule(config.optimizer.learning_rate),
+        "cosine": optax.cosine_decay_schedule(config.optimizer.learning_rate, total),
+        "warmup_cosine": optax.warmup_cosine_decay_schedule(0.0, config.optimizer.learning_rate, 3, total),
+    }[config.optimizer.schedule]
+    baked = steps.create_train_state(model, steps.make_optimizer(config.optimizer, schedule), seed=0)
+
+    @jax.jit
+    def baked_step(state, batch_images, batch_labels):
+        def loss_fn(params):
+            rngs = {"dropout": jax.random.fold_in(state.rng, state.step)}
+            logits = state.apply_fn({"params": params}, steps.preprocess(batch_images), train=True, rngs=rngs)
+            targets = optax.smooth_labels(jax.nn.one_hot(batch_labels, 10), config.loss.label_smoothing)
+            return optax.softmax_cross_entropy(logits, targets).mean()
+
+        return state.apply_gradients(grads=jax.grad(loss_fn)(state.params))
+
+    step_fn = steps.make_train_step(config, steps_per_epoch)
+    carry = _carry(jax.tree.map(jnp.copy, baked))
+    for step in range(total):
+        rows = order[step % steps_per_epoch]
+        baked = baked_step(baked, images[rows], labels[rows])
+        carry = step_fn(carry, images, labels, order, steps.hyperparameters(config))
+    assert int(carry[0].step) == int(baked.step) == total
+    for ours, theirs in zip(jax.tree.leaves(carry[0].params), jax.tree.leaves(baked.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_a_sweep_over_the_traced_hyperparameters_shares_one_program():
+    """Two configs that differ in every traced hyperparameter lower to the same program; a change of b1, which
+    is written into the program, does not (so the comparison can tell)."""
+
+    def program(**overrides):
+        config = _recipe({"optimizer.name": "momentum", **overrides})
+        model = models.create_model(config.model)
+        tx = steps.make_optimizer(config.optimizer, steps.make_schedule(config.optimizer, 3, 2))
+        carry = _carry(steps.create_train_state(model, tx, seed=0))
+        images, labels = jnp.zeros((96, 28, 28, 1), jnp.uint8), jnp.zeros((96,), jnp.int32)
+        order = jnp.zeros((3, 32), jnp.int32)
+        step_fn = steps.make_train_step(config, 3, steps_per_call=3, unroll=3)
+        return step_fn.lower(carry, images, labels, order, steps.hyperparameters(config)).as_text()
+
+    base = program()
+    swept = {
+        "optimizer.learning_rate": 0.02,
+        "optimizer.weight_decay": 3e-3,
+        "optimizer.momentum": 0.8,
+        "loss.label_smoothing": 0.15,
+    }
+    assert set(swept) == set(steps.TRACED_HYPERPARAMETERS)
+    assert program(**swept) == base
+    assert program(**{"optimizer.b1": 0.8, "optimizer.name": "adamw"}) != program(**{"optimizer.name": "adamw"})
 
 
 def test_run_compiles_nothing_after_the_first_epoch(tiny_data_dir, tmp_path):

@@ -61,6 +61,7 @@ class Setup:
     checkpoints: checkpointing.Checkpoints | None
     flat: dict  # the resolved config's flat form ("model.name": ...): made once, for every record
     compiled: dict = dataclasses.field(default_factory=dict)  # train_step, predict_val, predict_test, order
+    step_values: dict = dataclasses.field(default_factory=dict)  # steps.hyperparameters, on the devices
     data_key: Any = None
     compile_stats: dict = dataclasses.field(default_factory=dict)
     tracker: Any = None  # wandb_run.Tracker
@@ -306,13 +307,9 @@ def _compile(run: Setup, state: LoopState, model, mesh) -> None:
     """Compiles the train and predict steps ahead of time (compile time is reported apart)."""
     config, data = run.config, run.device_data
     train_step = steps.make_train_step(
-        config.loss,
-        run.steps_per_epoch,
-        config.train.steps_per_call,
-        config.train.scan_unroll,
-        mesh,
-        augment_config=config.data.get("augment"),
+        config, run.steps_per_epoch, config.train.steps_per_call, config.train.scan_unroll, mesh
     )
+    run.step_values = distributed.put_replicated(steps.hyperparameters(config), mesh)
     predict = steps.make_predict(models.for_inference(model).apply, config.eval_batch_size, mesh)
     order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3), out_shardings=distributed.replicated(mesh))
     run.data_key = np.asarray(jax.random.PRNGKey(config.seed + 1))
@@ -320,7 +317,9 @@ def _compile(run: Setup, state: LoopState, model, mesh) -> None:
     with steps.CompileCounter() as compiles:
         order = order_fn(run.data_key, 0, len(run.datasets.train), config.batch_size)
         run.compiled = {
-            "train_step": train_step.lower(state.carry, data["train"].images, data["train"].labels, order).compile(),
+            "train_step": train_step.lower(
+                state.carry, data["train"].images, data["train"].labels, order, run.step_values
+            ).compile(),
             "predict_val": predict.lower(params, data["validation"].images, 0).compile(),
             "predict_test": predict.lower(params, data["test"].images, 0).compile(),
             "order": order_fn,
@@ -385,7 +384,7 @@ def train(run: Setup, state: LoopState, stop: "_StopSignal") -> None:
             run.clock.restart(state.step)
             epoch_end = (epoch + 1) * run.steps_per_epoch
             for previous, step in periodic.calls(state.step, epoch_end, config.train.steps_per_call):
-                state.carry = train_step(state.carry, data.images, data.labels, order)
+                state.carry = train_step(state.carry, data.images, data.labels, order, run.step_values)
                 if sync_each_call:
                     state.carry = jax.block_until_ready(state.carry)
                 state.step = step

@@ -27,9 +27,14 @@ class TrainState(train_state.TrainState):
 # ---------------------------------------------------------------- setup
 
 
-def make_schedule(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int):
-    """The learning-rate schedule: constant, cosine, or linear warmup then cosine."""
-    peak = optimizer_config.learning_rate
+def make_schedule(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int, peak=None):
+    """The learning-rate schedule: constant, cosine, or linear warmup then cosine.
+
+    `peak` (default: the config's learning rate) may be a traced value. The warmup-cosine schedule is optax's
+    `warmup_cosine_decay_schedule` with an end value of 0, put together from the same pieces so that the peak need
+    not be a Python number (optax's own tests `peak == 0` in Python).
+    """
+    peak = optimizer_config.learning_rate if peak is None else peak
     total_steps = max(1, steps_per_epoch * num_epochs)
     name = optimizer_config.schedule
     if name == "constant":
@@ -38,38 +43,90 @@ def make_schedule(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: 
         return optax.cosine_decay_schedule(peak, decay_steps=total_steps)
     if name == "warmup_cosine":
         warmup = min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps - 1)
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total_steps
-        )
+        warm = optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup)
+        decay = optax.cosine_decay_schedule(init_value=peak, decay_steps=total_steps - warmup, alpha=0.0)
+        return optax.join_schedules([warm, decay], [warmup])
     raise ConfigError(f"optimizer.schedule: unknown schedule {name!r}")
 
 
-def make_optimizer(optimizer_config: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
-    """sgd, momentum, adam or adamw on the schedule, with optional clipping and L2."""
-    name, decay = optimizer_config.name, optimizer_config.weight_decay
+def make_optimizer(
+    optimizer_config: ml_collections.ConfigDict, schedule, values: dict | None = None
+) -> optax.GradientTransformation:
+    """sgd, momentum, adam or adamw on the schedule, with optional clipping and L2.
+
+    `values` (from `hyperparameters`, traced inside the train step) replace the config's weight decay and
+    momentum; the optimizer's structure (which transformations, and whether weight decay is applied at all)
+    comes from the config alone, so the optimizer state is the same either way.
+    """
+    values = values or {}
+    name = optimizer_config.name
+    decay = values.get("weight_decay", optimizer_config.weight_decay) if optimizer_config.weight_decay else 0.0
+    momentum = values.get("momentum", optimizer_config.momentum)
     if name == "adamw":
         tx = optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2, weight_decay=decay)
     else:
         if name == "sgd":
             base = optax.sgd(schedule)
         elif name == "momentum":
-            base = optax.sgd(schedule, momentum=optimizer_config.momentum)
+            base = optax.sgd(schedule, momentum=momentum)
         elif name == "adam":
             base = optax.adam(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2)
         else:
             raise ConfigError(f"optimizer.name: unknown optimizer {name!r}")
         # Coupled L2 for the non-decoupled optimizers, so weight_decay means something for each.
-        tx = optax.chain(optax.add_decayed_weights(decay), base) if decay else base
+        tx = optax.chain(optax.add_decayed_weights(decay), base) if optimizer_config.weight_decay else base
     if optimizer_config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), tx)
     return tx
 
 
-def compute_loss(logits: jax.Array, labels: jax.Array, loss_config: ml_collections.ConfigDict) -> jax.Array:
-    """Mean loss over the batch: cross-entropy (with label smoothing) or focal loss."""
+# Hyperparameters the compiled train step takes as arguments. The rest of the recipe (optimizer and schedule
+# kinds, b1/b2, warmup, clipping, dropout, focal gamma, the shapes) is written into the program.
+TRACED_HYPERPARAMETERS = (
+    "optimizer.learning_rate",
+    "optimizer.weight_decay",
+    "optimizer.momentum",
+    "loss.label_smoothing",
+)
+
+
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """The values of TRACED_HYPERPARAMETERS the train step is passed, as float32 scalars.
+
+    As arguments, not constants, they leave the compiled program the same for every value: the trials of a sweep
+    over them share one program, compiled once and then loaded from the compilation cache. Label smoothing's
+    derived constants (1 - a and a / classes) are computed here in float64 and rounded to float32 once, as optax
+    computes them from a Python float, so the step's numbers are bit for bit those of the values baked in.
+    """
+    smoothing = config.loss.label_smoothing if config.loss.name == "cross_entropy" else 0.0
+    keep, spread = _smoothing(smoothing, input_pipeline.NUM_CLASSES)
+    return {
+        "learning_rate": np.float32(config.optimizer.learning_rate),
+        "weight_decay": np.float32(config.optimizer.weight_decay),
+        "momentum": np.float32(config.optimizer.momentum),
+        "label_keep": keep,
+        "label_spread": spread,
+    }
+
+
+def _smoothing(label_smoothing: float, num_classes: int) -> tuple[np.float32, np.float32]:
+    """optax.smooth_labels' (1 - a) and a / classes, in float64 rounded once to float32."""
+    return np.float32(1.0 - label_smoothing), np.float32(label_smoothing / num_classes)
+
+
+def compute_loss(logits: jax.Array, labels: jax.Array, loss_config: ml_collections.ConfigDict, values=None):
+    """Mean loss over the batch: cross-entropy (with label smoothing) or focal loss.
+
+    `values` (from `hyperparameters`) carry label smoothing's constants; without them they come from the config.
+    """
     num_classes = logits.shape[-1]
     if loss_config.name == "cross_entropy":
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), loss_config.label_smoothing)
+        if values is None:
+            keep, spread = _smoothing(loss_config.label_smoothing, num_classes)
+        else:
+            keep, spread = values["label_keep"], values["label_spread"]
+        # optax.smooth_labels' formula, on constants that may be traced.
+        targets = keep * jax.nn.one_hot(labels, num_classes) + spread
         return optax.softmax_cross_entropy(logits, targets).mean()
     if loss_config.name == "focal":
         # Focal loss (Lin et al. 2017): down-weights examples already classified well.
@@ -100,10 +157,12 @@ def empty_guard() -> dict:
     return {"count": jnp.zeros((), jnp.int32), "first_step": jnp.full((), -1, jnp.int32)}
 
 
-def _one_step_fn(loss_config, steps_per_epoch: int, shard, augment_config):
-    """fn(carry, images, labels, order) -> carry: one optimizer step on the batch at row step % steps_per_epoch."""
+def _one_step_fn(config, steps_per_epoch: int, shard):
+    """fn(carry, images, labels, order, values) -> carry: one optimizer step on the batch at row
+    step % steps_per_epoch of `order`."""
+    augment_config = config.data.get("augment")
 
-    def one_step(carry, images, labels, order):
+    def one_step(carry, images, labels, order, values):
         state, train_metrics, guard = carry
         batch_idx = shard(order[state.step % steps_per_epoch])
         batch_images, batch_labels = preprocess(shard(images[batch_idx])), shard(labels[batch_idx])
@@ -118,11 +177,17 @@ def _one_step_fn(loss_config, steps_per_epoch: int, shard, augment_config):
 
         def loss_fn(params):
             logits = state.apply_fn({"params": params}, batch_images, train=True, rngs={"dropout": dropout_rng})
-            return compute_loss(logits, batch_labels, loss_config), logits
+            return compute_loss(logits, batch_labels, config.loss, values), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-        updated = state.apply_gradients(grads=grads)
+        # The optimizer of state.tx, built on the traced values: state.apply_gradients with them.
+        schedule = make_schedule(config.optimizer, steps_per_epoch, config.num_epochs, peak=values["learning_rate"])
+        tx = make_optimizer(config.optimizer, schedule, values)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updated = state.replace(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        )
         state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         state = state.replace(step=updated.step)
         step_metrics = metrics.TrainMetrics.single_from_model_output(loss=loss, logits=logits, labels=batch_labels)
@@ -139,45 +204,44 @@ def _one_step_fn(loss_config, steps_per_epoch: int, shard, augment_config):
     return one_step
 
 
-def make_train_step(
-    loss_config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1, mesh=None, augment_config=None
-):
-    """Returns a jitted fn(carry, images, labels, order) -> carry.
+def make_train_step(config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1, mesh=None):
+    """Returns a jitted fn(carry, images, labels, order, values) -> carry.
 
-    carry = (state, train_metrics, guard). Each step gathers its batch on the
-    device from the resident `images`/`labels` by the epoch's `order`, at row
-    `state.step % steps_per_epoch`. A step whose loss or gradients are not finite
-    leaves params and optimizer state unchanged and is counted in `guard`; the
-    host decides at the next log point whether to stop. With steps_per_call > 1
-    the steps are fused: written out one after another when `unroll` covers
-    them all, else with lax.scan; steps past the end of the epoch are masked
-    out, so a call never crosses an epoch and nothing recompiles.
-    `augment_config` (config.data.augment) flips and shifts the batch on the device.
-    With a mesh, the batch is split along its "data" axis (the carry and the
-    resident data are replicated); without one, it runs on the default device.
+    carry = (state, train_metrics, guard); values = `hyperparameters(config)`, replicated with a mesh. The
+    recipe comes from `config` (optimizer, schedule over config.num_epochs, loss, config.data.augment, which
+    flips and shifts the batch on the device); the values of TRACED_HYPERPARAMETERS are arguments, so one
+    program serves them all. Each step gathers its batch on the device from the resident `images`/`labels`
+    by the epoch's `order`, at row `state.step % steps_per_epoch`. A step whose loss or gradients are not
+    finite leaves params and optimizer state unchanged and is counted in `guard`; the host decides at the next
+    log point whether to stop. With steps_per_call > 1 the steps are fused: written out one after another when
+    `unroll` covers them all, else with lax.scan; steps past the end of the epoch are masked out, so a call
+    never crosses an epoch and nothing recompiles. With a mesh, the batch is split along its "data" axis (the
+    carry and the resident data are replicated); without one, it runs on the default device.
     """
-    one_step = _one_step_fn(loss_config, steps_per_epoch, _batch_constraint(mesh), augment_config)
+    one_step = _one_step_fn(config, steps_per_epoch, _batch_constraint(mesh))
     out_shardings = distributed.replicated(mesh) if mesh is not None else None
     if steps_per_call == 1:
         return jax.jit(one_step, donate_argnums=(0,), out_shardings=out_shardings)
 
-    def unrolled_steps(carry, images, labels, order):
+    def unrolled_steps(carry, images, labels, order, values):
         # Straight-line code: every step runs, and a step past the end of the epoch is dropped by a select
         # (a conditional would take XLA's CPU convolutions off their fast path, like a loop).
         remaining = steps_per_epoch - carry[0].step % steps_per_epoch
         for i in range(steps_per_call):
-            stepped = one_step(carry, images, labels, order)
+            stepped = one_step(carry, images, labels, order, values)
             if i == 0:  # a call never starts at the end of an epoch
                 carry = stepped
             else:
                 carry = jax.tree.map(lambda new, old, keep=i < remaining: jnp.where(keep, new, old), stepped, carry)
         return carry
 
-    def fused_steps(carry, images, labels, order):
+    def fused_steps(carry, images, labels, order, values):
         remaining = steps_per_epoch - carry[0].step % steps_per_epoch
 
         def body(carry, i):
-            carry = jax.lax.cond(i < remaining, lambda c: one_step(c, images, labels, order), lambda c: c, carry)
+            carry = jax.lax.cond(
+                i < remaining, lambda c: one_step(c, images, labels, order, values), lambda c: c, carry
+            )
             return carry, None
 
         carry, _ = jax.lax.scan(body, carry, jnp.arange(steps_per_call), unroll=unroll)
