@@ -28,6 +28,12 @@ def test_every_config_trains_a_few_steps(config_file, tiny_data_dir, tmp_path):
     assert report["steps"] == (1200 - 200) // 50
     assert set(report["test"]) >= {"accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc_macro"}
     assert "done:" in result.stdout and str(tmp_path) in result.stdout
+    # The summary lists the run's files and folders that are there, and only those.
+    lines = result.stdout.splitlines()
+    listed = lines[lines.index(f"workdir: {tmp_path}") + 1].strip().split(", ")
+    assert listed[:4] == [layout.CONFIG, layout.METRICS, layout.FINAL_METRICS, layout.PREDICTIONS]
+    for folder in (layout.CHECKPOINTS, layout.TENSORBOARD):
+        assert (f"{folder}/" in listed) == (tmp_path / folder).is_dir(), folder
 
 
 def test_bare_command_makes_a_fresh_workdir(tiny_data_dir):

@@ -4,6 +4,8 @@ test_sweep_postgresql.py)."""
 import itertools
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ import time
 import pytest
 import services
 import yaml
-from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
+from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
 from mnist_flax import layout
@@ -363,6 +365,77 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint(tiny_data_dir,
     assert final["steps"] == 4 * 20 and not (root / "000-0" / layout.STOPPED).exists()
     assert (root / "000-0" / layout.WANDB_RUN_ID).read_text() == first_run_id  # one W&B run across both starts
     assert attempts[2].value == final["best_validation"]["val_accuracy"]
+
+
+@pytest.mark.slow
+def test_trials_are_forked_a_killed_one_fails_alone_and_each_is_the_run_main_py_gives(tiny_data_dir, tmp_path):
+    """Trials are children of the worker's launcher: a trial killed outright fails, the next one is forked as
+    before, and a forked trial trains exactly what `python main.py` with its command line does. A launcher
+    killed during a trial leaves that trial to stop with a checkpoint (its outcome read from its stopped.json),
+    and every later trial, its retry included, starts as main.py."""
+    root = tmp_path / "sweep-fork"
+    args = ["--config=configs/mlp.py", f"--root={root}", "--grid", "seed=0,1,2,3", "--pruner=none", "-v"]
+    args += tiny_settings(tiny_data_dir, num_epochs=3, **{"checkpoint.enabled": True})
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "mnist_flax", "sweep", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **SUBPROCESS_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen, trial_killed, launchers = [], False, []
+    for line in worker.stdout:
+        seen.append(line)
+        if not line.startswith("  | epoch 1/3 step "):  # a trial trains: two epochs to go
+            continue
+        if not trial_killed:  # trial 0
+            os.kill(json.loads((root / "000-0" / layout.TRIAL).read_text())["pid"], signal.SIGKILL)
+            trial_killed = True
+        elif (root / "002-2" / layout.TRIAL).exists():  # trial 2: its launcher goes
+            with open(f"/proc/{worker.pid}/task/{worker.pid}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+            launchers = [pid for pid in children if b"sweeps.launcher" in open(f"/proc/{pid}/cmdline", "rb").read()]
+            assert len(launchers) == 1, children
+            os.kill(launchers[0], signal.SIGKILL)
+            break
+    rest, _ = worker.communicate(timeout=300)
+    output = "".join(seen) + rest
+    assert launchers and worker.returncode == 1, output[-3000:]  # trials failed
+
+    killed = json.loads((root / "000-0" / layout.TRIAL).read_text())
+    assert killed["launch"] == "forked" and killed["exit_code"] == -signal.SIGKILL
+    assert killed["state"].startswith("fail")
+    trial = json.loads((root / "001-1" / layout.TRIAL).read_text())
+    assert trial["launch"] == "forked" and trial["exit_code"] == 0 and trial["pid"] != killed["pid"]
+    assert trial["state"].startswith("complete")
+    # Trial 2, sent SIGTERM by the kernel as its launcher died, saved a checkpoint: its retry resumed from it.
+    # It and trial 3 started as main.py.
+    assert (
+        "stopped, queued again in" in output
+        and "the trial launcher stopped during the trial; it had stopped (stopped.json): SIGTERM at step " in output
+    ), output[-3000:]
+    assert "resumed at step " in (root / "002-2" / layout.SWEEP_LOG).read_text()
+    for number in ("002-2", "003-3"):
+        plain_trial = json.loads((root / number / layout.TRIAL).read_text())
+        assert plain_trial["launch"] == "main.py" and plain_trial["state"].startswith("complete"), plain_trial
+    assert output.count("trials now start as main.py: the trial launcher stopped (exit -9)") == 1, output[-3000:]
+    header = (root / "003-3" / layout.SWEEP_LOG).read_text().splitlines()[1]
+    assert header.endswith("  # the launcher stopped: the trial starts as main.py")
+
+    # The log's first line is the trial as a main.py command: run as such, it trains the same model.
+    first = (root / "001-1" / layout.SWEEP_LOG).read_text().splitlines()[0]
+    command, note = first.removeprefix("$ ").split("  # ")
+    assert note == "forked from the worker's trial launcher"
+    argv = shlex.split(command)
+    assert argv[1] == "main.py" and f"--workdir={root / '001-1'}" in argv
+    plain = tmp_path / "plain"
+    result = run_main([a if not a.startswith("--workdir=") else f"--workdir={plain}" for a in argv[2:]])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (plain / layout.PREDICTIONS).read_bytes() == (root / "001-1" / layout.PREDICTIONS).read_bytes()
+    forked_final = json.loads((root / "001-1" / layout.FINAL_METRICS).read_text())
+    plain_final = json.loads((plain / layout.FINAL_METRICS).read_text())
+    assert plain_final["test"] == forked_final["test"] and plain_final["steps"] == forked_final["steps"] == 60
 
 
 def test_workers_that_create_the_study_storage_at_once_all_open_it(tmp_path):

@@ -32,20 +32,31 @@ def without_password(url: str) -> str:
     return url.replace(f":{PASSWORD}@", "@")
 
 
-def command_lines_while_running(processes: list, marker: str) -> list[list[str]]:
-    """The command line of every process whose arguments name `marker`, read from /proc until `processes` end."""
-    seen = set()
+def command_lines_while_running(processes: list) -> dict[int, list[str]]:
+    """The command line of `processes` and of every process descended from them (a worker's trial launcher, the
+    trials it forks, a trial started as main.py), by process id, read from /proc until `processes` end."""
+    seen = {}
     while any(process.poll() is None for process in processes):
+        parents = {}
         for entry in os.scandir("/proc"):
             try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    raw = f.read()
-            except OSError:  # not a process, or one that just ended
+                with open(f"/proc/{entry.name}/stat") as f:
+                    parents[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):  # not a process, or one that just ended
                 continue
-            if marker.encode() in raw:
-                seen.add((entry.name, raw))
+        family = {process.pid for process in processes}
+        while grown := {pid for pid, parent in parents.items() if parent in family} - family:
+            family |= grown
+        for pid in family:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            if raw:  # empty for a process that has exited but not yet been reaped
+                seen.setdefault(pid, raw.decode(errors="replace").rstrip("\0").split("\0"))
         time.sleep(0.2)
-    return [raw.decode(errors="replace").rstrip("\0").split("\0") for _, raw in seen]
+    return seen
 
 
 # -- where the URL comes from (no server) -------------------------------------------------------------
@@ -143,7 +154,7 @@ def test_workers_share_one_study_with_the_password_off_their_command_lines(postg
                 subprocess.Popen(command, cwd=REPO_ROOT, env={**clean, **SUBPROCESS_ENV, **env}, stdout=out, stderr=err)
             )
     try:
-        command_lines = command_lines_while_running(workers, str(tmp_path))
+        command_lines = command_lines_while_running(workers)
     finally:
         for worker in workers:
             if worker.poll() is None:
@@ -175,13 +186,19 @@ def test_workers_share_one_study_with_the_password_off_their_command_lines(postg
     assert here == [1, 1, 1], here
     for out, _ in outputs:
         assert "study lr-study: 3 complete (2 trained elsewhere)" in out
-    # The password is on no command line but the one worker a was given: not on any trial's main.py (each
-    # seen while it ran), in no record, log or output. Worker a warned about it, once; b and c had no reason to.
-    trial_lines = [line for line in command_lines if "main.py" in line]
-    seen = {arg.removeprefix("--workdir=") for line in trial_lines for arg in line if arg.startswith("--workdir=")}
-    assert seen == set(workdirs.values())
-    with_password = [line for line in command_lines if any(PASSWORD in arg for arg in line)]
-    assert with_password == [line for line in command_lines if f"--root={tmp_path / 'a' / 'lr'}" in line]
+    # The password is on no command line but the one worker a was given: not on any worker's trial launcher or
+    # trial (each seen while it ran; a trial forked from the launcher has the launcher's command line, one
+    # started as main.py its own), in no record, log or output. Worker a warned about it, once; b and c had no
+    # reason to.
+    for trial in trials:
+        record = json.loads(open(os.path.join(workdirs[trial.number], layout.TRIAL)).read())
+        line = command_lines[record["pid"]]
+        if record["launch"] == "forked":
+            assert line[1:] == ["-m", "mnist_flax.sweeps.launcher", "main.py"], line
+        else:
+            assert f"--workdir={workdirs[trial.number]}" in line and "main.py" in line[1], line
+    with_password = [line for line in command_lines.values() if any(PASSWORD in arg for arg in line)]
+    assert with_password == [line for line in command_lines.values() if f"--root={tmp_path / 'a' / 'lr'}" in line]
     assert len(with_password) == 1 and " -m mnist_flax sweep " in f" {' '.join(with_password[0])} "
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.suffix != ".db" and path != pgpass:

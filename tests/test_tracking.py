@@ -20,7 +20,7 @@ from mnist_flax.commands import sync
 from mnist_flax.config import schema
 from mnist_flax.records import provenance
 from mnist_flax.tracking import wandb_files, wandb_run
-from mnist_flax.training import checkpointing
+from mnist_flax.training import checkpointing, input_pipeline
 
 FAKE_TOKEN = "f" * 8 + "0123456789abcdef0123456789abcdef"
 
@@ -93,6 +93,54 @@ def test_checkpoint_and_prediction_artifacts_are_logged(offline_run):
         == json.loads((workdir / layout.FINAL_METRICS).read_text())["test"]["accuracy"]
     )
     assert summary["exit_code"] == 0
+
+
+def test_the_logged_roc_curves_are_those_of_the_predictions(offline_run):
+    workdir, _ = offline_run
+    run_dir = sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*")))[-1]
+    (path,) = glob.glob(os.path.join(run_dir, "files", "media", "table", "test", "roc_table_*.table.json"))
+    table = json.loads(open(path).read())
+    assert table["columns"] == ["class", "fpr", "tpr"]
+    # The logged predictions table holds the probabilities unrounded (predictions.csv keeps 6 decimals).
+    (logged,) = glob.glob(os.path.join(run_dir, "files", "media", "table", "test", "predictions_*.table.json"))
+    rows = np.array(json.loads(open(logged).read())["data"])
+    predictions = {"label": rows[:, 1].astype(int), "probs": rows[:, 4:]}
+    names = input_pipeline.CLASS_NAMES["fashion_mnist"]
+    curves = {}
+    for name, fpr, tpr in table["data"]:
+        curves.setdefault(name, []).append((fpr, tpr))
+    present = [c for c in range(10) if (predictions["label"] == c).any()]
+    assert sorted(curves) == sorted(names[c] for c in present)
+    for c in present:
+        fpr, tpr = np.array(curves[names[c]]).T
+        np.testing.assert_array_equal(fpr, wandb_run.ROC_GRID)
+        np.testing.assert_array_equal(tpr, wandb_run.roc_points(predictions["probs"][:, c], predictions["label"] == c))
+        assert tpr[-1] == 1.0 and (np.diff(tpr) >= 0).all()
+
+
+@pytest.mark.parametrize("distinct_values", [4, None])  # ties everywhere; continuous scores
+def test_roc_points_are_sklearns_curve_at_each_false_positive_rate(distinct_values):
+    from sklearn import metrics as sk
+
+    rng = np.random.default_rng(0)
+    raw = rng.random(2000)
+    scores = np.floor(raw * distinct_values) / distinct_values if distinct_values else raw
+    positives = rng.random(2000) < 0.2 + 0.6 * raw
+    fpr, tpr, _ = sk.roc_curve(positives, scores, drop_intermediate=False)
+    grid = np.linspace(0.0, 1.0, 101)
+    expected = [tpr[fpr <= g].max() for g in grid]
+    np.testing.assert_array_equal(wandb_run.roc_points(scores, positives, grid), expected)
+
+
+def test_roc_points_small_cases():
+    grid = np.array([0.0, 0.5, 1.0])
+    roc = wandb_run.roc_points
+    np.testing.assert_array_equal(roc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([1, 1, 0, 0]), grid), [1, 1, 1])
+    # one positive above the negative, one below: half the positives before any false positive
+    np.testing.assert_array_equal(roc(np.array([0.9, 0.5, 0.1]), np.array([1, 0, 1]), grid), [0.5, 0.5, 1])
+    # a positive and a negative of equal score are one threshold: both or neither
+    np.testing.assert_array_equal(roc(np.array([0.5, 0.5]), np.array([1, 0]), grid), [0, 0, 1])
+    assert np.isnan(roc(np.array([0.2, 0.7]), np.array([1, 1]), grid)).all()
 
 
 def test_planted_token_is_nowhere(offline_run):

@@ -1,5 +1,8 @@
 """The sweep's worker: takes queued trials from the study and trains each as its own `main.py` process.
 
+Each trial is a fresh process: forked from the worker's trial launcher, which has done main.py's imports once
+(launcher.py), or, where that cannot be, `python main.py` itself.
+
 Every storage call goes through the study's Patience, so an outage of the storage is waited out; each trial's
 outcome is told to the study once (complete, pruned, failed, or queued again to resume from its checkpoint).
 """
@@ -20,7 +23,7 @@ from mnist_flax import layout
 from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError, Preempted, Pruned, StorageUnavailable
 from mnist_flax.records import files
-from mnist_flax.sweeps import search_space, study
+from mnist_flax.sweeps import launcher, search_space, study
 
 SIGNAL_EXIT = {"SIGTERM": layout.EXIT_PREEMPTED, "SIGINT": layout.EXIT_INTERRUPTED}
 
@@ -33,6 +36,7 @@ class Worker:
         self.plan, self.config_spec, self.root = plan, config_spec, root
         self.stopped = None  # "SIGTERM" or "SIGINT" once asked to stop
         self.process = None
+        self.launcher = None  # launcher.Launcher once started; None: each trial is `python main.py`
         # Every storage call goes through it: an outage up to --storage-patience is waited out.
         self.patience = study.Patience(args.storage_patience)
         self.storage_lost = False
@@ -40,15 +44,24 @@ class Worker:
     def lose_storage(self) -> None:
         """The storage stayed away past the patience while a trial trained: stop it with a checkpoint."""
         self.storage_lost = True
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        if self.process:
+            self.process.send_signal(signal.SIGTERM)  # nothing if it has ended
 
     def stop(self, signum, frame) -> None:
         self.stopped = signal.Signals(signum).name
-        if self.process and self.process.poll() is None:
+        if self.process:  # not poll(): this handler may run while the main thread waits for the trial's end
             self.process.send_signal(signal.SIGTERM)  # it saves a checkpoint; its retry resumes from it
 
     def run(self) -> None:
+        if launcher.available():  # its imports run while the worker opens the study and takes a trial
+            self.launcher = launcher.Launcher("main.py", schema.REPO_ROOT, dict(os.environ))
+        try:
+            self._run()
+        finally:
+            if self.launcher:
+                self.launcher.close()
+
+    def _run(self) -> None:
         call = self.patience.call
         waiting_said = False
         while not self.stopped:
@@ -132,21 +145,33 @@ class Worker:
         fail that trial's main.py (BrokenPipeError) before it saves; the file also keeps every line it printed.
         """
         tail = deque(maxlen=20)
+        started = time.time()
         path = os.path.join(workdir, layout.SWEEP_LOG)
         with open(path, "a") as log:
-            log.write(f"$ {shlex.join(command)}\n")
+            forked = self._launcher_ready()
+            # A forked trial runs main.py's command with these arguments, in a process that did its imports once.
+            how = "  # forked from the worker's trial launcher" if forked else ""
+            log.write(f"$ {shlex.join(command)}{how}\n")
             log.flush()
+            self.process = self._fork(command, env, path) if forked else None
+            if forked and self.process is None:
+                log.write(f"$ {shlex.join(command)}  # the launcher stopped: the trial starts as main.py\n")
+                log.flush()
             start = log.tell()
-            self.process = subprocess.Popen(
-                command,
-                cwd=schema.REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                preexec_fn=_stop_with_parent,
-            )
+            if self.process is None:
+                self.process = subprocess.Popen(
+                    command,
+                    cwd=schema.REPO_ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                    preexec_fn=_stop_with_parent,
+                )
+        if self.stopped:  # asked to stop while the trial started (waiting for the launcher's imports, say)
+            self.process.send_signal(signal.SIGTERM)
         record["pid"] = self.process.pid
+        record["launch"] = "forked" if isinstance(self.process, launcher.ForkedTrial) else "main.py"
         files.write_json(os.path.join(workdir, layout.TRIAL), record)
         timed_out = threading.Event()
 
@@ -171,9 +196,36 @@ class Worker:
             errors = [line for line in tail if line.startswith("error:")]
             message = (errors or [line for line in tail if line.strip()] or ["no output"])[-1][:300]
             message = message.removeprefix("error: ")
+        if getattr(self.process, "launcher_lost", False):
+            exit_code, message = _outcome_on_record(workdir, started)
         if timed_out.is_set():
             message = f"stopped after the {self.args.timeout:g} s timeout"
         return exit_code, message, timed_out.is_set()
+
+    def _launcher_ready(self) -> bool:
+        """Whether trials are forked: the launcher has done its imports (waited for); False without one, or
+        once it has failed (said once: every later trial is `python main.py`)."""
+        if self.launcher is None:
+            return False
+        try:
+            self.launcher.wait_ready()
+            return True
+        except launcher.LauncherError as e:
+            self._lose_launcher(e)
+            return False
+
+    def _fork(self, command: list[str], env: dict, path: str) -> "launcher.ForkedTrial | None":
+        """The trial forked from the launcher (main.py's argv, not the interpreter's); None if it failed."""
+        try:
+            return self.launcher.start(command[1:], env, schema.REPO_ROOT, path)
+        except launcher.LauncherError as e:
+            self._lose_launcher(e)
+            return None
+
+    def _lose_launcher(self, error: Exception) -> None:
+        print(f"trials now start as main.py: {error}", flush=True)
+        self.launcher.close()
+        self.launcher = None
 
     def _tell(self, trial, trial_id: int, workdir: str, exit_code: int, timed_out: bool) -> str:
         """The trial's outcome, told to the study: complete (with its value), pruned, failed, or queued again.
@@ -211,6 +263,26 @@ def _final_metrics(workdir: str) -> dict | None:
         return files.read_json(os.path.join(workdir, layout.FINAL_METRICS), None)
     except ConfigError:
         return None
+
+
+def _outcome_on_record(workdir: str, since: float) -> tuple[int, str]:
+    """The exit status and message of a forked trial whose launcher died before it could report them (the
+    trial, sent SIGTERM by the kernel, has ended): what the trial itself wrote since `since`, its
+    final_metrics.json (finished) or its stopped.json (preempted with a checkpoint, pruned or failed)."""
+    lost = "the trial launcher stopped during the trial"
+    for name in (layout.FINAL_METRICS, layout.STOPPED):
+        path = os.path.join(workdir, name)
+        try:
+            if os.path.getmtime(path) < since:
+                continue  # an earlier start's
+            saved = files.read_json(path, None)
+        except (OSError, ConfigError):
+            continue
+        if name == layout.FINAL_METRICS:
+            return layout.EXIT_OK, f"{lost}; it had finished ({name})"
+        if isinstance(saved, dict) and isinstance(saved.get("exit_code"), int):
+            return saved["exit_code"], f"{lost}; it had stopped ({name}): {saved.get('reason', '')}"
+    return layout.EXIT_FAILED, f"{lost}, which then ended; its exit status is unknown"
 
 
 def _last_validation(workdir: str) -> dict | None:

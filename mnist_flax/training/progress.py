@@ -1,8 +1,11 @@
 """What the terminal shows while a run trains: a progress bar on a terminal, plain lines in logs."""
 
+import os
 import shutil
 import sys
 import time
+
+from mnist_flax import layout
 
 
 def _duration(seconds: float) -> str:
@@ -90,6 +93,15 @@ class Throughput:
         return rate
 
 
+def saved_files(workdir: str) -> list[str]:
+    """Which of a run's main files and folders its workdir holds (no checkpoints/ when they are off, say)."""
+    names = [layout.CONFIG, layout.METRICS, layout.FINAL_METRICS, layout.PREDICTIONS]
+    found = [name for name in names if os.path.isfile(os.path.join(workdir, name))]
+    return found + [
+        f"{name}/" for name in (layout.CHECKPOINTS, layout.TENSORBOARD) if os.path.isdir(os.path.join(workdir, name))
+    ]
+
+
 def print_summary(report: dict, workdir: str, sync_hint: str | None) -> None:
     """The block printed at the end of a run: steps, time, best validation, test metrics, where things are."""
     test = report["test"]
@@ -102,7 +114,7 @@ def print_summary(report: dict, workdir: str, sync_hint: str | None) -> None:
         f"test: accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  f1 {test['f1_macro']:.4f}  "
         f"precision {test['precision_macro']:.4f}  recall {test['recall_macro']:.4f}  auroc {test['auroc_macro']:.4f}",
         f"workdir: {workdir}",
-        "  config.json, metrics.jsonl, final_metrics.json, predictions.csv, checkpoints/, tensorboard/",
+        "  " + ", ".join(saved_files(workdir)),
         f"W&B: {report['wandb']['mode']}" + (f" run {report['wandb']['run_id']}" if report["wandb"]["run_id"] else ""),
     ]
     if sync_hint:
