@@ -36,6 +36,18 @@ def tiny_settings(data_dir: str, **extra) -> list[str]:
     return [item for o in overrides for item in ("--set", o.removeprefix("--config."))]
 
 
+def start_sweep(args: list[str]) -> subprocess.Popen:
+    """A sweep worker running in the background, its output (stdout and stderr) read line by line as it comes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mnist_flax", "sweep", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **SUBPROCESS_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def run_sweep(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mnist_flax", "sweep", *args],
@@ -322,14 +334,7 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint(tiny_data_dir,
     root = tmp_path / "sweep-kill"
     args = ["--config=configs/mlp.py", f"--root={root}", "--grid", "seed=0,1", "--heartbeat", "1", "-v"]
     args += tiny_settings(tiny_data_dir, num_epochs=4, **{"checkpoint.enabled": True})
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "mnist_flax", "sweep", *args],
-        cwd=REPO_ROOT,
-        env={**os.environ, **SUBPROCESS_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    worker = start_sweep(args)
     seen = []
     for line in worker.stdout:
         seen.append(line)
@@ -376,14 +381,7 @@ def test_trials_are_forked_a_killed_one_fails_alone_and_each_is_the_run_main_py_
     root = tmp_path / "sweep-fork"
     args = ["--config=configs/mlp.py", f"--root={root}", "--grid", "seed=0,1,2,3", "--pruner=none", "-v"]
     args += tiny_settings(tiny_data_dir, num_epochs=3, **{"checkpoint.enabled": True})
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "mnist_flax", "sweep", *args],
-        cwd=REPO_ROOT,
-        env={**os.environ, **SUBPROCESS_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    worker = start_sweep(args)
     seen, trial_killed, launchers = [], False, []
     for line in worker.stdout:
         seen.append(line)

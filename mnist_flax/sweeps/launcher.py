@@ -121,7 +121,7 @@ def serve(requests, answers) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         # What the launcher imported is frozen out of the garbage collector: the trial's collections, and the
-        # one at its exit, then skip those objects; walking them all took 1.3 s of each trial's end (measured).
+        # one at its exit, then skip those objects (walking them all was most of a trial's end).
         gc.freeze()
         pid = os.fork()
         if pid == 0:

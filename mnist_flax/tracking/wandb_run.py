@@ -252,7 +252,7 @@ class Tracker:
             [i, int(labels[i]), int(predicted[i]), float(probs[i].max()), *map(float, probs[i])]
             for i in range(len(labels))
         ]
-        # Declared column types: wandb checks each row against them, instead of inferring them row by row (1 s).
+        # Declared column types: wandb checks each row against them, instead of inferring them row by row.
         table = wandb.Table(columns=columns, data=rows, dtype=[int] * 3 + [float] * (len(columns) - 3), optional=False)
         self.run.log({"test/predictions": table})
         wrong = np.flatnonzero(predicted != labels)[:num_misclassified]
@@ -301,7 +301,8 @@ def roc_points(scores: np.ndarray, positives: np.ndarray, fpr_grid: np.ndarray =
     threshold on `scores` reaches without a higher false positive rate. NaN when one class is absent.
 
     A few hundred points draw the curve; W&B's own roc_curve keeps every threshold of the test set (thousands
-    a class, in pandas and scikit-learn: 0.7 s of a trial) and, past 10,000 rows, a random sample of them.
+    a class, through pandas and scikit-learn, a large part of a sweep trial's end) and, past 10,000 rows, a
+    random sample of them.
     """
     positives = np.asarray(positives, dtype=bool)
     num_pos = int(positives.sum())
