@@ -164,6 +164,7 @@ def test_losses_and_optimizers_build():
 
 RECIPES = {
     "adamw_warmup_cosine_smoothing": {"optimizer.name": "adamw", "optimizer.schedule": "warmup_cosine"},
+    "adamw_betas": {"optimizer.name": "adamw", "optimizer.b1": 0.8, "optimizer.b2": 0.99},
     "momentum_cosine_l2_clip": {
         "optimizer.name": "momentum",
         "optimizer.schedule": "cosine",
@@ -171,7 +172,13 @@ RECIPES = {
         "optimizer.grad_clip_norm": 1.0,
         "loss.label_smoothing": 0.0,
     },
-    "adam_constant_l2": {"optimizer.name": "adam", "optimizer.schedule": "constant", "optimizer.weight_decay": 5e-4},
+    "adam_constant_l2_betas": {
+        "optimizer.name": "adam",
+        "optimizer.schedule": "constant",
+        "optimizer.weight_decay": 5e-4,
+        "optimizer.b1": 0.7,
+        "optimizer.b2": 0.95,
+    },
     "sgd_no_decay": {"optimizer.name": "sgd", "optimizer.learning_rate": 0.1, "optimizer.weight_decay": 0.0},
 }
 
@@ -187,9 +194,9 @@ def _recipe(overrides: dict) -> ml_collections.ConfigDict:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=list(RECIPES))
 def test_hyperparameters_passed_as_values_give_the_baked_in_numbers_bit_for_bit(recipe):
-    """The step takes learning rate, weight decay, momentum and label smoothing as arguments; its parameters
-    after 6 steps (across warmup's end) are bit for bit those of optax's own schedule and smoothing on Python
-    floats, with flax's apply_gradients: the numbers a constant-baking step gave."""
+    """The step takes every TRACED_HYPERPARAMETER as an argument; its parameters after 6 steps (across warmup's
+    end) are bit for bit those of optax's own optimizers, schedule and smoothing on Python floats, with flax's
+    apply_gradients: the numbers a constant-baking step gave."""
     config = _recipe(RECIPES[recipe])
     steps_per_epoch, batch = 3, 32
     images, labels = make_learnable_split(steps_per_epoch * batch, seed=3)
@@ -225,12 +232,13 @@ def test_hyperparameters_passed_as_values_give_the_baked_in_numbers_bit_for_bit(
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
-def test_a_sweep_over_the_traced_hyperparameters_shares_one_program():
-    """Two configs that differ in every traced hyperparameter lower to the same program; a change of b1, which
-    is written into the program, does not (so the comparison can tell)."""
+@pytest.mark.parametrize("optimizer", ["momentum", "adamw"])
+def test_a_sweep_over_the_traced_hyperparameters_shares_one_program(optimizer):
+    """Two configs that differ in every traced hyperparameter lower to the same program; a change of the
+    clipping norm, which is written into the program, does not (so the comparison can tell)."""
 
     def program(**overrides):
-        config = _recipe({"optimizer.name": "momentum", **overrides})
+        config = _recipe({"optimizer.name": optimizer, "optimizer.grad_clip_norm": 1.0, **overrides})
         model = models.create_model(config.model)
         tx = steps.make_optimizer(config.optimizer, steps.make_schedule(config.optimizer, 3, 2))
         carry = _carry(steps.create_train_state(model, tx, seed=0))
@@ -244,11 +252,13 @@ def test_a_sweep_over_the_traced_hyperparameters_shares_one_program():
         "optimizer.learning_rate": 0.02,
         "optimizer.weight_decay": 3e-3,
         "optimizer.momentum": 0.8,
+        "optimizer.b1": 0.85,
+        "optimizer.b2": 0.98,
         "loss.label_smoothing": 0.15,
     }
     assert set(swept) == set(steps.TRACED_HYPERPARAMETERS)
     assert program(**swept) == base
-    assert program(**{"optimizer.b1": 0.8, "optimizer.name": "adamw"}) != program(**{"optimizer.name": "adamw"})
+    assert program(**{"optimizer.grad_clip_norm": 2.0}) != base
 
 
 def test_run_compiles_nothing_after_the_first_epoch(tiny_data_dir, tmp_path):

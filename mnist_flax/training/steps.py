@@ -54,38 +54,72 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """sgd, momentum, adam or adamw on the schedule, with optional clipping and L2.
 
-    `values` (from `hyperparameters`, traced inside the train step) replace the config's weight decay and
-    momentum; the optimizer's structure (which transformations, and whether weight decay is applied at all)
-    comes from the config alone, so the optimizer state is the same either way.
+    Without `values` these are optax's optimizers on the config's numbers. With `values` (from
+    `hyperparameters`, traced inside the train step) weight decay, momentum, b1 and b2 are those values; the
+    optimizer's structure (which transformations, and whether weight decay is applied at all) comes from the
+    config alone, so the optimizer state is the same either way.
     """
-    values = values or {}
     name = optimizer_config.name
+    if name not in ("sgd", "momentum", "adam", "adamw"):
+        raise ConfigError(f"optimizer.name: unknown optimizer {name!r}")
+    traced = values is not None
+    values = values or {}
     decay = values.get("weight_decay", optimizer_config.weight_decay) if optimizer_config.weight_decay else 0.0
     momentum = values.get("momentum", optimizer_config.momentum)
-    if name == "adamw":
-        tx = optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2, weight_decay=decay)
+    if name in ("adam", "adamw") and traced:
+        # optax.adam / optax.adamw, transformation for transformation, with b1 and b2 traced.
+        parts = [_scale_by_adam(values), optax.scale_by_learning_rate(schedule)]
+        if name == "adamw":
+            parts.insert(1, optax.add_decayed_weights(decay))
+        base = optax.chain(*parts)
+    elif name == "adamw":
+        base = optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2, weight_decay=decay)
+    elif name == "adam":
+        base = optax.adam(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2)
+    elif name == "momentum":
+        base = optax.sgd(schedule, momentum=momentum)
     else:
-        if name == "sgd":
-            base = optax.sgd(schedule)
-        elif name == "momentum":
-            base = optax.sgd(schedule, momentum=momentum)
-        elif name == "adam":
-            base = optax.adam(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2)
-        else:
-            raise ConfigError(f"optimizer.name: unknown optimizer {name!r}")
-        # Coupled L2 for the non-decoupled optimizers, so weight_decay means something for each.
-        tx = optax.chain(optax.add_decayed_weights(decay), base) if optimizer_config.weight_decay else base
+        base = optax.sgd(schedule)
+    # Coupled L2 for the non-decoupled optimizers, so weight_decay means something for each.
+    coupled = name != "adamw" and optimizer_config.weight_decay
+    tx = optax.chain(optax.add_decayed_weights(decay), base) if coupled else base
     if optimizer_config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), tx)
     return tx
 
 
+def _scale_by_adam(values: dict) -> optax.GradientTransformation:
+    """optax.scale_by_adam (eps 1e-8, eps_root 0, its state) with b1 and b2 traced.
+
+    optax computes 1 - b1 from the Python float, in float64 rounded once to float32; 1 - b1 on a float32 b1
+    rounds differently. So the complements come computed on the host in `values`, as label smoothing's do,
+    and the rest is optax's update operation for operation.
+    """
+    b1, b2 = values["b1"], values["b2"]
+    keep1, keep2 = values["one_minus_b1"], values["one_minus_b2"]
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda g, t: keep1 * (g**1) + b1 * t, updates, state.mu)
+        nu = jax.tree.map(lambda g, t: keep2 * (g**2) + b2 * t, updates, state.nu)
+        count = optax.safe_increment(state.count)
+        mu_hat = optax.tree.bias_correction(mu, b1, count)
+        nu_hat = optax.tree.bias_correction(nu, b2, count)
+        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + 1e-8), mu_hat, nu_hat)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(optax.scale_by_adam().init, update_fn)
+
+
 # Hyperparameters the compiled train step takes as arguments. The rest of the recipe (optimizer and schedule
-# kinds, b1/b2, warmup, clipping, dropout, focal gamma, the shapes) is written into the program.
+# kinds, warmup, clipping, dropout, focal gamma, eps, whether weight decay is applied at all, the shapes) is
+# written into the program.
 TRACED_HYPERPARAMETERS = (
     "optimizer.learning_rate",
     "optimizer.weight_decay",
     "optimizer.momentum",
+    "optimizer.b1",
+    "optimizer.b2",
     "loss.label_smoothing",
 )
 
@@ -94,9 +128,10 @@ def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """The values of TRACED_HYPERPARAMETERS the train step is passed, as float32 scalars.
 
     As arguments, not constants, they leave the compiled program the same for every value: the trials of a sweep
-    over them share one program, compiled once and then loaded from the compilation cache. Label smoothing's
-    derived constants (1 - a and a / classes) are computed here in float64 and rounded to float32 once, as optax
-    computes them from a Python float, so the step's numbers are bit for bit those of the values baked in.
+    over them share one program, compiled once and then loaded from the compilation cache. The constants optax
+    derives from a Python float (label smoothing's 1 - a and a / classes, Adam's 1 - b1 and 1 - b2) are
+    computed here in float64 and rounded to float32 once, as optax does, so the step's numbers are bit for bit
+    those of the values baked in.
     """
     smoothing = config.loss.label_smoothing if config.loss.name == "cross_entropy" else 0.0
     keep, spread = _smoothing(smoothing, input_pipeline.NUM_CLASSES)
@@ -104,6 +139,10 @@ def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
         "learning_rate": np.float32(config.optimizer.learning_rate),
         "weight_decay": np.float32(config.optimizer.weight_decay),
         "momentum": np.float32(config.optimizer.momentum),
+        "b1": np.float32(config.optimizer.b1),
+        "b2": np.float32(config.optimizer.b2),
+        "one_minus_b1": np.float32(1.0 - config.optimizer.b1),
+        "one_minus_b2": np.float32(1.0 - config.optimizer.b2),
         "label_keep": keep,
         "label_spread": spread,
     }
