@@ -25,7 +25,8 @@ def run_child(spec: dict, timeout: float = 1800, env: dict | None = None) -> dic
       spec: `kind` ("torch" or "hostfed"), `data_npz` (HostData.save), `batch_size`, `warmup_steps`, `steps`; for
         torch `architecture` (TorchNet's shapes), `threads` and `data_path` (dataloader or resident); for hostfed
         `config` (a config file); optionally `cores` (the CPU affinity, set before torch or JAX size their thread
-        pools). "roofline_profile": roofline.py's profile of the library's step (run with `env` = XLA's traceme flag).
+        pools). "roofline_profile": roofline.py's profile of the library's step (run with `env` = XLA's traceme flag);
+        "torch_profile": torch_profile.py's profile of the resident-data torch.compile peer's step.
       env: variables to set in the child (XLA_FLAGS).
     """
     command = [sys.executable, "-m", "benchmarks.child", json.dumps(spec)]
@@ -48,6 +49,10 @@ def measure(spec: dict) -> dict:
         from benchmarks import roofline
 
         return roofline.profile_child()
+    if spec["kind"] == "torch_profile":
+        from benchmarks import torch_profile
+
+        return torch_profile.profile_child(spec)
     data = common.HostData.load(spec["data_npz"])
     start = time.perf_counter()
     if spec["kind"] == "torch":

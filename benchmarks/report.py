@@ -23,7 +23,7 @@ TITLES = {
     "baseline": "Old against new: the default CNN run of a previous commit beside this checkout",
     "cnn_cpu": "CPU studies: the CNN's step on XLA's CPU backend (cpu_studies.py)",
     "whole_run": "The whole default run against PyTorch eager and torch.compile (10 epochs, validation each epoch)",
-    "roofline": "Where the CNN's step goes, against the cores' fp32 peak (roofline.py)",
+    "roofline": "Where the CNN's step goes, against the cores' fp32 peak, and torch.compile's beside it (roofline.py)",
     "install": "Setup: a fresh venv from uv.lock, pip against uv (install.py)",
     "compile_cache": "Start-up: a first and a second start with the persistent compilation cache (compile_cache.py)",
     "trials": "Sweep trials: the overhead beyond training, trials per hour, compiles per trial (trials.py)",
@@ -52,7 +52,12 @@ NOTES = {
     "XLA's cost analysis; then the library's default step (8 pieces, 3 steps a call) under XLA's profiler, each "
     "executed fusion under the model piece its HLO metadata names. Thread time is summed over the threads of both "
     "cores; a convolution's GFLOP/s is its FLOPs over its own time, so one near a core's peak runs at the roofline "
-    "while it runs.",
+    "while it runs. Right after it, in the same process tree, the resident-data torch.compile peer of the whole run "
+    "(torch_profile.py: same model, AdamW and schedule, label smoothing, dropout, batch 128, two threads, data "
+    "resident, batches gathered by index), 30 steps of warm-up, 60 timed, 60 under torch.profiler (CPU); each op's "
+    "self time on the main thread under the piece its name, shapes or enclosing op names, inductor's C++ kernels "
+    "profiled by name, Python outside any op under 'other'. Its last table lists the kernels inductor generated "
+    "(read back from its fresh cache) and the library kernels the generated code calls.",
     "throughput": "Every contender runs in a fresh process per round, the rounds alternating. Ours is "
     "`train.train_and_evaluate` itself on one epoch (tracking, TensorBoard and checkpoints off); its images/s is "
     "the median of its `train/images_per_second` log intervals after the first (which holds the warm-up), its "

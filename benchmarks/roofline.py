@@ -1,6 +1,7 @@
 """Where the default CNN's training step spends its time on this CPU, against the cores' fp32 peak.
 
-    python benchmarks/roofline.py            # prints the table; recorded in results.json as `roofline`
+    python benchmarks/roofline.py            # prints the tables; recorded in results.json as `roofline`
+    python benchmarks/roofline.py --no-torch # without the torch.compile peer's profile (also left out without torch)
 
 Pieces at batch 128, each a jitted function on device-resident arrays, timed in alternating rounds: the forward
 pass (loss), forward + backward (value_and_grad), the library's whole train step (one step per call: gradients,
@@ -12,7 +13,11 @@ a turbo clock above it makes the true fraction lower.
 Then the library's default step itself (8 pieces, 3 steps a call written out), profiled: XLA's trace of 60 steps in a
 child process (`--xla_cpu_enable_xprof_traceme`), each executed fusion put under the piece of the model its HLO
 metadata names (the convolutions' forward, input and weight gradients, bias + ReLU, pooling, dense layers, the
-optimizer, the batch gather). Times are thread time, summed over both cores' threads, as a share of all of it.
+optimizer, the batch gather); a dot or copy outside any fusion by its own metadata. Times are thread time, summed
+over both cores' threads, as a share of all of it.
+
+Then, in the same invocation, the resident-data torch.compile peer's step under torch.profiler, by the same pieces
+where they apply, and the kernels inductor generated for it (torch_profile.py).
 """
 
 import collections
@@ -35,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import child, common, pieces, report  # noqa: E402
+from benchmarks import child, common, pieces, report, torch_profile  # noqa: E402
 from benchmarks.common import FASHION_DIR, median  # noqa: E402
 from mnist_flax.training import resolution  # noqa: E402
 
@@ -125,6 +130,8 @@ def profile_child() -> dict:
     calls, numels, own = {}, {}, {}  # per fusion: its computation, output size, own op_name
     for line in hlo.splitlines():
         found = re.search(r"%([\w.\-]+) = \(?\w+\[([\d,]*)\].*? fusion\(.*calls=%([\w.\-]+)", line)
+        # A dot or copy XLA left outside any fusion runs as a thunk of its own: counted too, by its own op_name.
+        found = found or re.search(r"^\s*%([\w.\-]+) = \w+\[([\d,]*)\]\S* (?:dot|copy)\(()", line)
         if found:
             name, meta = found.group(1), re.search(r'op_name="([^"]+)"', line)
             calls[name] = found.group(3)
@@ -187,7 +194,12 @@ def profile_default_step() -> dict:
     return {"step_ms": step_ms, "busy_cores": total / result["traced_seconds"], "rows": rows}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch.compile peer's profile")
+    options = parser.parse_args(argv)
     started = report.start()
     data = pieces.load_host_data(FASHION_DIR)
     config = pieces.load_config("configs/cnn.py", batch_size=BATCH)
@@ -235,6 +247,8 @@ def main() -> int:
         seconds = time_call(lambda: timer.run(1) and timer.carry, (), 30)
         rows["whole train step (library)"].append(seconds)
     profile = profile_default_step()
+    # The peer's step right after ours, on the same machine state (torch_profile.py); without torch, ours alone.
+    torch_side = None if options.no_torch or not _has_torch() else torch_profile.profile_compiled_step(config, data)
     counted = {name: flops(c) for name, c in compiled.items()}
     counted["whole train step (library)"] = flops(timer.step_fn)
     cores = len(os.sched_getaffinity(0))
@@ -286,6 +300,8 @@ def main() -> int:
                 ["GFLOP/s while it runs", "gflop_per_s", "{:.0f}"],
             ],
             "rows": profile["rows"],
+            "caption": f"Ours: the default step under XLA's profiler, {profile['step_ms']:.1f} ms a step untraced; "
+            "thread time summed over both cores, so the rows add up to more than the step.",
         }
     )
     result["summary"] = (
@@ -294,10 +310,54 @@ def main() -> int:
         f"under the profiler: {profile['step_ms']:.1f} ms a step untraced, {profile['busy_cores']:.2f} cores busy "
         "while traced."
     )
+    if torch_side:
+        result["torch_profile"] = torch_side
+        result["tables"] += torch_tables(torch_side)
+        result["summary"] += (
+            f" The resident-data torch.compile peer's step under torch.profiler right after it: "
+            f"{torch_side['step_ms']:.1f} ms a step untraced ({torch_side['traced_step_ms']:.1f} traced), "
+            f"{torch_side['busy_cores']:.2f} cores busy untraced (process CPU time over wall time)."
+        )
     results = report.load()
     report.record(results, "roofline", result, started, report.RESULTS_JSON, report.RESULTS_MD)
     print(report.render_entry("roofline", results["roofline"]))
     return 0
+
+
+def torch_tables(side: dict) -> list[dict]:
+    """The torch.compile peer's piece table and its generated kernels, for RESULTS.md beside ours."""
+    return [
+        {
+            "columns": [
+                ["the torch.compile peer's step, by piece (torch.profiler)", "piece", "{}"],
+                ["ms per step (main thread)", "ms_per_step", "{:.2f}"],
+                ["of the traced step", "share", "{:.0%}"],
+                ["GFLOP/s while it runs (both threads)", "gflop_per_s", "{:.0f}"],
+            ],
+            "rows": side["rows"],
+            "caption": f"PyTorch: the resident-data torch.compile peer's step under torch.profiler, "
+            f"{side['step_ms']:.1f} ms a step untraced, {side['traced_step_ms']:.1f} traced; the main thread's "
+            f"self time per op, each op on {side['threads']} OpenMP threads, so the rows add up to the traced step.",
+        },
+        {
+            "columns": [
+                ["graph", "graph", "{}"],
+                ["inductor's generated C++ kernel (the ATen ops it fuses)", "kernel", "{}"],
+                ["ms per step", "ms_per_step", "{:.2f}"],
+            ],
+            "rows": side["kernel_rows"],
+            "caption": torch_profile.code_summary(side["code"]),
+        },
+    ]
+
+
+def _has_torch() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        print("torch is not installed: the torch.compile peer's profile is left out", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":
