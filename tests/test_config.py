@@ -318,6 +318,12 @@ BAD_INPUTS = [
     ),
     BadInput("validation_larger_than_train", ("--config.data.validation_size=1200",), ("data.validation_size: 1200",)),
     BadInput("unknown_model", ("--config.model.name=resnet",), ("model.name", "'resnet'", "cnn, mlp")),
+    # configs/mlp.py has no convolution fields, and the command line cannot add fields.
+    BadInput(
+        "cnn_on_the_mlp_config",
+        ("--config.model.name=cnn",),
+        ("model.conv_features: model.name 'cnn' needs it", "configs/cnn.py"),
+    ),
     BadInput("unknown_optimizer", ("--config.optimizer.name=lion",), ("optimizer.name", "'lion'", "adamw")),
     BadInput("unknown_loss", ("--config.loss.name=hinge",), ("loss.name", "'hinge'", "cross_entropy")),
     BadInput(

@@ -27,6 +27,9 @@ CHOICES = {
     "train.on_nonfinite": ("stop", "skip"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
 }
+# The model section's fields each model is built from, and a config file that has them all.
+MODEL_FIELDS = {"cnn": ("conv_features", "dense_features"), "mlp": ("dense_features",)}
+MODEL_CONFIG_FILES = {"cnn": "configs/cnn.py", "mlp": "configs/mlp.py"}
 # "auto" or an integer >= 1 (the default is "auto", a string, so the command line gives strings)
 AUTO_OR_POSITIVE_INT = ("model.conv_batch_split", "train.steps_per_call", "train.scan_unroll")
 # (minimum, maximum, minimum is exclusive)
@@ -140,6 +143,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _check_range(name, flat[name], bounds)
     if flat.get("model.dropout_rate", 0.0) >= 1.0:
         raise ConfigError(f"model.dropout_rate: {flat['model.dropout_rate']!r} is out of range (must be in [0, 1))")
+    model_name = flat.get("model.name")
+    for field in MODEL_FIELDS.get(model_name, ()):
+        if f"model.{field}" not in flat:
+            raise ConfigError(
+                f"model.{field}: model.name {model_name!r} needs it, and this config has none "
+                f"(start from a config file that has it, e.g. {MODEL_CONFIG_FILES[model_name]})"
+            )
     for name in ("model.dense_features", "model.conv_features"):
         if name in flat:
             widths = flat[name]
