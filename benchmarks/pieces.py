@@ -74,7 +74,7 @@ class StepTimer:
         self.order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3))
         self.data_key = np.asarray(jax.random.PRNGKey(config.seed + 1))
         step = steps.make_train_step(config, self.steps_per_epoch, steps_per_call, scan_unroll)
-        self.values = steps.hyperparameters(config)
+        self.values = steps.hyperparameters(config, self.steps_per_epoch)
         predict = steps.make_predict(models.for_inference(self.model).apply, config.eval_batch_size)
         self.carry = (state, metrics.TrainMetrics.empty(), steps.empty_guard())
         self.order = self.order_fn(self.data_key, 0, self.num_train, self.batch_size)

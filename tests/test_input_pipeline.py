@@ -657,7 +657,7 @@ NO_TENSORFLOW_SCRIPT = textwrap.dedent(
     order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, len(datasets.train), 50)
     step = steps.make_train_step(config, steps_per_epoch=order.shape[0])
     carry = (state, metrics.TrainMetrics.empty(), steps.empty_guard())
-    carry = step(carry, split.images, split.labels, order, steps.hyperparameters(config))
+    carry = step(carry, split.images, split.labels, order, steps.hyperparameters(config, order.shape[0]))
     computed = carry[1].compute()
     assert int(carry[0].step) == 1, carry[0].step
     assert int(carry[2]["count"]) == 0

@@ -44,7 +44,7 @@ def test_loss_falls_on_a_fixed_batch(model_name):
     carry = _carry(state)
     losses = []
     for _ in range(25):
-        carry = step_fn(carry, images, labels, order, steps.hyperparameters(config))
+        carry = step_fn(carry, images, labels, order, steps.hyperparameters(config, 1))
         losses.append(float(carry[1].compute()["loss"]))
         carry = (carry[0], metrics.TrainMetrics.empty(), carry[2])
     assert losses[-1] < 0.5 * losses[0], losses
@@ -59,13 +59,17 @@ def test_epoch_loop_compiles_the_step_once():
     carry = _carry(state)
     with steps.CompileCounter() as first_epoch:
         carry = step_fn(
-            carry, images, labels, order_fn(jax.random.PRNGKey(0), 0, 256, 32), steps.hyperparameters(config)
+            carry,
+            images,
+            labels,
+            order_fn(jax.random.PRNGKey(0), 0, 256, 32),
+            steps.hyperparameters(config, steps_per_epoch),
         )
     with steps.CompileCounter() as later:
         for epoch in range(3):
             order = order_fn(jax.random.PRNGKey(0), epoch, 256, 32)
             for _ in range(steps_per_epoch):
-                carry = step_fn(carry, images, labels, order, steps.hyperparameters(config))
+                carry = step_fn(carry, images, labels, order, steps.hyperparameters(config, steps_per_epoch))
         jax.block_until_ready(carry)
     assert first_epoch.count >= 1  # the counter sees compilations at all
     assert later.count == 0
@@ -82,10 +86,10 @@ def test_fused_steps_match_single_steps(unroll):
     fused = steps.make_train_step(config, steps_per_epoch, steps_per_call=3, unroll=unroll)
     carry_a = _carry(jax.tree.map(jnp.copy, state))
     for _ in range(steps_per_epoch):
-        carry_a = single(carry_a, images, labels, order, steps.hyperparameters(config))
+        carry_a = single(carry_a, images, labels, order, steps.hyperparameters(config, steps_per_epoch))
     carry_b = _carry(state)
     for _ in range(3):  # 3 + 3 + 2 (the last call masks one step)
-        carry_b = fused(carry_b, images, labels, order, steps.hyperparameters(config))
+        carry_b = fused(carry_b, images, labels, order, steps.hyperparameters(config, steps_per_epoch))
     assert int(carry_b[0].step) == int(carry_a[0].step) == steps_per_epoch
     for a, b in zip(jax.tree.leaves(carry_a[0].params), jax.tree.leaves(carry_b[0].params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -103,7 +107,7 @@ def test_augmentation_changes_the_step_and_repeats():
         step_fn = steps.make_train_step(config, 2)
         carry = _carry(jax.tree.map(jnp.copy, state))
         for _ in range(2):
-            carry = step_fn(carry, images, labels, order, steps.hyperparameters(config))
+            carry = step_fn(carry, images, labels, order, steps.hyperparameters(config, 2))
         return jax.tree.leaves(carry[0].params)
 
     plain, augmented, again = (
@@ -129,7 +133,7 @@ def test_nonfinite_update_is_skipped_and_counted():
         bad_images,
         labels,
         jnp.arange(32, dtype=jnp.int32)[None],
-        steps.hyperparameters(config),
+        steps.hyperparameters(config, 1),
     )
     new_state, _, guard = carry
     assert int(guard["count"]) == 1 and int(guard["first_step"]) == 0
@@ -165,6 +169,8 @@ def test_losses_and_optimizers_build():
 RECIPES = {
     "adamw_warmup_cosine_smoothing": {"optimizer.name": "adamw", "optimizer.schedule": "warmup_cosine"},
     "adamw_betas": {"optimizer.name": "adamw", "optimizer.b1": 0.8, "optimizer.b2": 0.99},
+    "adamw_warmup_2_steps": {"optimizer.name": "adamw", "optimizer.warmup_epochs": 0.7},
+    "adamw_no_warmup": {"optimizer.name": "adamw", "optimizer.warmup_epochs": 0.0},
     "momentum_cosine_l2_clip": {
         "optimizer.name": "momentum",
         "optimizer.schedule": "cosine",
@@ -207,7 +213,9 @@ def test_hyperparameters_passed_as_values_give_the_baked_in_numbers_bit_for_bit(
     schedule = {
         "constant": optax.constant_schedule(config.optimizer.learning_rate),
         "cosine": optax.cosine_decay_schedule(config.optimizer.learning_rate, total),
-        "warmup_cosine": optax.warmup_cosine_decay_schedule(0.0, config.optimizer.learning_rate, 3, total),
+        "warmup_cosine": optax.warmup_cosine_decay_schedule(
+            0.0, config.optimizer.learning_rate, int(config.optimizer.warmup_epochs * steps_per_epoch), total
+        ),
     }[config.optimizer.schedule]
     baked = steps.create_train_state(model, steps.make_optimizer(config.optimizer, schedule), seed=0)
 
@@ -226,7 +234,7 @@ def test_hyperparameters_passed_as_values_give_the_baked_in_numbers_bit_for_bit(
     for step in range(total):
         rows = order[step % steps_per_epoch]
         baked = baked_step(baked, images[rows], labels[rows])
-        carry = step_fn(carry, images, labels, order, steps.hyperparameters(config))
+        carry = step_fn(carry, images, labels, order, steps.hyperparameters(config, steps_per_epoch))
     assert int(carry[0].step) == int(baked.step) == total
     for ours, theirs in zip(jax.tree.leaves(carry[0].params), jax.tree.leaves(baked.params), strict=True):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
@@ -245,7 +253,7 @@ def test_a_sweep_over_the_traced_hyperparameters_shares_one_program(optimizer):
         images, labels = jnp.zeros((96, 28, 28, 1), jnp.uint8), jnp.zeros((96,), jnp.int32)
         order = jnp.zeros((3, 32), jnp.int32)
         step_fn = steps.make_train_step(config, 3, steps_per_call=3, unroll=3)
-        return step_fn.lower(carry, images, labels, order, steps.hyperparameters(config)).as_text()
+        return step_fn.lower(carry, images, labels, order, steps.hyperparameters(config, 3)).as_text()
 
     base = program()
     swept = {
@@ -254,11 +262,86 @@ def test_a_sweep_over_the_traced_hyperparameters_shares_one_program(optimizer):
         "optimizer.momentum": 0.8,
         "optimizer.b1": 0.85,
         "optimizer.b2": 0.98,
+        "optimizer.warmup_epochs": 0.5,
         "loss.label_smoothing": 0.15,
     }
     assert set(swept) == set(steps.TRACED_HYPERPARAMETERS)
     assert program(**swept) == base
     assert program(**{"optimizer.grad_clip_norm": 2.0}) != base
+
+
+def _compiled_schedules(config, steps_per_epoch, warmup):
+    """Ours on the values, optax's with the warmup and decay lengths as constants: each fn(count, ...)."""
+    total = steps_per_epoch * config.num_epochs
+
+    def theirs(count, peak):
+        warm = optax.linear_schedule(0.0, peak, warmup)
+        decay = optax.cosine_decay_schedule(peak, total - warmup, alpha=0.0)
+        return optax.join_schedules([warm, decay], [warmup])(count)
+
+    def ours(count, values):
+        return steps.make_schedule(config.optimizer, steps_per_epoch, config.num_epochs, values)(count)
+
+    return jax.jit(ours), jax.jit(theirs)
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 7, 46, 390, 469])
+@pytest.mark.parametrize("warmup_epochs", [0.5, 1.0, 2.5])
+def test_the_traced_warmup_cosine_schedule_is_optaxs_at_every_step(steps_per_epoch, warmup_epochs):
+    """The warmup-cosine schedule on traced values (peak, warmup, decay length) gives optax's schedule with those
+    lengths as constants, bit for bit, at every step of 1- and 3-epoch runs and one past the end; each compiled
+    as in the train step (a scalar count, the peak traced)."""
+    for num_epochs in (1, 3):
+        config = default.get_config()
+        config.num_epochs, config.optimizer.warmup_epochs = num_epochs, warmup_epochs
+        total = steps_per_epoch * num_epochs
+        warmup = min(int(warmup_epochs * steps_per_epoch), total - 1)
+
+        ours, theirs = _compiled_schedules(config, steps_per_epoch, warmup)
+        values = steps.hyperparameters(config, steps_per_epoch)
+        counts = [jnp.int32(count) for count in range(total + 2)]
+        expected = np.array([theirs(count, values["learning_rate"]) for count in counts])
+        got = np.array([ours(count, values) for count in counts])
+        np.testing.assert_array_equal(got, expected, err_msg=f"{num_epochs} epochs, warmup {warmup}")
+        assert expected.max() == np.float32(config.optimizer.learning_rate) or warmup == 0
+
+
+FUSED_RECIPES = [
+    "adamw_warmup_cosine_smoothing",
+    "adamw_warmup_2_steps",
+    "momentum_cosine_l2_clip",
+    "adam_constant_l2_betas",
+]
+
+
+@pytest.mark.parametrize("recipe", FUSED_RECIPES)
+def test_fused_steps_on_values_give_the_constants_program_numbers_bit_for_bit(recipe):
+    """The CPU default program (3 steps a call, written out, a masked tail) on the values equals the same program
+    with the config's numbers written in through optax's own optimizers and schedule, bit for bit, over 2 epochs
+    of 4 steps: XLA's rewrites of constants differ from a step taken alone, so this is compared fused."""
+    config = _recipe(RECIPES[recipe])
+    steps_per_epoch, batch = 4, 32
+    images, labels = make_learnable_split(steps_per_epoch * batch, seed=3)
+    images, labels = jnp.asarray(images[..., None]), jnp.asarray(labels.astype(np.int32))
+    model = models.create_model(config.model)
+    tx = steps.make_optimizer(
+        config.optimizer, steps.make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
+    )
+    state = steps.create_train_state(model, tx, seed=0)
+    values = steps.hyperparameters(config, steps_per_epoch)
+    results = []
+    for constants in (False, True):
+        step_fn = steps.make_train_step(config, steps_per_epoch, steps_per_call=3, unroll=3, constants=constants)
+        carry = _carry(jax.tree.map(jnp.copy, state))
+        for epoch in range(config.num_epochs):
+            order = input_pipeline.epoch_order(jax.random.PRNGKey(1), epoch, steps_per_epoch * batch, batch)
+            for _ in range(2):  # 3 steps, then 1 (two masked)
+                carry = step_fn(carry, images, labels, order, values)
+        results.append(carry)
+    ours, theirs = results
+    assert int(ours[0].step) == int(theirs[0].step) == steps_per_epoch * config.num_epochs
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_run_compiles_nothing_after_the_first_epoch(tiny_data_dir, tmp_path):

@@ -309,7 +309,7 @@ def _compile(run: Setup, state: LoopState, model, mesh) -> None:
     train_step = steps.make_train_step(
         config, run.steps_per_epoch, config.train.steps_per_call, config.train.scan_unroll, mesh
     )
-    run.step_values = distributed.put_replicated(steps.hyperparameters(config), mesh)
+    run.step_values = distributed.put_replicated(steps.hyperparameters(config, run.steps_per_epoch), mesh)
     predict = steps.make_predict(models.for_inference(model).apply, config.eval_batch_size, mesh)
     order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3), out_shardings=distributed.replicated(mesh))
     run.data_key = np.asarray(jax.random.PRNGKey(config.seed + 1))

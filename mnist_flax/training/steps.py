@@ -27,26 +27,57 @@ class TrainState(train_state.TrainState):
 # ---------------------------------------------------------------- setup
 
 
-def make_schedule(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int, peak=None):
+def warmup_steps(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int) -> int:
+    """Steps of linear warmup in the warmup-cosine schedule: warmup_epochs of them, at most one short of the run."""
+    total_steps = max(1, steps_per_epoch * num_epochs)
+    return min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps - 1)
+
+
+def make_schedule(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int, values=None):
     """The learning-rate schedule: constant, cosine, or linear warmup then cosine.
 
-    `peak` (default: the config's learning rate) may be a traced value. The warmup-cosine schedule is optax's
-    `warmup_cosine_decay_schedule` with an end value of 0, put together from the same pieces so that the peak need
-    not be a Python number (optax's own tests `peak == 0` in Python).
+    Without `values` it is optax's schedule on the config's numbers (warmup-cosine: optax's
+    `warmup_cosine_decay_schedule` with an end value of 0, put together from the same pieces). With `values` (from
+    `hyperparameters`, traced inside the train step) the peak and the warmup's length are those values.
     """
-    peak = optimizer_config.learning_rate if peak is None else peak
     total_steps = max(1, steps_per_epoch * num_epochs)
     name = optimizer_config.schedule
+    peak = optimizer_config.learning_rate if values is None else values["learning_rate"]
     if name == "constant":
         return optax.constant_schedule(peak)
     if name == "cosine":
         return optax.cosine_decay_schedule(peak, decay_steps=total_steps)
-    if name == "warmup_cosine":
-        warmup = min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps - 1)
-        warm = optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup)
-        decay = optax.cosine_decay_schedule(init_value=peak, decay_steps=total_steps - warmup, alpha=0.0)
-        return optax.join_schedules([warm, decay], [warmup])
-    raise ConfigError(f"optimizer.schedule: unknown schedule {name!r}")
+    if name != "warmup_cosine":
+        raise ConfigError(f"optimizer.schedule: unknown schedule {name!r}")
+    warmup = warmup_steps(optimizer_config, steps_per_epoch, num_epochs)
+    if values is not None and warmup > 0:
+        return _warmup_cosine(values)
+    # optax tests the peak against 0 in Python, so the peak (which may be traced) goes in through the pieces.
+    warm = optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup)
+    decay = optax.cosine_decay_schedule(init_value=peak, decay_steps=total_steps - warmup, alpha=0.0)
+    return optax.join_schedules([warm, decay], [warmup])
+
+
+def _warmup_cosine(values: dict):
+    """optax's warmup-cosine schedule (end value 0) with the peak and the warmup's length traced.
+
+    It is the program XLA makes of optax's schedule with the lengths as constants: XLA turns a division by a
+    constant into a multiply by its float32 reciprocal, and `pi * count / decay_steps` into
+    `count * (pi * (1 / decay_steps))`. Divided by a traced length the numbers would differ in the last bit, so
+    `hyperparameters` works those constants out on the host, in float32 as XLA does, and this multiplies by them.
+    """
+    peak, warmup = values["learning_rate"], values["warmup_steps"]
+
+    def schedule(count):
+        # optax.linear_schedule(0, peak, warmup): (0 - peak) * (1 - count / warmup) + peak.
+        frac = 1 - jnp.clip(count, 0, warmup).astype(jnp.float32) * values["warmup_reciprocal"]
+        warm = (0.0 - peak) * frac + peak
+        # optax.cosine_decay_schedule(peak, decay_steps, alpha=0) from step `warmup` on.
+        decay_count = jnp.minimum((count - warmup).astype(jnp.float32), values["decay_steps"])
+        decay = peak * ((jnp.cos(decay_count * values["decay_angle"]) + 1) * 0.5)
+        return jnp.where(count < warmup, warm, decay)  # optax.join_schedules
+
+    return schedule
 
 
 def make_optimizer(
@@ -112,37 +143,47 @@ def _scale_by_adam(values: dict) -> optax.GradientTransformation:
 
 
 # Hyperparameters the compiled train step takes as arguments. The rest of the recipe (optimizer and schedule
-# kinds, warmup, clipping, dropout, focal gamma, eps, whether weight decay is applied at all, the shapes) is
-# written into the program.
+# kinds, clipping, dropout, focal gamma, eps, whether weight decay and a warmup are applied at all, the shapes)
+# is written into the program.
 TRACED_HYPERPARAMETERS = (
     "optimizer.learning_rate",
     "optimizer.weight_decay",
     "optimizer.momentum",
     "optimizer.b1",
     "optimizer.b2",
+    "optimizer.warmup_epochs",
     "loss.label_smoothing",
 )
 
 
-def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """The values of TRACED_HYPERPARAMETERS the train step is passed, as float32 scalars.
+def hyperparameters(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, np.ndarray]:
+    """The values of TRACED_HYPERPARAMETERS the train step is passed, as float32 scalars (the warmup's length in
+    steps: int32), with the constants derived from them.
 
     As arguments, not constants, they leave the compiled program the same for every value: the trials of a sweep
     over them share one program, compiled once and then loaded from the compilation cache. The constants optax
     derives from a Python float (label smoothing's 1 - a and a / classes, Adam's 1 - b1 and 1 - b2) are
-    computed here in float64 and rounded to float32 once, as optax does, so the step's numbers are bit for bit
-    those of the values baked in.
+    computed here in float64 and rounded to float32 once, as optax does, and those XLA folds from the warmup
+    and decay lengths in float32, as XLA does (`_warmup_cosine`); so the step's numbers are bit for bit those
+    of the values baked in.
     """
+    optimizer_config = config.optimizer
     smoothing = config.loss.label_smoothing if config.loss.name == "cross_entropy" else 0.0
     keep, spread = _smoothing(smoothing, input_pipeline.NUM_CLASSES)
+    warmup = warmup_steps(optimizer_config, steps_per_epoch, config.num_epochs)
+    decay_steps = np.float32(max(1, steps_per_epoch * config.num_epochs) - warmup)
     return {
-        "learning_rate": np.float32(config.optimizer.learning_rate),
-        "weight_decay": np.float32(config.optimizer.weight_decay),
-        "momentum": np.float32(config.optimizer.momentum),
-        "b1": np.float32(config.optimizer.b1),
-        "b2": np.float32(config.optimizer.b2),
-        "one_minus_b1": np.float32(1.0 - config.optimizer.b1),
-        "one_minus_b2": np.float32(1.0 - config.optimizer.b2),
+        "learning_rate": np.float32(optimizer_config.learning_rate),
+        "weight_decay": np.float32(optimizer_config.weight_decay),
+        "momentum": np.float32(optimizer_config.momentum),
+        "b1": np.float32(optimizer_config.b1),
+        "b2": np.float32(optimizer_config.b2),
+        "one_minus_b1": np.float32(1.0 - optimizer_config.b1),
+        "one_minus_b2": np.float32(1.0 - optimizer_config.b2),
+        "warmup_steps": np.int32(warmup),
+        "warmup_reciprocal": np.float32(1) / np.float32(max(warmup, 1)),
+        "decay_steps": decay_steps,
+        "decay_angle": np.float32(np.pi) * (np.float32(1) / decay_steps),
         "label_keep": keep,
         "label_spread": spread,
     }
@@ -196,12 +237,13 @@ def empty_guard() -> dict:
     return {"count": jnp.zeros((), jnp.int32), "first_step": jnp.full((), -1, jnp.int32)}
 
 
-def _one_step_fn(config, steps_per_epoch: int, shard):
+def _one_step_fn(config, steps_per_epoch: int, shard, constants: bool):
     """fn(carry, images, labels, order, values) -> carry: one optimizer step on the batch at row
-    step % steps_per_epoch of `order`."""
+    step % steps_per_epoch of `order`; with `constants`, on the config's numbers instead of `values`."""
     augment_config = config.data.get("augment")
 
     def one_step(carry, images, labels, order, values):
+        values = None if constants else values
         state, train_metrics, guard = carry
         batch_idx = shard(order[state.step % steps_per_epoch])
         batch_images, batch_labels = preprocess(shard(images[batch_idx])), shard(labels[batch_idx])
@@ -221,7 +263,7 @@ def _one_step_fn(config, steps_per_epoch: int, shard):
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
         # The optimizer of state.tx, built on the traced values: state.apply_gradients with them.
-        schedule = make_schedule(config.optimizer, steps_per_epoch, config.num_epochs, peak=values["learning_rate"])
+        schedule = make_schedule(config.optimizer, steps_per_epoch, config.num_epochs, values)
         tx = make_optimizer(config.optimizer, schedule, values)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         updated = state.replace(
@@ -243,10 +285,13 @@ def _one_step_fn(config, steps_per_epoch: int, shard):
     return one_step
 
 
-def make_train_step(config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1, mesh=None):
+def make_train_step(
+    config, steps_per_epoch: int, steps_per_call: int = 1, unroll: int = 1, mesh=None, constants: bool = False
+):
     """Returns a jitted fn(carry, images, labels, order, values) -> carry.
 
-    carry = (state, train_metrics, guard); values = `hyperparameters(config)`, replicated with a mesh. The
+    carry = (state, train_metrics, guard); values = `hyperparameters(config, steps_per_epoch)`, replicated
+    with a mesh. The
     recipe comes from `config` (optimizer, schedule over config.num_epochs, loss, config.data.augment, which
     flips and shifts the batch on the device); the values of TRACED_HYPERPARAMETERS are arguments, so one
     program serves them all. Each step gathers its batch on the device from the resident `images`/`labels`
@@ -255,9 +300,11 @@ def make_train_step(config, steps_per_epoch: int, steps_per_call: int = 1, unrol
     log point whether to stop. With steps_per_call > 1 the steps are fused: written out one after another when
     `unroll` covers them all, else with lax.scan; steps past the end of the epoch are masked out, so a call
     never crosses an epoch and nothing recompiles. With a mesh, the batch is split along its "data" axis (the
-    carry and the resident data are replicated); without one, it runs on the default device.
+    carry and the resident data are replicated); without one, it runs on the default device. With `constants`
+    the step ignores `values` and has the config's hyperparameters written in as constants, through optax's own
+    optimizers and schedules: the numbers the values must reproduce bit for bit (tests compare the two).
     """
-    one_step = _one_step_fn(config, steps_per_epoch, _batch_constraint(mesh))
+    one_step = _one_step_fn(config, steps_per_epoch, _batch_constraint(mesh), constants)
     out_shardings = distributed.replicated(mesh) if mesh is not None else None
     if steps_per_call == 1:
         return jax.jit(one_step, donate_argnums=(0,), out_shardings=out_shardings)
