@@ -52,7 +52,7 @@ NOTES = {
     "XLA's cost analysis; then the library's default step (8 pieces, 3 steps a call) under XLA's profiler, each "
     "executed fusion under the model piece its HLO metadata names. Thread time is summed over the threads of both "
     "cores; a convolution's GFLOP/s is its FLOPs over its own time, so one near a core's peak runs at the roofline "
-    "while it runs. In two rounds alternating with that profile (each side's table its round with the faster "
+    "while it runs. In three rounds alternating with that profile (each side's table its round with the faster "
     "untraced step, the one least disturbed by other jobs), the resident-data torch.compile peer of the whole run "
     "(torch_profile.py: same model, AdamW and schedule, label smoothing, dropout, batch 128, two threads, data "
     "resident, batches gathered by index), 30 steps of warm-up, 60 timed, 60 under torch.profiler (CPU); each op's "

@@ -16,7 +16,7 @@ metadata names (the convolutions' forward, input and weight gradients, bias + Re
 optimizer, the batch gather); a dot or copy outside any fusion by its own metadata. Times are thread time, summed
 over both cores' threads, as a share of all of it.
 
-In the same invocation, in two rounds alternating with that profile, the resident-data torch.compile peer's step
+In the same invocation, in three rounds alternating with that profile, the resident-data torch.compile peer's step
 under torch.profiler, by the same pieces where they apply, and the kernels inductor generated for it
 (torch_profile.py); each side's table is its round with the faster untraced step.
 """
@@ -47,7 +47,7 @@ from mnist_flax.training import resolution  # noqa: E402
 
 BATCH = 128
 PROFILED_STEPS = 60
-PROFILE_ROUNDS = 2  # alternating rounds of the two profiles (ours, torch.compile's)
+PROFILE_ROUNDS = 3  # alternating rounds of the two profiles (ours, torch.compile's)
 # The library's CPU defaults, as its resolver decides "auto" at batch 128: 8 pieces, 3 steps a call written out.
 DEFAULT_PIECES = resolution.conv_batch_split("auto", BATCH, "cpu")
 DEFAULT_STEPS = resolution.steps_per_call("auto", "cpu")
