@@ -171,6 +171,8 @@ RECIPES = {
     "adamw_betas": {"optimizer.name": "adamw", "optimizer.b1": 0.8, "optimizer.b2": 0.99},
     "adamw_warmup_2_steps": {"optimizer.name": "adamw", "optimizer.warmup_epochs": 0.7},
     "adamw_no_warmup": {"optimizer.name": "adamw", "optimizer.warmup_epochs": 0.0},
+    "adamw_dropout_0_4": {"optimizer.name": "adamw", "model.dropout_rate": 0.4},
+    "adamw_no_dropout": {"optimizer.name": "adamw", "model.dropout_rate": 0.0},
     "momentum_cosine_l2_clip": {
         "optimizer.name": "momentum",
         "optimizer.schedule": "cosine",
@@ -264,6 +266,7 @@ def test_a_sweep_over_the_traced_hyperparameters_shares_one_program(optimizer):
         "optimizer.b2": 0.98,
         "optimizer.warmup_epochs": 0.5,
         "loss.label_smoothing": 0.15,
+        "model.dropout_rate": 0.1,
     }
     assert set(swept) == set(steps.TRACED_HYPERPARAMETERS)
     assert program(**swept) == base
@@ -308,6 +311,7 @@ def test_the_traced_warmup_cosine_schedule_is_optaxs_at_every_step(steps_per_epo
 
 FUSED_RECIPES = [
     "adamw_warmup_cosine_smoothing",
+    "adamw_dropout_0_4",
     "adamw_warmup_2_steps",
     "momentum_cosine_l2_clip",
     "adam_constant_l2_betas",

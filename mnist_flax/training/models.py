@@ -61,6 +61,27 @@ class Conv3x3(nn.Module):
         return conv(x, kernel) + bias
 
 
+class TracedDropout(nn.Module):
+    """flax's `nn.Dropout` in training, with its two constants given as values that may be traced: the keep
+    probability and its reciprocal. flax scales by `inputs / keep`; with `keep` a constant, XLA makes that a
+    multiply by its float32 reciprocal, so the reciprocal comes from the host (`steps.hyperparameters`) and the
+    numbers stay bit for bit."""
+
+    def __call__(self, inputs: jax.Array, keep: jax.Array, scale: jax.Array) -> jax.Array:
+        mask = jax.random.bernoulli(self.make_rng("dropout"), p=keep, shape=inputs.shape)
+        return jax.lax.select(mask, inputs * scale, jnp.zeros_like(inputs))
+
+
+def dropout(x: jax.Array, rate: float, train: bool, index: int, values=None) -> jax.Array:
+    """The model's `index`-th dropout layer: flax's `nn.Dropout(rate)`, or, with `values` = (keep, 1 / keep), the
+    same masks and numbers from those values (the dropout rate as an argument of the compiled step). Named as flax
+    names it (Dropout_<index>): the mask's key is `make_rng("dropout")` at that path. A rate of 0 is no layer."""
+    name = f"Dropout_{index}"
+    if values is None or rate == 0.0 or not train:
+        return nn.Dropout(rate, deterministic=not train, name=name)(x)
+    return TracedDropout(name=name)(x, *values)
+
+
 class CNN(nn.Module):
     """Conv(3x3) + ReLU + 2x2 average pool per stage, then a dense head.
 
@@ -82,7 +103,8 @@ class CNN(nn.Module):
     num_classes: int = NUM_CLASSES
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, dropout_values=None) -> jax.Array:
+        """Logits; `dropout_values` (keep, 1 / keep), if given, stand for the dropout rate's (see `dropout`)."""
         convs = [Conv3x3(features, impl=self.conv_impl) for features in self.conv_features]
 
         def conv_stages(x):
@@ -98,9 +120,9 @@ class CNN(nn.Module):
             x = features.reshape((x.shape[0], -1))
         else:
             x = conv_stages(x)
-        for features in self.dense_features:
+        for index, features in enumerate(self.dense_features):
             x = nn.relu(nn.Dense(features)(x))
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            x = dropout(x, self.dropout_rate, train, index, dropout_values)
         return nn.Dense(self.num_classes)(x)
 
 
@@ -112,11 +134,12 @@ class MLP(nn.Module):
     num_classes: int = NUM_CLASSES
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, dropout_values=None) -> jax.Array:
+        """Logits; `dropout_values` (keep, 1 / keep), if given, stand for the dropout rate's (see `dropout`)."""
         x = x.reshape((x.shape[0], -1))
-        for features in self.dense_features:
+        for index, features in enumerate(self.dense_features):
             x = nn.relu(nn.Dense(features)(x))
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            x = dropout(x, self.dropout_rate, train, index, dropout_values)
         return nn.Dense(self.num_classes)(x)
 
 

@@ -143,7 +143,7 @@ def _scale_by_adam(values: dict) -> optax.GradientTransformation:
 
 
 # Hyperparameters the compiled train step takes as arguments. The rest of the recipe (optimizer and schedule
-# kinds, clipping, dropout, focal gamma, eps, whether weight decay and a warmup are applied at all, the shapes)
+# kinds, clipping, focal gamma, eps, whether weight decay, a warmup and dropout are applied at all, the shapes)
 # is written into the program.
 TRACED_HYPERPARAMETERS = (
     "optimizer.learning_rate",
@@ -153,6 +153,7 @@ TRACED_HYPERPARAMETERS = (
     "optimizer.b2",
     "optimizer.warmup_epochs",
     "loss.label_smoothing",
+    "model.dropout_rate",
 )
 
 
@@ -172,6 +173,7 @@ def hyperparameters(config: ml_collections.ConfigDict, steps_per_epoch: int) -> 
     keep, spread = _smoothing(smoothing, input_pipeline.NUM_CLASSES)
     warmup = warmup_steps(optimizer_config, steps_per_epoch, config.num_epochs)
     decay_steps = np.float32(max(1, steps_per_epoch * config.num_epochs) - warmup)
+    dropout_keep = np.float32(1.0 - config.model.dropout_rate)  # flax's 1 - rate, in float64 rounded once
     return {
         "learning_rate": np.float32(optimizer_config.learning_rate),
         "weight_decay": np.float32(optimizer_config.weight_decay),
@@ -184,6 +186,8 @@ def hyperparameters(config: ml_collections.ConfigDict, steps_per_epoch: int) -> 
         "warmup_reciprocal": np.float32(1) / np.float32(max(warmup, 1)),
         "decay_steps": decay_steps,
         "decay_angle": np.float32(np.pi) * (np.float32(1) / decay_steps),
+        "dropout_keep": dropout_keep,
+        "dropout_scale": np.float32(1) / dropout_keep,
         "label_keep": keep,
         "label_spread": spread,
     }
@@ -257,7 +261,14 @@ def _one_step_fn(config, steps_per_epoch: int, shard, constants: bool):
             )
 
         def loss_fn(params):
-            logits = state.apply_fn({"params": params}, batch_images, train=True, rngs={"dropout": dropout_rng})
+            dropout_values = None if values is None else (values["dropout_keep"], values["dropout_scale"])
+            logits = state.apply_fn(
+                {"params": params},
+                batch_images,
+                train=True,
+                rngs={"dropout": dropout_rng},
+                dropout_values=dropout_values,
+            )
             return compute_loss(logits, batch_labels, config.loss, values), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
