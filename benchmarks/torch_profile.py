@@ -245,7 +245,7 @@ def code_summary(code: list[dict]) -> str:
     conv_post_ops = (
         f"oneDNN convolutions with fused post-ops: {', '.join(sorted(set(fused)))}"
         if fused
-        else "no convolution with fused post-ops (no mkldnn._convolution_pointwise): the convolutions are plain "
+        else "No convolution with fused post-ops (no mkldnn._convolution_pointwise): the convolutions are plain "
         "aten convolutions (bias inside oneDNN), ReLU and the pool run in inductor's own loops"
     )
     return f"Inductor's generated code, {'; '.join(parts)}. {conv_post_ops}."
