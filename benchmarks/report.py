@@ -24,6 +24,7 @@ TITLES = {
     "cnn_cpu": "CPU studies: the CNN's step on XLA's CPU backend (cpu_studies.py)",
     "whole_run": "The whole default run against PyTorch eager and torch.compile (10 epochs, validation each epoch)",
     "roofline": "Where the CNN's step goes, against the cores' fp32 peak, and torch.compile's beside it (roofline.py)",
+    "bf16": "bfloat16 against float32 for the pieces of the CNN's step (bf16.py)",
     "install": "Setup: a fresh venv from uv.lock, pip against uv (install.py)",
     "compile_cache": "Start-up: a first and a second start with the persistent compilation cache (compile_cache.py)",
     "trials": "Sweep trials: the overhead beyond training, trials per hour, compiles per trial (trials.py)",
@@ -33,6 +34,10 @@ NOTES = {
     "first compiles every program and writes it, the second loads it. Compile seconds are the run's own "
     "`compile_seconds` (the train step and the two predicts, ahead of time); wall seconds the whole process. "
     "The other sections run with the cache off (a first start each time).",
+    "bf16": "Each piece as the default step runs it (batch 128, the convolutions on 8 pieces of 16), on float32 "
+    "data cast to bfloat16 inside the compiled function with float32 accumulation, as a mixed-precision model with "
+    "float32 parameters computes; the two dtypes alternate round by round, and the speed-up is the median of the "
+    "round-by-round ratios of float32 to bfloat16 time.",
     "install": "Both installers put exactly uv.lock's packages for this machine into a new venv: uv with "
     "`uv sync --locked` (what `make setup` runs), pip with `pip install --require-hashes` of `uv export`'s "
     "requirements file (the same pins and hashes). Cold: an empty download cache, every wheel from the package "
