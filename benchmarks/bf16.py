@@ -1,6 +1,7 @@
 """bfloat16 against float32 for the pieces of the default CNN's step on XLA's CPU backend.
 
     python benchmarks/bf16.py                # prints the table; recorded in results.json as `bf16`
+    python benchmarks/bf16.py --results ''   # prints it, records nothing
 
 Where the CPU has AVX512_BF16 (Zen 5, recent Xeons), XLA's CPU backend may run bfloat16 dots on those instructions.
 Each piece is timed as the default step runs it (batch 128; the convolutions
@@ -10,9 +11,9 @@ dtypes alternate round by round, and the ratio is the median of round-by-round r
 the step is in 'Where the CNN's step goes' (roofline.py).
 """
 
+import argparse
 import os
 import sys
-import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -22,6 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common, report  # noqa: E402
+from benchmarks.roofline import time_call  # noqa: E402
 
 BATCH, PIECES, ROUNDS, CALLS = 128, 8, 5, 40
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -83,23 +85,13 @@ def cases() -> dict:
     }
 
 
-def seconds_a_call(fn, args) -> float:
-    start = time.perf_counter()
-    for _ in range(CALLS):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / CALLS
-
-
-def measure() -> dict:
+def measure(rounds: int = ROUNDS) -> dict:
     rows = []
     for name, (build, args) in cases().items():
         fns = {dtype: build(dt) for dtype, dt in DTYPES.items()}
-        for fn in fns.values():
-            jax.block_until_ready(fn(*args))  # compile and warm up
         times = {dtype: [] for dtype in DTYPES}
-        for dtype in common.rotation(list(DTYPES), ROUNDS):
-            times[dtype].append(seconds_a_call(fns[dtype], args))
+        for dtype in common.rotation(list(DTYPES), rounds):
+            times[dtype].append(time_call(fns[dtype], args, CALLS))  # after one call (the first compiles)
         f32, bf16 = times["float32"], times["bfloat16"]
         rows.append(
             {
@@ -112,7 +104,7 @@ def measure() -> dict:
     with open("/proc/cpuinfo") as f:
         has_bf16 = "avx512_bf16" in f.read()
     return {
-        "summary": f"AVX512_BF16 {'present' if has_bf16 else 'absent'} on this CPU. {ROUNDS} alternating rounds of "
+        "summary": f"AVX512_BF16 {'present' if has_bf16 else 'absent'} on this CPU. {rounds} alternating rounds of "
         f"{CALLS} calls per piece and dtype; speed-up = float32 time / bfloat16 time.",
         "tables": [
             {
@@ -129,13 +121,22 @@ def measure() -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--results", default=report.RESULTS_MD, help="RESULTS.md to rewrite ('' for none)")
+    args = parser.parse_args(argv)
     started = report.start()
-    result = measure()
-    results = report.load()
-    report.record(results, "bf16", result, started, report.RESULTS_JSON, report.RESULTS_MD)
-    print(report.render_entry("bf16", results["bf16"]))
+    result = measure(args.rounds)
+    if args.results:
+        json_path = os.path.join(os.path.dirname(os.path.abspath(args.results)), "results.json")
+        results = report.load(json_path)
+        report.record(results, "bf16", result, started, json_path, args.results)
+        print(report.render_entry("bf16", results["bf16"]))
+    else:
+        print(report.render_table(result["tables"][0]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

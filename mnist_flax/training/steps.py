@@ -27,10 +27,14 @@ class TrainState(train_state.TrainState):
 # ---------------------------------------------------------------- setup
 
 
+def total_steps(steps_per_epoch: int, num_epochs: int) -> int:
+    """The schedule's length: the run's optimizer steps (at least 1)."""
+    return max(1, steps_per_epoch * num_epochs)
+
+
 def warmup_steps(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int) -> int:
     """Steps of linear warmup in the warmup-cosine schedule: warmup_epochs of them, at most one short of the run."""
-    total_steps = max(1, steps_per_epoch * num_epochs)
-    return min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps - 1)
+    return min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps(steps_per_epoch, num_epochs) - 1)
 
 
 def make_schedule(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int, values=None):
@@ -40,13 +44,13 @@ def make_schedule(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: 
     `warmup_cosine_decay_schedule` with an end value of 0, put together from the same pieces). With `values` (from
     `hyperparameters`, traced inside the train step) the peak and the warmup's length are those values.
     """
-    total_steps = max(1, steps_per_epoch * num_epochs)
+    total = total_steps(steps_per_epoch, num_epochs)
     name = optimizer_config.schedule
     peak = optimizer_config.learning_rate if values is None else values["learning_rate"]
     if name == "constant":
         return optax.constant_schedule(peak)
     if name == "cosine":
-        return optax.cosine_decay_schedule(peak, decay_steps=total_steps)
+        return optax.cosine_decay_schedule(peak, decay_steps=total)
     if name != "warmup_cosine":
         raise ConfigError(f"optimizer.schedule: unknown schedule {name!r}")
     warmup = warmup_steps(optimizer_config, steps_per_epoch, num_epochs)
@@ -54,7 +58,7 @@ def make_schedule(optimizer_config: ml_collections.ConfigDict, steps_per_epoch: 
         return _warmup_cosine(values)
     # optax tests the peak against 0 in Python, so the peak (which may be traced) goes in through the pieces.
     warm = optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup)
-    decay = optax.cosine_decay_schedule(init_value=peak, decay_steps=total_steps - warmup, alpha=0.0)
+    decay = optax.cosine_decay_schedule(init_value=peak, decay_steps=total - warmup, alpha=0.0)
     return optax.join_schedules([warm, decay], [warmup])
 
 
@@ -172,7 +176,7 @@ def hyperparameters(config: ml_collections.ConfigDict, steps_per_epoch: int) -> 
     smoothing = config.loss.label_smoothing if config.loss.name == "cross_entropy" else 0.0
     keep, spread = _smoothing(smoothing, input_pipeline.NUM_CLASSES)
     warmup = warmup_steps(optimizer_config, steps_per_epoch, config.num_epochs)
-    decay_steps = np.float32(max(1, steps_per_epoch * config.num_epochs) - warmup)
+    decay_steps = np.float32(total_steps(steps_per_epoch, config.num_epochs) - warmup)
     dropout_keep = np.float32(1.0 - config.model.dropout_rate)  # flax's 1 - rate, in float64 rounded once
     return {
         "learning_rate": np.float32(optimizer_config.learning_rate),
@@ -301,19 +305,18 @@ def make_train_step(
 ):
     """Returns a jitted fn(carry, images, labels, order, values) -> carry.
 
-    carry = (state, train_metrics, guard); values = `hyperparameters(config, steps_per_epoch)`, replicated
-    with a mesh. The
-    recipe comes from `config` (optimizer, schedule over config.num_epochs, loss, config.data.augment, which
-    flips and shifts the batch on the device); the values of TRACED_HYPERPARAMETERS are arguments, so one
-    program serves them all. Each step gathers its batch on the device from the resident `images`/`labels`
-    by the epoch's `order`, at row `state.step % steps_per_epoch`. A step whose loss or gradients are not
-    finite leaves params and optimizer state unchanged and is counted in `guard`; the host decides at the next
-    log point whether to stop. With steps_per_call > 1 the steps are fused: written out one after another when
-    `unroll` covers them all, else with lax.scan; steps past the end of the epoch are masked out, so a call
-    never crosses an epoch and nothing recompiles. With a mesh, the batch is split along its "data" axis (the
-    carry and the resident data are replicated); without one, it runs on the default device. With `constants`
-    the step ignores `values` and has the config's hyperparameters written in as constants, through optax's own
-    optimizers and schedules: the numbers the values must reproduce bit for bit (tests compare the two).
+    carry = (state, train_metrics, guard); values = `hyperparameters(config, steps_per_epoch)`, replicated with a
+    mesh. The recipe comes from `config` (optimizer, schedule over config.num_epochs, loss, config.data.augment,
+    which flips and shifts the batch on the device); the values of TRACED_HYPERPARAMETERS are arguments, so one
+    program serves them all. Each step gathers its batch on the device from the resident `images`/`labels` by the
+    epoch's `order`, at row `state.step % steps_per_epoch`. A step whose loss or gradients are not finite leaves
+    params and optimizer state unchanged and is counted in `guard`; the host decides at the next log point whether
+    to stop. With steps_per_call > 1 the steps are fused: written out one after another when `unroll` covers them
+    all, else with lax.scan; steps past the end of the epoch are masked out, so a call never crosses an epoch and
+    nothing recompiles. With a mesh, the batch is split along its "data" axis (the carry and the resident data are
+    replicated); without one, it runs on the default device. With `constants` the step ignores `values` and has the
+    config's hyperparameters written in as constants, through optax's own optimizers and schedules: the numbers the
+    values must reproduce bit for bit (tests compare the two).
     """
     one_step = _one_step_fn(config, steps_per_epoch, _batch_constraint(mesh), constants)
     out_shardings = distributed.replicated(mesh) if mesh is not None else None
