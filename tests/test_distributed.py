@@ -11,56 +11,33 @@ import sys
 
 import pytest
 import services
-from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
+from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main
+from shared import assert_runs_agree, distributed_args, run_results
 
 from mnist_flax import layout
 
-TOLERANCE = 1e-4
 
-
-def _args(data_dir, workdir):
-    overrides = tiny_overrides(data_dir, num_epochs=2, batch_size=48, eval_batch_size=200, log_every_steps=5)
-    return ["--config=configs/cnn.py", f"--workdir={workdir}", *overrides]
-
-
-def _results(workdir):
-    report = json.loads((workdir / layout.FINAL_METRICS).read_text())
-    history = [json.loads(line) for line in open(workdir / layout.METRICS)]
-    train_losses = [r["train/loss"] for r in history if "train/loss" in r]
-    return report, train_losses
-
-
-def _assert_agree(one, many):
-    (report_a, losses_a), (report_b, losses_b) = one, many
-    assert report_b["steps"] == report_a["steps"]
-    assert report_b["test"]["accuracy"] == report_a["test"]["accuracy"]
-    assert report_b["test"]["loss"] == pytest.approx(report_a["test"]["loss"], rel=TOLERANCE)
-    assert report_b["validation"]["loss"] == pytest.approx(report_a["validation"]["loss"], rel=TOLERANCE)
-    assert losses_b == pytest.approx(losses_a, rel=TOLERANCE)
-
-
-@pytest.fixture(scope="module")
-def single_device(tiny_data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("one_device")
-    result = run_main(_args(tiny_data_dir, workdir))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "cpu x1;" in result.stdout
-    return _results(workdir)
+@pytest.fixture
+def single_device(single_device_run):
+    """tests/shared.py's run on one device: what every data-parallel run here must agree with."""
+    return single_device_run
 
 
 @pytest.mark.slow
 def test_eight_devices_agree_with_one(single_device, tiny_data_dir, tmp_path):
-    result = run_main(_args(tiny_data_dir, tmp_path), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    result = run_main(
+        distributed_args(tiny_data_dir, tmp_path), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cpu x8;" in result.stdout
-    _assert_agree(single_device, _results(tmp_path))
+    assert_runs_agree(single_device, run_results(tmp_path))
 
 
 @pytest.mark.slow
 def test_long_dispatch_on_simulated_devices_does_not_deadlock(tiny_data_dir, tmp_path):
     """125 calls without a log point in between: the all-reduces must not wait on each other forever."""
     args = [
-        *_args(tiny_data_dir, tmp_path),
+        *distributed_args(tiny_data_dir, tmp_path),
         "--config.num_epochs=1",
         "--config.log_every_steps=1000",
         "--config.batch_size=8",
@@ -74,7 +51,7 @@ def test_long_dispatch_on_simulated_devices_does_not_deadlock(tiny_data_dir, tmp
 @pytest.mark.slow
 def test_batch_must_split_over_the_devices(tiny_data_dir, tmp_path):
     result = run_main(
-        [*_args(tiny_data_dir, tmp_path), "--config.batch_size=50"],
+        [*distributed_args(tiny_data_dir, tmp_path), "--config.batch_size=50"],
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
     )
     assert result.returncode == 2
@@ -95,7 +72,7 @@ def test_two_processes_train_together_and_agree(single_device, tiny_data_dir, tm
         }
         processes.append(
             subprocess.Popen(
-                [sys.executable, "main.py", *_args(tiny_data_dir, tmp_path)],
+                [sys.executable, "main.py", *distributed_args(tiny_data_dir, tmp_path)],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -110,7 +87,7 @@ def test_two_processes_train_together_and_agree(single_device, tiny_data_dir, tm
     assert "cpu x2 in 2 processes" in primary_out and "done:" in primary_out
     # Only process 0 reports (gloo's own connection line aside).
     assert "done:" not in secondary_out and "epoch 1/2" not in secondary_out
-    _assert_agree(single_device, _results(tmp_path))
+    assert_runs_agree(single_device, run_results(tmp_path))
 
 
 @pytest.mark.parametrize(

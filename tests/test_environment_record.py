@@ -8,6 +8,7 @@ from importlib import metadata
 
 import ml_collections
 import pytest
+from shared import write_distribution, write_lock
 
 from configs import default
 from mnist_flax.config import diff, overrides, schema
@@ -16,25 +17,6 @@ from mnist_flax.records import provenance
 from mnist_flax.training import drift
 
 IN_PROJECT_VENV = os.path.realpath(sys.prefix) == os.path.realpath(os.path.join(schema.REPO_ROOT, ".venv"))
-
-
-def write_lock(path, packages: dict) -> str:
-    """A uv.lock (uv's TOML) pinning {name: version, or a list of versions: a universal lock's forks}."""
-    lines = ["version = 1", "revision = 3", 'requires-python = ">=3.11, <3.14"', ""]
-    for name, versions in packages.items():
-        for version in [versions] if isinstance(versions, str) else versions:
-            lines += ["[[package]]", f'name = "{name}"', f'version = "{version}"']
-            lines += ['source = { registry = "https://pypi.org/simple" }', ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    return str(path)
-
-
-def write_distribution(site, name: str, version: str) -> None:
-    """A distribution as pip leaves it: NAME-VERSION.dist-info/METADATA in a folder of sys.path."""
-    info = site / f"{name}-{version}.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\nA description.\n")
 
 
 @pytest.fixture(scope="module")

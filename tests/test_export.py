@@ -3,23 +3,29 @@ ours, gives predictions.csv back (every label, every probability within 1e-5), f
 jax.export program too; the model card holds the run's record; W&B logs the export; bad input is one line.
 
 One tiny run per model (tests/conftest.py's data, 2 epochs, W&B offline) is trained once per session and shared
-with tests/test_predict.py (`trained_runs`, `onnx_export`).
+with tests/test_predict.py (tests/shared.py's `served_runs` and `onnx_export`).
 """
 
-import contextlib
 import datetime
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-from unittest import mock
 
 import numpy as np
 import onnx
 import pytest
-from conftest import REPO_ROOT, SUBPROCESS_ENV, start_main, tiny_overrides
+from shared import (
+    SERVED_MODELS,
+    TOLERANCE,
+    assert_one_line_error,
+    onnx_export,
+    run_cli,
+    run_in_process,
+    snapshot,
+    split_images,
+)
 
 from mnist_flax import layout
 from mnist_flax.records import files
@@ -27,98 +33,12 @@ from mnist_flax.serving import model_card, onnx_graph
 from mnist_flax.tracking import wandb_files
 from mnist_flax.training import input_pipeline
 
-TOLERANCE = 1e-5
-MODELS = ("cnn", "mlp")
-_RUNS: dict[str, str] = {}  # model -> workdir: trained once per session (test_predict.py imports this module)
-_EXPORTS: dict[str, str] = {}  # model -> its ONNX export folder
+MODELS = SERVED_MODELS
 
 
-def trained_runs(tmp_path_factory, data_dir: str) -> dict[str, str]:
-    """The CNN's and the MLP's tiny runs, trained side by side the first time they are asked for."""
-    if not _RUNS:
-        root = tmp_path_factory.mktemp("serving_runs")
-        started = {
-            name: start_main([f"--config=configs/{name}.py", f"--workdir={root / name}", *tiny_overrides(data_dir)])
-            for name in MODELS
-        }
-        for name, process in started.items():
-            _, stderr = process.communicate(timeout=900)
-            assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
-        _RUNS.update({name: str(root / name) for name in MODELS})
-    return _RUNS
-
-
-def onnx_export(runs: dict[str, str], name: str) -> str:
-    """The model's ONNX export, made once: the CNN's into RUN/export/ (the default) and logged to its offline W&B
-    run, the MLP's into a folder of its own without W&B."""
-    if name not in _EXPORTS:
-        run = runs[name]
-        args = [run] if name == "cnn" else [run, "--out", f"{run}-onnx", "--no-wandb"]
-        result = run_cli("export", *args)
-        assert result.returncode == 0, result.stderr
-        _EXPORTS[name] = os.path.join(run, "export") if name == "cnn" else f"{run}-onnx"
-    return _EXPORTS[name]
-
-
-def run_cli(*args: str, env: dict | None = None, cwd: str = REPO_ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_flax", *args],
-        cwd=cwd,
-        env={**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": REPO_ROOT, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def run_in_process(*args: str, cwd: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m mnist_flax ARGS` in this process, as `run_cli` gives it (faster: nothing is imported again). An
-    exception that the command lets out fails the test with its traceback, as the user would see it."""
-    from mnist_flax.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.dict(os.environ, env or {}))
-        if cwd:
-            stack.enter_context(contextlib.chdir(cwd))
-        stack.enter_context(contextlib.redirect_stdout(out))
-        stack.enter_context(contextlib.redirect_stderr(err))
-        try:
-            code = main(list(args))
-        except SystemExit as e:  # argparse's exit
-            code = e.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def split_images(data_dir: str) -> np.ndarray:
-    """The test split's images as the runs read them: uint8 [N, 28, 28]."""
-    return input_pipeline.read_idx(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz"), input_pipeline.IMAGES_MAGIC)
-
-
-def snapshot(folder: str) -> dict:
-    """Every file under `folder` with its size and modification time: what "nothing changed" compares."""
-    found = {}
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(parent, name)
-            info = os.lstat(path)
-            found[os.path.relpath(path, folder)] = (info.st_size, info.st_mtime_ns)
-    return found
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert result.returncode == layout.EXIT_USAGE, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr and not result.stdout.strip()
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_data_dir):
-    return trained_runs(tmp_path_factory, tiny_data_dir)
+@pytest.fixture
+def runs(served_runs) -> dict[str, str]:
+    return served_runs
 
 
 # ---------------------------------------------------------------- the graph, without a trained run

@@ -7,6 +7,7 @@ data is a new one.
 
 import json
 import os
+import pathlib
 
 import pytest
 from conftest import run_main, tiny_overrides, write_idx_dataset
@@ -20,6 +21,11 @@ def train(workdir, data_dir, **extra) -> dict:
         ["--config=configs/mlp.py", f"--workdir={workdir}", *tiny_overrides(data_dir, num_epochs=1, **extra)]
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return summary_of(workdir)
+
+
+def summary_of(workdir) -> dict:
+    """What the run's offline W&B run file says: its artifacts, inputs and outputs."""
     (run_dir,) = [os.path.join(workdir, "wandb", d) for d in os.listdir(os.path.join(workdir, "wandb"))
                   if d.startswith("offline-run-")]  # fmt: skip
     return wandb_files.summarize(wandb_files.run_file(run_dir))
@@ -30,16 +36,16 @@ def datasets_of(summary: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs_on_data(tiny_data_dir, tmp_path_factory):
-    """One-epoch runs: the first with its checkpoints (the model artifacts); two that start from it (init_from,
-    one eval_only); and runs on the same data, on other files, and on another validation split. Only the first
-    keeps checkpoints: of the others, only the artifacts they use are read."""
+def runs_on_data(tiny_data_dir, tmp_path_factory, finished_mlp_run):
+    """One-epoch runs: the first (tests/shared.py's run) with its checkpoints (the model artifacts); two that start
+    from it (init_from, one eval_only); and runs on the same data, on other files, and on another validation split.
+    Only the first keeps checkpoints: of the others, only the artifacts they use are read."""
     root = tmp_path_factory.mktemp("lineage")
     changed = write_idx_dataset(str(root / "changed_data"), num_train=1100)  # other examples: other files
     bare = {"checkpoint.enabled": False}
-    first = root / "first"
+    first = pathlib.Path(finished_mlp_run)
     return {
-        "first": (first, train(first, tiny_data_dir)),
+        "first": (first, summary_of(first)),
         # Runs that start from the first one's checkpoint: fine-tuned, and evaluated only.
         "fine_tuned": (root / "fine_tuned", train(root / "fine_tuned", tiny_data_dir, **bare, init_from=str(first))),
         "evaluated": (

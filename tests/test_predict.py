@@ -2,7 +2,7 @@
 probabilities within 1e-5), whether the model is the ONNX export, the run or one checkpoint; .npy arrays and IDX
 files agree; `--top` and `--json` have their shapes; bad input is one line, exit 2, nothing written.
 
-The trained runs and the CNN's export are tests/test_export.py's, made once per session.
+The trained runs and the CNN's export are tests/shared.py's, made once per session.
 """
 
 import gzip
@@ -14,7 +14,7 @@ import onnx
 import pytest
 from conftest import write_idx
 from PIL import Image
-from test_export import (
+from shared import (
     TOLERANCE,
     assert_one_line_error,
     onnx_export,
@@ -22,7 +22,6 @@ from test_export import (
     run_in_process,
     snapshot,
     split_images,
-    trained_runs,
 )
 
 from mnist_flax import layout
@@ -34,8 +33,8 @@ COUNT = 12  # test images written as PNG files
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_data_dir):
-    return trained_runs(tmp_path_factory, tiny_data_dir)
+def runs(served_runs):
+    return served_runs
 
 
 @pytest.fixture(scope="module")

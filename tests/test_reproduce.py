@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
-from test_environment_record import write_lock
+from shared import write_lock
 
 from mnist_flax import layout
 from mnist_flax.commands import reproduce

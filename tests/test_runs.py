@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
+from conftest import REPO_ROOT, SUBPROCESS_ENV, tiny_overrides
 
 from mnist_flax import layout
 from mnist_flax.commands import sync
@@ -18,18 +18,15 @@ from mnist_flax.errors import ConfigError, MnistFlaxError
 from mnist_flax.records import runs
 from mnist_flax.tracking import wandb_files, wandb_run
 
-# One epoch, a small learning rate (so test accuracy is not 1.0), no checkpoints: a few seconds a run.
+# The sweep's members: one epoch, a small learning rate (so test accuracy is not 1.0), no checkpoints.
 SETTINGS = {"num_epochs": 1, "optimizer.learning_rate": 0.0001, "checkpoint.enabled": False}
 CURVES = ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
 
 
-@pytest.fixture(scope="module")
-def workdir(tiny_data_dir, tmp_path_factory) -> str:
-    """One finished tiny MLP run, W&B offline."""
-    path = str(tmp_path_factory.mktemp("runs") / "mlp")
-    result = run_main(["--config=configs/mlp.py", f"--workdir={path}", *tiny_overrides(tiny_data_dir, **SETTINGS)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return path
+@pytest.fixture
+def workdir(finished_mlp_run) -> str:
+    """One finished tiny MLP run, W&B offline (tests/shared.py's; its test accuracy is below 1.0)."""
+    return finished_mlp_run
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,13 @@ import time
 import optuna
 import pytest
 import services
-from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main
-from test_distributed import TOLERANCE, _args, _assert_agree, _results
-from test_sweep import tiny_settings
+from conftest import REPO_ROOT, SUBPROCESS_ENV
+from shared import DISTRIBUTED_TOLERANCE, assert_runs_agree, distributed_args, run_results, tiny_settings
 
 from mnist_flax import layout
 
 pytestmark = pytest.mark.slow
-EPOCHS = 4
+EPOCHS = 2  # as tests/shared.py's one-device run, which the two-task job must agree with
 THIS_MACHINE = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
 
@@ -38,8 +37,8 @@ def _env(cluster: dict, **extra) -> dict:
 
 
 def _train_args(data_dir: str) -> list[str]:
-    """test_distributed's tiny CNN run, for EPOCHS epochs, without its workdir (the script names it)."""
-    return [a for a in _args(data_dir, "unused") if not a.startswith("--workdir")] + [f"--config.num_epochs={EPOCHS}"]
+    """tests/shared.py's tiny CNN run for data parallelism, without its workdir (the script names it)."""
+    return [a for a in distributed_args(data_dir, "unused", num_epochs=EPOCHS) if not a.startswith("--workdir")]
 
 
 def submit(cluster: dict, options: list[str], script: str, args: list[str], env: dict) -> str:
@@ -90,12 +89,10 @@ def finished(jobs: list[dict]) -> bool:
     return all(j["JobState"] in FINAL_STATES for j in jobs)
 
 
-@pytest.fixture(scope="module")
-def one_process(tiny_data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("one_process")
-    result = run_main([*_train_args(tiny_data_dir), f"--workdir={workdir}"])
-    assert result.returncode == 0, result.stderr[-2000:]
-    return _results(workdir)
+@pytest.fixture
+def one_process(single_device_run):
+    """The same run in one process (tests/shared.py's, also test_distributed.py's reference)."""
+    return single_device_run
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +110,8 @@ def test_a_two_task_job_joins_through_jax_distributed_and_matches_one_process(un
     workdir, output, fields = uninterrupted
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", output[-3000:]
     assert "slurm: 2 process(es) on" in output and "cpu x2 in 2 processes" in output
-    _assert_agree(one_process, _results(workdir))  # losses within TOLERANCE, accuracies equal
-    assert TOLERANCE == 1e-4
+    assert_runs_agree(one_process, run_results(workdir))  # losses within the tolerance, accuracies equal
+    assert DISTRIBUTED_TOLERANCE == 1e-4
     # Only process 0 reports and tracks: one progress line per logged step, one summary, one W&B run.
     assert output.count("done: ") == 1 and output.count(f"epoch 1/{EPOCHS} step 6/") == 1
     assert len(glob.glob(str(workdir / "wandb" / "offline-run-*"))) == 1
@@ -125,7 +122,7 @@ def test_a_preempted_job_is_requeued_and_resumes_the_same_run(cluster, uninterru
     env = _env(cluster, WORKDIR=str(workdir), COORDINATOR_PORT=str(services.free_port()))
     job = submit(cluster, [*THIS_MACHINE, f"--output={output}"], "launch/slurm.sbatch", _train_args(tiny_data_dir), env)
     deadline = time.monotonic() + 300
-    while not (output.exists() and "epoch 2: val" in output.read_text()):
+    while not (output.exists() and "epoch 1: val" in output.read_text()):
         assert time.monotonic() < deadline, output.read_text() if output.exists() else "no output"
         time.sleep(0.2)
     # What Slurm does at --signal=TERM@120 before the time limit: SIGTERM to every task of the job's steps.

@@ -14,6 +14,7 @@ import pytest
 import services
 import yaml
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, tiny_overrides
+from shared import tiny_settings
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
 from mnist_flax import layout
@@ -28,12 +29,6 @@ SWEEP_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")  # launch/sweep_
 
 # Plain SGD at a constant rate on the tiny data: 0.05 and 0.1 learn, 1e-7 stays at chance (a clearly bad trial).
 SGD = {"optimizer.name": "sgd", "optimizer.schedule": "constant"}
-
-
-def tiny_settings(data_dir: str, **extra) -> list[str]:
-    """tiny_overrides as `--set FIELD=VALUE` options (default: one epoch, no checkpoints)."""
-    overrides = tiny_overrides(data_dir, **{"num_epochs": 1, "checkpoint.enabled": False, **extra})
-    return [item for o in overrides for item in ("--set", o.removeprefix("--config."))]
 
 
 def start_sweep(args: list[str]) -> subprocess.Popen:

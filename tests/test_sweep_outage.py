@@ -99,7 +99,10 @@ def test_two_workers_ride_out_a_database_outage_and_match_an_undisturbed_sweep(s
     wait_for(lambda: all(validations(w) >= 1 for w in first), 300, "the first validations")
     server.stop()
     down = time.monotonic()
-    time.sleep(22)  # longer than two heartbeats (2 s) and than any trial's remaining epochs
+    # The outage outlasts the trials it caught (they finish training without their study and report late) and
+    # the heartbeats' grace period (2 beats of 2 s), after which a silent trial could be taken for dead.
+    wait_for(lambda: all(os.path.isfile(w / layout.FINAL_METRICS) for w in first), 300, "the caught trials to end")
+    time.sleep(max(0.0, 6.0 - (time.monotonic() - down)))
     server.start()
     outage = time.monotonic() - down
     codes = [w.wait(timeout=600) for w in workers]

@@ -10,7 +10,7 @@ import time
 import pytest
 import services
 from conftest import REPO_ROOT, SUBPROCESS_ENV
-from test_sweep import tiny_settings
+from shared import tiny_settings
 
 from mnist_flax import layout
 from mnist_flax.commands import sweep

@@ -30,14 +30,17 @@ def _wandb_summary(workdir) -> dict:
     return wandb_files.summarize(wandb_files.run_file(run_dir))
 
 
+def _cnn_args(data_dir) -> list[str]:
+    """A three-epoch tiny CNN run that logs every step (so a SIGTERM can come after any step)."""
+    return ["--config=configs/cnn.py", *tiny_overrides(data_dir, num_epochs=3, log_every_steps=1)]
+
+
 @pytest.fixture(scope="module")
 def offline_run(tiny_data_dir, tmp_path_factory):
-    """One real offline run from main.py, with a planted token in the environment."""
+    """One real offline run from main.py, with a planted token in the environment; also the uninterrupted run
+    that a preempted and resumed one must match."""
     workdir = tmp_path_factory.mktemp("offline_run")
-    result = run_main(
-        ["--config=configs/cnn.py", f"--workdir={workdir}", *tiny_overrides(tiny_data_dir, num_epochs=3)],
-        env={"WANDB_API_KEY": FAKE_TOKEN},
-    )
+    result = run_main([*_cnn_args(tiny_data_dir), f"--workdir={workdir}"], env={"WANDB_API_KEY": FAKE_TOKEN})
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result
 
@@ -152,11 +155,8 @@ def test_planted_token_is_nowhere(offline_run):
                 assert FAKE_TOKEN.encode() not in f.read(), path
 
 
-def test_resume_after_sigterm_ends_with_the_same_metrics(tiny_data_dir, tmp_path):
-    args = ["--config=configs/cnn.py", *tiny_overrides(tiny_data_dir, num_epochs=3, log_every_steps=1)]
-    straight = run_main([*args, f"--workdir={tmp_path / 'straight'}"])
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
+def test_resume_after_sigterm_ends_with_the_same_metrics(offline_run, tiny_data_dir, tmp_path):
+    args, (straight, _) = _cnn_args(tiny_data_dir), offline_run
     workdir = tmp_path / "interrupted"
     process = start_main([*args, f"--workdir={workdir}"])
     fired = False
@@ -178,7 +178,7 @@ def test_resume_after_sigterm_ends_with_the_same_metrics(tiny_data_dir, tmp_path
     resumed = run_main([*args, f"--workdir={workdir}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed at step" in resumed.stdout
-    a = json.loads((tmp_path / "straight" / layout.FINAL_METRICS).read_text())
+    a = json.loads((straight / layout.FINAL_METRICS).read_text())
     b = json.loads((workdir / layout.FINAL_METRICS).read_text())
     # Same data order, dropout keys and optimizer state: the same numbers (tolerance 1e-6 for float noise).
     assert b["test"]["accuracy"] == a["test"]["accuracy"]

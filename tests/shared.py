@@ -1,0 +1,210 @@
+"""What several test modules share: the runs many of them only read, each trained once per session, and the
+helpers that make and check them. Tests import from here, never from each other.
+
+A test that changes a shared run (resumes it, breaks a file) works on a copy (`copy_run`); the tests that refuse
+a change check that the shared run is byte for byte as before.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, start_main, tiny_overrides
+
+from mnist_flax import layout
+from mnist_flax.training import input_pipeline
+
+# ---------------------------------------------------------------- the one-epoch MLP run
+
+# One epoch (20 steps of 50 on the 1,000 training images), checkpoints on, W&B offline; a small learning rate, so
+# its test accuracy is below 1.0 and a record that read another run's numbers would show.
+MLP_RUN_SETTINGS = {"num_epochs": 1, "optimizer.learning_rate": 0.0001}
+
+
+def mlp_run_args(data_dir: str, workdir, **extra) -> list[str]:
+    """main.py's arguments for the shared MLP run (or a resume of it, with `extra` fields changed)."""
+    overrides = tiny_overrides(data_dir, **{**MLP_RUN_SETTINGS, **extra})
+    return ["--config=configs/mlp.py", f"--workdir={workdir}", *overrides]
+
+
+@pytest.fixture(scope="session")
+def finished_mlp_run(tiny_data_dir, tmp_path_factory) -> str:
+    """A finished one-epoch MLP run on the tiny data: checkpoint at step 20, W&B offline. Read it; copy to change."""
+    workdir = str(tmp_path_factory.mktemp("shared_run") / "mlp")
+    result = run_main(mlp_run_args(tiny_data_dir, workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "20"))
+    return workdir
+
+
+def copy_run(source: str, target, *, wandb: bool = True) -> str:
+    """A copy of a finished run's workdir to change freely (without its W&B folder where `wandb` is False)."""
+    shutil.copytree(source, target, ignore=None if wandb else shutil.ignore_patterns("wandb"))
+    return str(target)
+
+
+# ---------------------------------------------------------------- the CNN and MLP runs that serving reads
+
+SERVED_MODELS = ("cnn", "mlp")
+TOLERANCE = 1e-5  # served predictions against the run's own predictions.csv: probabilities within it
+
+
+@pytest.fixture(scope="session")
+def served_runs(tiny_data_dir, tmp_path_factory) -> dict[str, str]:
+    """The CNN's and the MLP's two-epoch tiny runs (W&B offline), trained side by side: export and predict read
+    them."""
+    root = tmp_path_factory.mktemp("served_runs")
+    started = {
+        name: start_main([f"--config=configs/{name}.py", f"--workdir={root / name}", *tiny_overrides(tiny_data_dir)])
+        for name in SERVED_MODELS
+    }
+    for name, process in started.items():
+        _, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
+    return {name: str(root / name) for name in SERVED_MODELS}
+
+
+_EXPORTS: dict[str, str] = {}  # served run -> its ONNX export folder, made the first time a test asks
+
+
+def onnx_export(served: dict[str, str], name: str) -> str:
+    """The served run's ONNX export, made once: the CNN's into RUN/export/ (the default) and logged to its offline
+    W&B run, the MLP's into a folder of its own without W&B."""
+    run = served[name]
+    if run not in _EXPORTS:
+        args = [run] if name == "cnn" else [run, "--out", f"{run}-onnx", "--no-wandb"]
+        result = run_cli("export", *args)
+        assert result.returncode == 0, result.stderr
+        _EXPORTS[run] = os.path.join(run, "export") if name == "cnn" else f"{run}-onnx"
+    return _EXPORTS[run]
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: str = REPO_ROOT) -> subprocess.CompletedProcess:
+    """`python -m mnist_flax ARGS` in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_flax", *args],
+        cwd=cwd,
+        env={**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": REPO_ROOT, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def run_in_process(*args: str, cwd: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m mnist_flax ARGS` in this process, as `run_cli` gives it (faster: nothing is imported again). An
+    exception that the command lets out fails the test with its traceback, as the user would see it."""
+    from mnist_flax.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ, env or {}))
+        if cwd:
+            stack.enter_context(contextlib.chdir(cwd))
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's exit
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def split_images(data_dir: str) -> np.ndarray:
+    """The test split's images as the runs read them: uint8 [N, 28, 28]."""
+    return input_pipeline.read_idx(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz"), input_pipeline.IMAGES_MAGIC)
+
+
+def snapshot(folder: str) -> dict:
+    """Every file under `folder` with its size and modification time: what "nothing changed" compares."""
+    found = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            info = os.lstat(path)
+            found[os.path.relpath(path, folder)] = (info.st_size, info.st_mtime_ns)
+    return found
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The result is exit 2 with one `error: ...` line on stderr holding every fragment, and nothing else."""
+    assert result.returncode == layout.EXIT_USAGE, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr and not result.stdout.strip()
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the distributed CNN run
+
+DISTRIBUTED_TOLERANCE = 1e-4  # relative, for losses: an all-reduce sums in another order than one device does
+
+
+def distributed_args(data_dir, workdir, **extra) -> list[str]:
+    """The tiny CNN run that data-parallel runs are compared with (batch 48 splits over 1, 2, 4 and 8 devices)."""
+    settings = {"num_epochs": 2, "batch_size": 48, "eval_batch_size": 200, "log_every_steps": 5, **extra}
+    return ["--config=configs/cnn.py", f"--workdir={workdir}", *tiny_overrides(data_dir, **settings)]
+
+
+@pytest.fixture(scope="session")
+def single_device_run(tiny_data_dir, tmp_path_factory) -> tuple[dict, list[float]]:
+    """`run_results` of the tiny CNN run on one device, which the data-parallel and Slurm runs must agree with."""
+    workdir = tmp_path_factory.mktemp("one_device")
+    result = run_main(distributed_args(tiny_data_dir, workdir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cpu x1;" in result.stdout
+    return run_results(workdir)
+
+
+def run_results(workdir) -> tuple[dict, list[float]]:
+    """A finished run's final report and its train losses, in order."""
+    report = json.loads((workdir / layout.FINAL_METRICS).read_text())
+    history = [json.loads(line) for line in open(workdir / layout.METRICS)]
+    return report, [r["train/loss"] for r in history if "train/loss" in r]
+
+
+def assert_runs_agree(one, many) -> None:
+    """Two runs' `run_results` agree: steps and accuracies equal, losses within DISTRIBUTED_TOLERANCE."""
+    (report_a, losses_a), (report_b, losses_b) = one, many
+    assert report_b["steps"] == report_a["steps"]
+    assert report_b["test"]["accuracy"] == report_a["test"]["accuracy"]
+    assert report_b["test"]["loss"] == pytest.approx(report_a["test"]["loss"], rel=DISTRIBUTED_TOLERANCE)
+    assert report_b["validation"]["loss"] == pytest.approx(report_a["validation"]["loss"], rel=DISTRIBUTED_TOLERANCE)
+    assert losses_b == pytest.approx(losses_a, rel=DISTRIBUTED_TOLERANCE)
+
+
+# ---------------------------------------------------------------- sweeps and environments
+
+
+def tiny_settings(data_dir: str, **extra) -> list[str]:
+    """tiny_overrides as a sweep's `--set FIELD=VALUE` options (default: one epoch, no checkpoints)."""
+    overrides = tiny_overrides(data_dir, **{"num_epochs": 1, "checkpoint.enabled": False, **extra})
+    return [item for o in overrides for item in ("--set", o.removeprefix("--config."))]
+
+
+def write_lock(path, packages: dict) -> str:
+    """A uv.lock (uv's TOML) pinning {name: version, or a list of versions: a universal lock's forks}."""
+    lines = ["version = 1", "revision = 3", 'requires-python = ">=3.11, <3.14"', ""]
+    for name, versions in packages.items():
+        for version in [versions] if isinstance(versions, str) else versions:
+            lines += ["[[package]]", f'name = "{name}"', f'version = "{version}"']
+            lines += ['source = { registry = "https://pypi.org/simple" }', ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return str(path)
+
+
+def write_distribution(site, name: str, version: str) -> None:
+    """A distribution as pip leaves it: NAME-VERSION.dist-info/METADATA in a folder of sys.path."""
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\nA description.\n")
