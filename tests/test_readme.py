@@ -5,6 +5,8 @@ resolves, and every command they name exists."""
 import glob
 import os
 import re
+import shutil
+import subprocess
 
 from conftest import REPO_ROOT
 
@@ -73,6 +75,40 @@ def test_quick_start_names_the_two_commands():
     assert "make train" in quick_start and "make test" in quick_start
     makefile = _read("Makefile")
     assert re.search(r"^train: setup", makefile, re.M) and re.search(r"^test: setup", makefile, re.M)
+
+
+def _make_targets(makefile: str) -> dict[str, tuple[list[str], str]]:
+    """target -> (its prerequisites, its recipe), for each rule of the Makefile."""
+    targets = {}
+    for match in re.finditer(r"^([a-z-]+):(?!=)(.*)\n((?:\t.*\n?)*)", makefile, re.M):
+        prerequisites = match.group(2).split("##", 1)[0].split()
+        targets[match.group(1)] = (prerequisites, match.group(3))
+    return targets
+
+
+def test_every_make_target_that_runs_the_venv_sets_it_up_first():
+    # On a fresh clone .venv does not exist yet: a target calling $(PY) without `setup` fails there.
+    targets = _make_targets(_read("Makefile"))
+    assert {"train", "test", "test-fast", "lint", "format", "notebooks"} <= set(targets)
+    for name, (prerequisites, recipe) in targets.items():
+        if "$(PY)" in recipe:
+            assert "setup" in prerequisites, f"make {name} runs .venv's python without the setup prerequisite"
+
+
+def test_make_train_does_not_need_apt_get(tmp_path):
+    # Outside Debian (no apt-get) and without the data set, setup-data says the way round in one line and goes on.
+    result = subprocess.run(
+        ["make", "-s", "setup-data", f"DATA_DIR={tmp_path}/none"],
+        cwd=REPO_ROOT,
+        env={"PATH": str(tmp_path)},  # no apt-get (nor anything else) on the PATH
+        executable=shutil.which("make"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and "--config.data.local_dir=DIR" in lines[0] and "TFDS" in lines[0], result.stdout
 
 
 def _cells(line: str) -> list[str]:
