@@ -21,7 +21,7 @@ def _read(path: str) -> str:
 
 README = _read("README.md")
 PAGES = ["README.md", "launch/README.md", "benchmarks/README.md"] + sorted(
-    os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "docs", "*.md"))
+    os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "docs", "**", "*.md"), recursive=True)
 )
 
 
@@ -75,6 +75,41 @@ def test_quick_start_names_the_two_commands():
     assert "make train" in quick_start and "make test" in quick_start
     makefile = _read("Makefile")
     assert re.search(r"^train: setup", makefile, re.M) and re.search(r"^test: setup", makefile, re.M)
+
+
+def _quick_start_commands() -> list[str]:
+    """The commands of the Quick start's first code block, comments dropped."""
+    block = re.search(r"```bash\n(.*?)```", _section(README, "Quick start"), re.S).group(1)
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def test_the_quick_start_commands_work_copied_in_order():
+    # Each command uses only workdirs and exports an earlier command made: `make train` writes runs/NAME-TIMESTAMP
+    # unless told a WORKDIR, so `export runs/cnn` after a bare `make train` would find nothing.
+    made = set()
+    for command in _quick_start_commands():
+        words = command.split()
+        for word in words:
+            named = re.match(r"(?:WORKDIR=|--workdir=)(runs/[\w.-]+)$", word)
+            if named:
+                made.add(named.group(1))
+        if words[:3] == ["python", "-m", "mnist_flax"] and words[3] in ("compare", "export", "predict"):
+            used = [w for w in words[4:] if w.startswith("runs/")]
+            assert used, command
+            for path in used:
+                assert path in made, f"{command!r} uses {path}, which no earlier command of the Quick start made"
+            if words[3] == "export":
+                made.add(f"{used[0]}/export")
+    assert any(c.split()[3:4] == ["predict"] for c in _quick_start_commands() if c.startswith("python -m"))
+
+
+def test_the_readme_is_a_first_page():
+    quick_start = _section(README, "Quick start")
+    assert len(README.splitlines()) < 250
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b", README), "dated notes belong in benchmarks/RESULTS.md"
+    # The light path beside the full one, with what the full one costs; --invert where predict is shown.
+    assert "make test-fast" in quick_start and "25 minutes" in quick_start and "--invert" in quick_start
+    assert "## Make it yours" in README
 
 
 def _make_targets(makefile: str) -> dict[str, tuple[list[str], str]]:
