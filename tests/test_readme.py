@@ -112,6 +112,28 @@ def test_the_readme_is_a_first_page():
     assert "## Make it yours" in README
 
 
+def test_the_readme_layout_lists_every_module():
+    block = re.search(r"```\n(main\.py.*?)```", _section(README, "Layout"), re.S).group(1)
+    listed, package = {}, None
+    for line in block.splitlines():
+        top = re.match(r"  ([a-z_]+)/ ", line)
+        if top:
+            package = top.group(1)
+        elif not line.startswith("      "):
+            package = None
+        if package:
+            listed[package] = listed.get(package, "") + line
+    root = os.path.join(REPO_ROOT, "mnist_flax")
+    missing = [
+        f"{package}/{name}"
+        for package in sorted(os.listdir(root))
+        if os.path.isdir(os.path.join(root, package)) and not package.startswith("__")
+        for name in sorted(os.listdir(os.path.join(root, package)))
+        if name.endswith(".py") and name != "__init__.py" and name not in listed.get(package, "")
+    ]
+    assert not missing, f"modules the README's layout does not list: {missing}"
+
+
 def _make_targets(makefile: str) -> dict[str, tuple[list[str], str]]:
     """target -> (its prerequisites, its recipe), for each rule of the Makefile."""
     targets = {}
