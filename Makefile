@@ -1,6 +1,7 @@
-# The two commands of the README: `make train` and `make test`. Each sets up what it needs first: the project
-# environment .venv from uv.lock (tools/setup_venv.sh; PYTHON=... picks the interpreter it is made with).
-# Every target runs inside it, as if activated, so scripts and tests that call `python` get its packages.
+# The two commands of the README: `make train` and `make test`. Every target that runs the project's Python sets
+# up what it needs first: the project environment .venv from uv.lock (tools/setup_venv.sh; PYTHON=... picks the
+# interpreter it is made with), so each works on a fresh clone. Every target runs inside it, as if activated, so
+# scripts and tests that call `python` get its packages.
 VENV ?= .venv
 export VENV
 export VIRTUAL_ENV := $(abspath $(VENV))
@@ -8,14 +9,14 @@ export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 PY := $(VENV)/bin/python
 CONFIG ?= configs/cnn.py
 ARGS ?=
+WORKDIR ?=
 RUN ?=
 OTHER_RUN ?=
 DATA_DIR := /usr/share/datasets/fashion-mnist
 # What the test suite needs from Debian beyond Python: the data set, git, the container tests' engine and base
 # image builder, the shell linter, a headless browser for the HTML report, PostgreSQL for a shared sweep study,
 # Slurm and munge for a one-node cluster.
-# `make test` installs whichever are missing,
-# so CI needs nothing else.
+# `make test` installs whichever are missing, so CI needs nothing else.
 TEST_SYSTEM_PACKAGES := dataset-fashion-mnist git docker.io debootstrap shellcheck chromium postgresql slurm-wlm munge
 
 .PHONY: help setup setup-data setup-test-system lock train test test-fast lint format notebooks bench bench-install clean
@@ -23,10 +24,17 @@ TEST_SYSTEM_PACKAGES := dataset-fashion-mnist git docker.io debootstrap shellche
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-setup-data:  ## Fashion-MNIST's IDX files from Debian (needs root or sudo once)
+# Without apt-get (not Debian/Ubuntu) or when it fails, one line says the way round, and setup goes on: a run
+# with data.source=auto then downloads Fashion-MNIST through TFDS, or reads the IDX files of --config.data.local_dir.
+DATA_HINT := note: Fashion-MNIST is not in $(DATA_DIR) and apt-get could not install it (dataset-fashion-mnist); \
+  a run downloads it through TFDS instead (needs the network), or pass ARGS='--config.data.local_dir=DIR' with \
+  the four IDX files in DIR (docs/training.md\#data)
+
+setup-data:  ## Fashion-MNIST's IDX files from Debian (needs root or sudo once; without apt-get, says the way round)
 	@test -f $(DATA_DIR)/train-images-idx3-ubyte.gz || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dataset-fashion-mnist; }
+	  command -v apt-get >/dev/null 2>&1 && SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ) && \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dataset-fashion-mnist; \
+	} || echo "$(DATA_HINT)"
 
 setup-test-system:  ## every Debian package the tests use (needs root or sudo once)
 	@missing=$$(for p in $(TEST_SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -40,26 +48,26 @@ setup: setup-data  ## data + the locked environment in .venv (training, tests, n
 lock:  ## regenerate uv.lock after editing pyproject.toml's dependencies (then commit both)
 	@tools/setup_venv.sh --lock
 
-train: setup  ## train CONFIG (default the CNN) on Fashion-MNIST; ARGS='--config.num_epochs=2 ...'
-	$(PY) main.py --config=$(CONFIG) $(ARGS)
+train: setup  ## train CONFIG (default the CNN) on Fashion-MNIST; WORKDIR=runs/cnn ARGS='--config.num_epochs=2 ...'
+	$(PY) main.py --config=$(CONFIG) $(if $(WORKDIR),--workdir=$(WORKDIR)) $(ARGS)
 
-test: setup-test-system setup lint  ## system packages, lint, then the whole test suite (about 70 min on a 2-core Xeon)
+test: setup-test-system setup lint  ## system packages (docker.io, PostgreSQL, Slurm, ...), lint, the whole suite (long)
 	$(PY) -m pytest -q --durations=15
 
-test-fast:  ## the tests that need no real-data training or container
+test-fast: setup  ## the tests that need no real-data training or container (no system packages beyond the data)
 	$(PY) -m pytest -q -m "not slow"
 
-lint:  ## ruff format + check, and notebooks committed without outputs
+lint: setup  ## ruff format + check, and notebooks committed without outputs
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	$(PY) tools/strip_notebook_outputs.py --check
 
-format:  ## apply ruff's formatting and fixes; strip notebook outputs
+format: setup  ## apply ruff's formatting and fixes; strip notebook outputs
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 	$(PY) tools/strip_notebook_outputs.py
 
-notebooks:  ## run the notebooks against runs (default: the two newest under runs/) -> notebooks/_build/*.html
+notebooks: setup  ## run the notebooks against runs (default: the two newest under runs/) -> notebooks/_build/*.html
 	$(PY) notebooks/render.py --run "$(RUN)" --other-run "$(OTHER_RUN)"
 
 bench: setup  ## throughput against PyTorch, compile time, overheads, time to 90% -> benchmarks/RESULTS.md

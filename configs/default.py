@@ -128,7 +128,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.tensorboard = True
     # XLA's compiled programs kept across runs (a second start compiles nothing): "default"
-    # ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/mnist_flax/xla), a folder, or "off".
+    # ($MNIST_FLAX_COMPILE_CACHE, a folder or "off"; else $JAX_COMPILATION_CACHE_DIR; else
+    # ~/.cache/mnist_flax/xla), a folder, or "off".
     config.compile_cache = "default"
 
     # Several processes (hosts): coordinator "host:port", count and this process's id.

@@ -7,6 +7,8 @@ import gzip
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -162,6 +164,23 @@ def test_auto_fused_steps_per_backend():
     assert (gpu.train.steps_per_call, gpu.train.scan_unroll) == (50, 1)
 
 
+def test_main_py_reads_booleans_as_the_docs_spell_them():
+    # One parser for every override: main.py takes what a sweep's --set and `diff` take (overrides.parse_value).
+    code = (
+        "import sys; from mnist_flax.commands import train; "
+        "sys.argv = ['main.py', '--config=configs/mlp.py', '--config.tensorboard=no', "
+        "'--config.wandb.allow_dirty=YES', '--config.checkpoint.enabled=0']; "
+        "train.parse_flags(sys.argv); "
+        "c = train.FLAGS.config; print(c.tensorboard, c.wandb.allow_dirty, c.checkpoint.enabled)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "True", "False"]
+    refused = run_main(["--config=configs/mlp.py", "--config.tensorboard=maybe"], timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == ["error: config field 'tensorboard' expects bool, got 'maybe'"]
+
+
 def test_nearest_names():
     flat = flat_config("configs/default.py")
     assert schema.nearest_names("lr", flat)[0] == "optimizer.learning_rate"
@@ -297,6 +316,7 @@ BAD_INPUTS = [
         "batch_size_larger_than_split",
         ("--config.batch_size=1001",),
         ("batch_size: 1001", "larger than the training split (1000"),
+        workdir="{tmp}/runs/new",  # refused after the data is read: the folders made for it are removed again
     ),
     BadInput("steps_per_call_zero", ("--config.train.steps_per_call=0",), ("train.steps_per_call",)),
     BadInput("scan_unroll_word", ("--config.train.scan_unroll=all",), ("train.scan_unroll", "'all'")),
@@ -358,11 +378,13 @@ BAD_INPUTS = [
         "data_folder_missing",
         ("--config.data.local_dir=/nonexistent",),
         ("data.local_dir: /nonexistent is not a folder",),
+        workdir="{tmp}/runs/new",
     ),
     BadInput(
         "truncated_gzip",
         ("--config.data.local_dir={broken[truncated_gzip]}",),
         ("{broken[truncated_gzip]}/train-images-idx3-ubyte.gz", "truncated gzip"),
+        workdir="{tmp}/runs/new",
     ),
     BadInput(
         "truncated_data",
@@ -383,6 +405,7 @@ BAD_INPUTS = [
         "label_out_of_range",
         ("--config.data.local_dir={broken[label_out_of_range]}",),
         ("{broken[label_out_of_range]}/train-labels-idx1-ubyte.gz", "label 10 at index 17 is out of range"),
+        workdir="{tmp}/runs/new",
     ),
     # Workdir and checkpoints.
     BadInput("workdir_is_a_file", (), ("workdir {tmp}/a_file is not writable",), workdir="{tmp}/a_file"),
@@ -444,3 +467,19 @@ def test_bad_input_through_main(case, trained_workdir, tiny_data_dir, broken_dat
     assert tree_hashes(trained_workdir) == before
     # Nothing was trained: no run started writing metrics anywhere.
     assert not glob.glob(str(tmp_path / "**" / layout.METRICS), recursive=True)
+    # A refused run leaves nothing on disk: no workdir, no `.lock`, no folder made for it.
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+@pytest.mark.slow
+def test_a_refused_run_leaves_no_folder_under_runs(tmp_path, tiny_data_dir):
+    # No --workdir: the run's own runs/NAME-YYYYmmdd-HHMMSS/, named after a config file of a name of its own. The
+    # batch is refused once the data is read (1,000 training examples), after the workdir and its lock were made.
+    config = tmp_path / f"refused_{os.getpid()}_{tmp_path.name}.py"
+    config.write_text("from configs import mlp\n\n\ndef get_config(arg=None):\n    return mlp.get_config(arg)\n")
+    pattern = os.path.join(REPO_ROOT, "runs", f"{config.stem}-*")
+    result = run_main([f"--config={config}", *tiny_overrides(tiny_data_dir), "--config.batch_size=1001"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "larger than the training split" in lines[0], result.stderr[-2000:]
+    assert glob.glob(pattern) == []

@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -98,11 +99,33 @@ def test_python_m_mnist_flax_lists_its_commands_and_refuses_an_unknown_one():
     assert run_entry().returncode == 2  # no command: the usage, and a usage error
 
 
-def test_each_command_answers_help_under_its_own_name():
-    for command in ("compare", "diff", "reproduce", "sync", "sweep", "export", "predict"):
+def own_flags(command: str) -> list[str]:
+    """The flags a command's module defines itself (argparse's `--name`, absl's DEFINE_*("name")), read from source."""
+    source = (PACKAGE / "commands" / f"{command}.py").read_text()
+    argparse_flags = re.findall(r"\badd(?:_argument)?\(\s*\"(--[a-z][a-z0-9-]*)\"", source)
+    absl_flags = [f"--{name}" for name in re.findall(r"\bDEFINE_\w+\(\s*\"(\w+)\"", source)]
+    return argparse_flags + absl_flags
+
+
+def test_each_command_answers_help_under_its_own_name_with_its_own_flags():
+    for command in ("train", "compare", "diff", "reproduce", "sync", "sweep", "export", "predict"):
         result = run_entry(command, "--help")
         assert result.returncode == 0, result.stderr
         assert f"python -m mnist_flax {command}" in result.stdout
+        expected = own_flags(command)
+        assert expected, f"{command}: the source scan found no flags, so this test would check nothing"
+        missing = [flag for flag in expected if flag not in result.stdout]
+        assert not missing, f"`{command} --help` does not list {missing}:\n{result.stdout}"
+    assert set(own_flags("train")) == {"--config", "--workdir"}
+
+
+def test_main_py_help_lists_the_train_flags():
+    result = subprocess.run(
+        [sys.executable, "main.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: python main.py" in result.stdout
+    assert "--config" in result.stdout and "--workdir" in result.stdout and "--config.FIELD=VALUE" in result.stdout
 
 
 def test_train_through_the_entry_is_main_py():

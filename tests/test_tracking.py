@@ -295,7 +295,7 @@ def test_sync_refuses_dirty_runs_and_accepts_clean_ones(tiny_data_dir, tmp_path)
     assert sync.main([runs["dirty"], "--dry-run"]) == 2
     assert sync.main([runs["dirty"], "--dry-run", "--force"]) == 0
     # Without a token, a real sync stops before uploading anything.
-    env = {k: v for k, v in os.environ.items() if k not in wandb_run.TOKEN_VARIABLES}
+    env = without_stored_token(tmp_path / "home")
     no_token = subprocess.run(
         [sys.executable, "-m", "mnist_flax", "sync", runs["clean"]],
         cwd=REPO_ROOT,
@@ -305,6 +305,39 @@ def test_sync_refuses_dirty_runs_and_accepts_clean_ones(tiny_data_dir, tmp_path)
         timeout=120,
     )
     assert no_token.returncode == 2 and "no W&B token" in no_token.stderr
+
+
+def without_stored_token(home) -> dict:
+    """The environment with no W&B token in it and an empty HOME (no ~/.netrc, no wandb settings)."""
+    os.makedirs(home, exist_ok=True)
+    hidden = (*wandb_run.TOKEN_VARIABLES, "NETRC", "WANDB_CONFIG_DIR", "WANDB_MODE", "WANDB_BASE_URL")
+    return {**{k: v for k, v in os.environ.items() if k not in hidden}, "HOME": str(home)}
+
+
+def token_decision(env: dict) -> list[str]:
+    """What a process with `env` decides: [the token it found or None, wandb.mode=auto's mode]."""
+    code = (
+        "from mnist_flax.tracking import wandb_run; token = wandb_run.read_token(); "
+        "print(token, wandb_run.resolve_mode('auto', token))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split()
+
+
+def test_a_key_stored_by_wandb_login_makes_auto_online_and_lets_sync_upload(tmp_path):
+    # `wandb login` writes the key to ~/.netrc under the server's host; wandb's own lookup finds it there, and so
+    # does ours. No network: only the decision is checked (online, a token for sync), not an upload.
+    home = tmp_path / "home"
+    env = without_stored_token(home)
+    assert token_decision(env) == ["None", "offline"]
+    (home / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_TOKEN}\n")
+    (home / ".netrc").chmod(0o600)
+    assert token_decision(env) == [FAKE_TOKEN, "online"]
+    # The environment's key comes first, as in wandb.
+    assert token_decision({**env, "WANDB_API_KEY": "e" * 40}) == ["e" * 40, "online"]
+    # A netrc entry for another server is not this server's key.
+    assert token_decision({**env, "WANDB_BASE_URL": "http://127.0.0.1:9"}) == ["None", "offline"]
 
 
 def test_unreachable_wandb_keeps_the_run_offline(tiny_data_dir, tmp_path):

@@ -4,7 +4,7 @@ MODEL is an export folder (`python -m mnist_flax export`; run by onnxruntime, wi
 (its best model), a checkpoints folder or one step of it, or a W&B model artifact `entity/project/name:alias`
 (downloaded; needs a key). Each IMAGE is a PNG or JPEG (grey or colour, any size: converted to grey and resized
 to 28x28), a `.npy` array (uint8 [28, 28] or [N, 28, 28]) or an IDX images file (gzipped or not);
-docs/models.md says what is done to each. Prints a line per image: the image (and its index in an array
+docs/internals/serving.md says what is done to each. Prints a line per image: the image (and its index in an array
 file), the predicted label, its class name and its probability; `--top K` the K most probable classes, `--json`
 one JSON document. `--invert` takes 255 - each pixel first (a dark object on a light background).
 

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                   "in order of start time, into that one W&B run)")  # fmt: skip
         return layout.EXIT_OK if result.returncode == 0 else layout.EXIT_USAGE
     if wandb_run.read_token() is None:
-        print("error: no W&B token: set WANDB_API_KEY (or WANDB_TOKEN) in the environment", file=sys.stderr)
+        print("error: no W&B token: run `wandb login`, or set WANDB_API_KEY (or WANDB_TOKEN)", file=sys.stderr)
         return layout.EXIT_USAGE
     for run_dir in ordered:
         print(f"syncing {run_dir}", flush=True)

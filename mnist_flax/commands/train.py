@@ -15,7 +15,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from mnist_flax import layout  # noqa: E402
 from mnist_flax.config import diff, overrides, schema  # noqa: E402
-from mnist_flax.errors import MnistFlaxError, first_line  # noqa: E402
+from mnist_flax.errors import ConfigError, MnistFlaxError, first_line  # noqa: E402
 
 USAGE_EXIT = layout.EXIT_USAGE
 FLAGS = flags.FLAGS
@@ -53,10 +53,30 @@ def diagnose(argv: list[str]) -> str | None:
     return None
 
 
+def spell_booleans(argv: list[str]) -> list[str]:
+    """argv with each bool field's `--config.FIELD=VALUE` read by `overrides.parse_value`, the parser of every
+    override (sweeps and `diff` too), and written as absl's own parser takes it: so `no` and `yes` work here too."""
+    spec = _config_spec(argv)
+    if spec is None:
+        return argv
+    flat = schema.flatten(schema.load_config_file(spec))  # raises ConfigError for a bad file
+    spelled = []
+    for arg in argv:
+        if arg.startswith(overrides.PREFIX) and "=" in arg:
+            name, value = overrides.parse_assignment(arg, "argument", allow_empty=True)
+            if isinstance(flat.get(name), bool):
+                try:
+                    arg = f"{overrides.PREFIX}{name}={overrides.parse_value(value, True)}"
+                except ConfigError as e:
+                    raise ConfigError(f"config field {name!r} {e}") from None
+        spelled.append(arg)
+    return spelled
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every failure turned into one line and exit status 2."""
     try:
-        remaining = flags.FLAGS(argv)
+        remaining = flags.FLAGS(spell_booleans(argv))
         # config_flags defers a bad file's error to first use; surface it here.
         if not isinstance(flags.FLAGS.config, ml_collections.ConfigDict):
             raise flags.Error("config file failed to load")
@@ -111,7 +131,22 @@ def _main(argv: list[str]) -> int:
     return run_main(lambda: train(FLAGS.config, workdir, sys.argv))
 
 
+HELP = """usage: {program} --config=FILE [--workdir=DIR] [--config.FIELD=VALUE ...]
+
+Trains a model on the config file's data and writes the run to --workdir; a run started again with the same
+--workdir resumes from its latest checkpoint. --config.FIELD=VALUE sets any field of the config (repeatable),
+e.g. --config.num_epochs=2 --config.wandb.mode=offline; docs/config.md lists the fields.
+{flags}
+
+absl's own flags (logging, JAX, ...): --helpfull"""
+
+
 def main(argv: list[str]) -> None:
     """The command: argv as sys.argv holds it (the program, then the flags)."""
+    if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
+        # absl's --help lists only the flags of the program's main module, which defines none here.
+        program = "python -m mnist_flax train" if argv[0].endswith(" train") else "python main.py"
+        print(HELP.format(program=program, flags=FLAGS.module_help(__name__)))
+        sys.exit(0)
     flags.mark_flags_as_required(["config"])
     app.run(_main, argv=argv, flags_parser=parse_flags)

@@ -14,6 +14,7 @@ Layout:
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -33,6 +34,38 @@ def prepare_workdir(workdir: str) -> str:
     except OSError as e:
         raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror}") from None
     return workdir
+
+
+def first_missing_folder(path: str) -> str | None:
+    """The outermost folder of `path` that does not exist yet (what creating `path` would create), or None."""
+    path = os.path.abspath(path)
+    missing = None
+    while not os.path.lexists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def remove_unused(workdir: str, created: str | None) -> None:
+    """Removes a workdir the run created (`created`: the outermost folder made for it) if nothing was written
+    there, only empty folders and the lock, and then each emptied parent up to `created`. A refused run so
+    leaves nothing on disk; a folder that holds any other file, or was there before, is kept."""
+    workdir = os.path.abspath(workdir)
+    if created is None or not os.path.isdir(workdir):
+        return
+    for _, _, names in os.walk(workdir):
+        if any(name != layout.LOCK for name in names):
+            return
+    shutil.rmtree(workdir, ignore_errors=True)
+    folder = os.path.dirname(workdir)
+    while os.path.commonpath([folder, created]) == created and folder != os.path.dirname(created):
+        try:
+            os.rmdir(folder)  # only an empty one: another run's folder beside this one stops the climb
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
 
 
 class WorkdirLock:

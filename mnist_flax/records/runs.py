@@ -243,7 +243,7 @@ def _load_online(reference: str, history: bool, predictions: bool, download_dir:
     if wandb_run.read_token() is None:
         raise MnistFlaxError(
             f"{reference}: no such folder, and reading it as a W&B run path needs a W&B key: "
-            "set WANDB_API_KEY (or WANDB_TOKEN) in the environment"
+            "set WANDB_API_KEY (or WANDB_TOKEN) in the environment, or run `wandb login`"
         )
     try:
         import wandb

@@ -145,7 +145,7 @@ def download(reference: str) -> str:
     if wandb_run.read_token() is None:
         raise MnistFlaxError(
             f"{reference}: no such folder, and downloading it as a W&B artifact needs a W&B key: "
-            "set WANDB_API_KEY (or WANDB_TOKEN) in the environment"
+            "set WANDB_API_KEY (or WANDB_TOKEN) in the environment, or run `wandb login`"
         )
     try:
         return wandb_run.download_model_artifact(reference)

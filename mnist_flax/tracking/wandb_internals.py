@@ -7,7 +7,9 @@ wandb's public API has no way to do these three things, so they use its internal
   - `wandb.proto.wandb_internal_pb2.Record`: the record type of a `.wandb` run file (tracking/wandb_files.py);
   - `Run._log_artifact(..., use_after_commit=True)`: what `Run.use_artifact` does with a new artifact online,
     done here in an offline run too, where `use_artifact` refuses: the run's file records the artifact as the
-    run's input, and `wandb sync` commits it and declares the use.
+    run's input, and `wandb sync` commits it and declares the use;
+  - `wandb.sdk.lib.wbauth.read_netrc_auth` and `wandb_setup.singleton().settings`: the key `wandb login` stored
+    (its netrc, or its settings) for the server this process would use, read without prompting or the network.
 `check(run)` runs when a run starts: a name that a new wandb changed or dropped becomes one warning, never a
 crash, and each use below degrades to doing nothing.
 """
@@ -33,6 +35,8 @@ def check(run) -> list[str]:
         missing.append("Run._log_artifact")
     if record_type() is None:
         missing.append("wandb.proto.wandb_internal_pb2.Record")
+    if _netrc_reader() is None:
+        missing.append("wandb.sdk.lib.wbauth.read_netrc_auth")
     if missing:
         print(
             f"warning: wandb {wandb.__version__} lacks {', '.join(missing)} (mnist_flax/tracking/wandb_internals.py "
@@ -51,6 +55,30 @@ def record_type():
     except ImportError:
         return None
     return getattr(wandb_internal_pb2, "Record", None)
+
+
+def _netrc_reader():
+    """wandb's `read_netrc_auth(host=...)`, or None when this wandb has none by that name."""
+    try:
+        from wandb.sdk.lib import wbauth
+    except ImportError:
+        return None
+    return getattr(wbauth, "read_netrc_auth", None)
+
+
+def stored_api_key() -> str | None:
+    """The API key `wandb login` stored, as wandb itself finds it after WANDB_API_KEY: its netrc entry for the
+    server (WANDB_BASE_URL or wandb's settings), then an api_key in wandb's settings files; None when there is
+    none or this wandb reads them otherwise. Never prompts, never asks the server."""
+    read_netrc = _netrc_reader()
+    try:
+        from wandb.sdk import wandb_setup
+
+        settings = wandb_setup.singleton().settings
+        key = read_netrc(host=settings.base_url) if read_netrc else None
+        return (key or settings.api_key or "").strip() or None
+    except Exception:  # a malformed netrc or settings file, or another wandb: no stored key
+        return None
 
 
 def use_new_artifact(run, artifact, offline: bool) -> None:

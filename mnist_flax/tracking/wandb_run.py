@@ -1,8 +1,10 @@
 """Experiment tracking: the W&B run (start or resume, artifacts, result tables) and the token.
 
-The token is read from the environment only, here and nowhere else in Python
-(WANDB_API_KEY, or WANDB_TOKEN as an `.env` file names it), and never written
-anywhere: not to the config, the workdir, the log, or a command line. Online
+The token is read here and nowhere else in Python: from the environment
+(WANDB_API_KEY, or WANDB_TOKEN as an `.env` file names it), else where
+`wandb login` stored it (wandb's own lookup: its netrc, then its settings). It
+is never written anywhere: not to the config, the workdir, the log, or a
+command line. Online
 runs need a clean git tree (`provenance.git_info`), so the logged commit
 reproduces them; offline runs record the dirty flag, and `sync` refuses to
 upload a dirty run unless forced. When W&B fails mid-run, the run's Tracker
@@ -33,14 +35,15 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def read_token() -> str | None:
-    """The W&B token from the environment; WANDB_TOKEN is exported as WANDB_API_KEY."""
+def read_token(stored: bool = True) -> str | None:
+    """The W&B token: the environment's (WANDB_TOKEN is exported as WANDB_API_KEY), else, with `stored`, the key
+    `wandb login` stored, found the way wandb finds it (wandb_internals.stored_api_key; wandb reads it itself)."""
     for name in TOKEN_VARIABLES:
         value = os.environ.get(name, "").strip()
         if value:
             os.environ["WANDB_API_KEY"] = value
             return value
-    return None
+    return wandb_internals.stored_api_key() if stored else None
 
 
 def resolve_mode(mode: str, token: str | None) -> str:

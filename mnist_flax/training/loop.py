@@ -113,10 +113,15 @@ def train_and_evaluate(
     distributed.initialize(config.distributed)  # before any other JAX call
     compile_cache.enable(config.compile_cache)  # before anything compiles
     resolved = resolution.resolve(config)
+    created = files.first_missing_folder(workdir) if distributed.is_primary() else None
     workdir = files.prepare_workdir(workdir)
     lock = files.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext()
     with lock, _StopSignal() as stop, checkpointing.quiet_closed_loop_callbacks():
-        run, state = setup(resolved, config, workdir, overrides or {}, config_changes or {}, on_validation)
+        try:
+            run, state = setup(resolved, config, workdir, overrides or {}, config_changes or {}, on_validation)
+        except BaseException:  # refused (bad data, a batch larger than the split, ...): leave no empty workdir
+            files.remove_unused(workdir, created)
+            raise
         try:
             train(run, state, stop)
             report = finish(run, state)

@@ -116,7 +116,9 @@ def resolve(
     fields["data"]["source"] = source
     if source == "idx":
         fields["data"]["local_dir"] = location
-    fields["wandb"]["mode"] = wandb_run.resolve_mode(config.wandb.mode, wandb_run.read_token())
+    # Only "auto" asks for a stored key (importing wandb); every mode exports an .env's WANDB_TOKEN for wandb.
+    token = wandb_run.read_token(stored=config.wandb.mode == "auto")
+    fields["wandb"]["mode"] = wandb_run.resolve_mode(config.wandb.mode, token)
     resolved = ml_collections.ConfigDict(fields)
     schema.validate(resolved)
     return resolved

@@ -1,7 +1,7 @@
 """The numerics: train state, optimizer, loss, the compiled train and predict steps.
 
 Pure functions compiled once per run; no I/O, no TensorFlow, no W&B. The loop
-in `train.py` calls them; benchmarks and tests call them directly.
+in `training/loop.py` calls them; benchmarks and tests call them directly.
 """
 
 import jax
