@@ -127,9 +127,9 @@ def _venv_of_ours(checkout, with_uv: bool = True):
     return venv
 
 
-def _setup(checkout, timeout=300, **env) -> subprocess.CompletedProcess:
+def _setup(checkout, *args: str, timeout=300, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [shutil.which("bash"), str(checkout / "tools" / "setup_venv.sh")],
+        [shutil.which("bash"), str(checkout / "tools" / "setup_venv.sh"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -184,7 +184,7 @@ def test_no_supported_python_is_one_line(tmp_path):
     old.write_text('#!/bin/sh\necho "3.9"\n')
     old.chmod(0o755)
     line = _one_line(_setup(checkout, PATH=str(bin_dir)))
-    assert "no Python 3.11-3.13 found" in line and "python3 (3.9)" in line and "PYTHON=" in line
+    assert "no Python 3.11-3.14 found" in line and "python3 (3.9)" in line and "PYTHON=" in line
     line = _one_line(_setup(checkout, PYTHON=str(old)))
     assert "is Python 3.9" in line
     assert not (checkout / ".venv").exists()
@@ -205,6 +205,15 @@ def test_a_half_made_venv_is_completed_and_then_left_alone(tmp_path):
     assert subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout.strip() == jax_version
     again = _setup(checkout)
     assert again.returncode == 0 and again.stdout == again.stderr == ""
+    # No TensorFlow without the `tfds` extra (`make train`); with it (`make setup`), it stays once installed.
+    has_tensorflow = [python, "-c", "import importlib.util as u; print(u.find_spec('tensorflow') is not None)"]
+    assert subprocess.run(has_tensorflow, capture_output=True, text=True).stdout.strip() == "False"
+    with_extra = _setup(checkout, "--extra", "tfds", timeout=600)
+    assert with_extra.returncode == 0, with_extra.stderr
+    assert subprocess.run(has_tensorflow, capture_output=True, text=True).stdout.strip() == "True"
+    again = _setup(checkout)
+    assert again.returncode == 0 and again.stdout == again.stderr == ""
+    assert subprocess.run(has_tensorflow, capture_output=True, text=True).stdout.strip() == "True"
     with open(checkout / "pyproject.toml", "a") as f:
         f.write("\n# an edit\n")
     changed = _setup(checkout)

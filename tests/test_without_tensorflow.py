@@ -94,3 +94,22 @@ def test_a_run_trains_and_writes_tensorboard_with_tensorflow_unimportable(tiny_d
     logged = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors("train/loss")]
     assert len(logged) == len(losses) >= 2 and logged == pytest.approx(losses, rel=1e-6)
     assert "_hparams_/session_start_info" in accumulator.Tags()["tensors"]
+
+
+def test_a_tfds_data_set_without_tensorflow_is_one_line_naming_the_extra(tmp_path):
+    result = run_main(
+        ["--config=configs/mlp.py", f"--workdir={tmp_path / 'run'}", "--config.data.source=tfds"]
+        + [
+            "--config.data.name=mnist",
+            f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+            "--config.wandb.mode=disabled",
+        ],
+        env=without_tensorflow(tmp_path),
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: mnist through TFDS needs TensorFlow, which is not installed: "), lines
+    assert "`tfds` extra" in lines[-1] and "--config.data.local_dir" in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "tfds" / "downloads").exists()  # stopped before TFDS tried anything
