@@ -41,7 +41,7 @@ train: EXTRAS =
 setup: setup-data  ## data + the locked environment in .venv (training, tests, notebooks; the tfds extra)
 	@tools/setup_venv.sh $(foreach extra,$(EXTRAS),--extra $(extra))
 
-lock:  ## regenerate uv.lock after editing pyproject.toml's dependencies (then commit both)
+lock:  ## regenerate uv.lock and requirements.txt after editing pyproject.toml's dependencies (then commit them)
 	@tools/setup_venv.sh --lock
 
 train: setup  ## train CONFIG (default the CNN) on Fashion-MNIST; ARGS='--config.num_epochs=2 ...'

@@ -5,7 +5,7 @@
 #
 #   tools/setup_venv.sh              # PYTHON=... picks the interpreter, VENV=... the folder (default .venv)
 #   tools/setup_venv.sh --extra tfds # also pyproject.toml's extra `tfds` (TensorFlow, for TFDS data sets)
-#   tools/setup_venv.sh --lock       # `make lock`: regenerate uv.lock from pyproject.toml first, then sync
+#   tools/setup_venv.sh --lock       # `make lock`: regenerate uv.lock (and requirements.txt) first, then sync
 #
 # 1. The interpreter: $PYTHON, else the first of python3, python3.14, python3.13, python3.12, python3.11 on
 #    the PATH that is 3.11-3.14 (pyproject.toml's requires-python). Debian's own python3 needs python3-venv,
@@ -147,6 +147,10 @@ fi
 export UV_PROJECT_ENVIRONMENT="$venv" UV_PYTHON_DOWNLOADS=never
 if [[ $relock == true ]]; then
   "$venv/bin/uv" lock || fail "uv lock failed (see above): pyproject.toml's dependencies do not resolve"
+  # requirements.txt: the run's packages of the lock (no dev group, no extra), pinned with hashes, for pip.
+  "$venv/bin/uv" export --locked --no-dev --format requirements-txt --quiet >requirements.txt.tmp \
+    || fail "uv export failed (see above)"
+  mv requirements.txt.tmp requirements.txt
   want="$(sha uv.lock pyproject.toml)"
 elif ! check="$("$venv/bin/uv" lock --check --quiet 2>&1)"; then
   if grep -q "needs to be updated" <<<"$check"; then
