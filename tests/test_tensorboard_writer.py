@@ -5,9 +5,11 @@ import errno
 import io
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
+from conftest import run_main, tiny_overrides
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
@@ -118,3 +120,25 @@ def test_videos_and_audio_are_skipped_without_error(tmp_path, kind):
         writer.write_audios(0, {"a": np.zeros((1, 10, 1))}, sample_rate=8000)
     writer.close()
     assert _read(str(tmp_path)).Tags()["tensors"] == []
+
+
+def test_a_run_whose_tensorboard_disk_is_full_finishes_with_one_warning(tiny_data_dir, tmp_path):
+    """The TensorBoard folder on a 4 KiB filesystem of its own: the run trains to the end, says so in one warning
+    line, and metrics.jsonl (on the workdir's disk) holds every logged step."""
+    workdir = tmp_path / "run"
+    tensorboard = workdir / layout.TENSORBOARD
+    tensorboard.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(tensorboard)], capture_output=True)
+    assert mounted.returncode == 0, f"the test needs root to mount a tmpfs: {mounted.stderr!r}"
+    try:
+        args = ["--config=configs/mlp.py", f"--workdir={workdir}"]
+        result = run_main(args + tiny_overrides(tiny_data_dir, num_epochs=2, tensorboard=True))
+        assert result.returncode == 0, result.stderr[-3000:]
+        warnings = [line for line in result.stderr.splitlines() if "TensorBoard" in line]
+        assert len(warnings) == 1 and warnings[0].startswith("warning: TensorBoard files cannot be written in ")
+        assert "No space left on device" in warnings[0] and "Traceback" not in result.stderr
+        final = json.loads((workdir / layout.FINAL_METRICS).read_text())
+        steps = [json.loads(line)["step"] for line in open(workdir / layout.METRICS)]
+        assert "accuracy" in final["test"] and max(steps) == final["steps"]  # the test scalars, at the end
+    finally:
+        subprocess.run(["umount", str(tensorboard)], capture_output=True)
