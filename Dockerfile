@@ -30,9 +30,12 @@ RUN useradd --create-home --uid "$APP_UID" --user-group --shell /bin/bash app \
 # The locked environment (uv.lock, the same lock as `make setup`'s .venv), in two layers: the packages every
 # image has, then the accelerator's (JAX's CUDA plugin and NVIDIA's wheels), so the CPU and CUDA images share
 # the first. tools/install_locked.sh bootstraps uv from the lock's hashes and leaves no installer behind.
+# No TensorFlow: it is in pyproject.toml's `tfds` extra, which no image installs (a run needs it only to load
+# a data set through TFDS; the image trains on IDX files mounted at /data), and the build checks it is absent.
 COPY pyproject.toml uv.lock tools/uv_requirement.py tools/install_locked.sh /tmp/lock/
 RUN bash /tmp/lock/install_locked.sh /tmp/lock \
- && /opt/venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, clu, wandb, tensorflow_datasets"
+ && /opt/venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, clu, wandb, tensorboard, tensorflow_datasets" \
+ && /opt/venv/bin/python -c "import importlib.util as u; assert u.find_spec('tensorflow') is None, 'TensorFlow in the image'"
 ARG JAX_FLAVOUR=cuda12
 RUN case "$JAX_FLAVOUR" in \
       cpu) ;; \

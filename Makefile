@@ -42,10 +42,14 @@ setup-test-system:  ## every Debian package the tests use (needs root or sudo on
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; fi
 
-setup: setup-data  ## data + the locked environment in .venv (training, tests, notebooks)
-	@tools/setup_venv.sh
+# pyproject.toml's extras .venv gets: `tfds` (TensorFlow) for the TFDS tests and data sets; `make train` asks for
+# none (an extra already installed stays), so a checkout that only trains never installs TensorFlow.
+EXTRAS ?= tfds
+train: EXTRAS =
+setup: setup-data  ## data + the locked environment in .venv (training, tests, notebooks; the tfds extra)
+	@tools/setup_venv.sh $(foreach extra,$(EXTRAS),--extra $(extra))
 
-lock:  ## regenerate uv.lock after editing pyproject.toml's dependencies (then commit both)
+lock:  ## regenerate uv.lock and requirements.txt after editing pyproject.toml's dependencies (then commit them)
 	@tools/setup_venv.sh --lock
 
 train: setup  ## train CONFIG (default the CNN) on Fashion-MNIST; WORKDIR=runs/cnn ARGS='--config.num_epochs=2 ...'

@@ -141,6 +141,33 @@ def test_dockerfile_installs_the_lock_before_the_code_in_two_layers():
     assert "rm -rf /tmp/uv" in script and "UV_NO_CACHE=1" in script  # no installer or cache in the image
 
 
+def test_the_image_installs_no_tensorflow():
+    """The image's packages, the lock's run closure plus a CUDA extra, hold no TensorFlow (the `tfds` extra)."""
+    import tomllib
+
+    with open(os.path.join(REPO_ROOT, "uv.lock"), "rb") as f:
+        packages = {p["name"]: p for p in tomllib.load(f)["package"]}
+    project = packages["mnist-flax"]
+    wanted = [d["name"] for d in project["dependencies"]]
+    wanted += [d["name"] for extra in ("cuda12", "cuda13") for d in project["optional-dependencies"][extra]]
+    assert "tensorflow-cpu" in [d["name"] for d in project["optional-dependencies"]["tfds"]]
+    closure: set[str] = set()
+    while wanted:
+        name = wanted.pop()
+        if name not in closure:
+            closure.add(name)
+            package = packages[name]
+            wanted += [d["name"] for d in package.get("dependencies", [])]
+            wanted += [d["name"] for group in package.get("optional-dependencies", {}).values() for d in group]
+    assert "tensorboard" in closure and "tensorflow-datasets" in closure
+    assert not {name for name in closure if name.startswith(("tensorflow-cpu", "tensorflow-io", "keras"))}
+    assert "tensorflow" not in closure
+    # Only the CUDA extras are ever passed to the install, and the build checks TensorFlow is absent.
+    runs = [a for k, a in dockerfile_instructions() if k == "RUN"]
+    assert not any("tfds" in a for a in runs)
+    assert any("find_spec('tensorflow') is None" in a for a in runs)
+
+
 def test_git_commit_goes_in_at_build_time_and_no_secret_does():
     instructions = dockerfile_instructions()
     assert any(k == "ARG" and a.startswith("GIT_COMMIT") for k, a in instructions)

@@ -66,6 +66,38 @@ def test_every_declared_pin_is_in_the_lock_with_hashes():
             assert files and all(f["hash"].startswith("sha256:") for f in files), package["name"]
 
 
+# How `make lock` (tools/setup_venv.sh --lock) writes requirements.txt from uv.lock.
+REQUIREMENTS_EXPORT = ["export", "--locked", "--no-dev", "--format", "requirements-txt", "--quiet"]
+REQUIREMENTS = os.path.join(REPO_ROOT, "requirements.txt")
+
+
+@needs_uv
+def test_requirements_txt_is_the_lock_exported():
+    assert 'uv" ' + " ".join(REQUIREMENTS_EXPORT) + " >requirements.txt" in open(SETUP).read()
+    result = subprocess.run([UV, *REQUIREMENTS_EXPORT], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with open(REQUIREMENTS) as f:
+        assert f.read() == result.stdout, "requirements.txt is stale against uv.lock: run `make lock`"
+
+
+def test_requirements_txt_pins_every_run_package_with_hashes_and_no_tensorflow():
+    with open(REQUIREMENTS) as f:
+        entries = re.split(r"\n(?=[a-z0-9])", "\n".join(line for line in f.read().splitlines() if "#" not in line))
+    pinned = {}
+    for entry in filter(str.strip, entries):
+        name, _, rest = entry.partition("==")
+        assert rest and "--hash=sha256:" in rest, f"requirements.txt: {entry.splitlines()[0]} is not pinned with a hash"
+        pinned.setdefault(normalized(name), set()).add(rest.split()[0])
+    versions = lock_packages()
+    assert all(found <= versions[name] for name, found in pinned.items())
+    runtime, _, dev = declared()
+    for requirement in runtime:
+        name, _, version = re.sub(r"\[.*\]", "", requirement).partition("==")
+        assert version in pinned[normalized(name)], requirement
+    assert not {"tensorflow", "tensorflow-cpu", "keras"} & set(pinned)  # the `tfds` extra is not in it
+    assert normalized(dev[0].partition("==")[0]) not in pinned  # nor the dev group (pytest)
+
+
 def test_the_cuda_extras_add_the_plugin_at_the_locked_jax_version():
     versions = lock_packages()
     (jax,) = versions["jax"]
@@ -127,9 +159,9 @@ def _venv_of_ours(checkout, with_uv: bool = True):
     return venv
 
 
-def _setup(checkout, timeout=300, **env) -> subprocess.CompletedProcess:
+def _setup(checkout, *args: str, timeout=300, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [shutil.which("bash"), str(checkout / "tools" / "setup_venv.sh")],
+        [shutil.which("bash"), str(checkout / "tools" / "setup_venv.sh"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -184,7 +216,7 @@ def test_no_supported_python_is_one_line(tmp_path):
     old.write_text('#!/bin/sh\necho "3.9"\n')
     old.chmod(0o755)
     line = _one_line(_setup(checkout, PATH=str(bin_dir)))
-    assert "no Python 3.11-3.13 found" in line and "python3 (3.9)" in line and "PYTHON=" in line
+    assert "no Python 3.11-3.14 found" in line and "python3 (3.9)" in line and "PYTHON=" in line
     line = _one_line(_setup(checkout, PYTHON=str(old)))
     assert "is Python 3.9" in line
     assert not (checkout / ".venv").exists()
@@ -205,6 +237,15 @@ def test_a_half_made_venv_is_completed_and_then_left_alone(tmp_path):
     assert subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout.strip() == jax_version
     again = _setup(checkout)
     assert again.returncode == 0 and again.stdout == again.stderr == ""
+    # No TensorFlow without the `tfds` extra (`make train`); with it (`make setup`), it stays once installed.
+    has_tensorflow = [python, "-c", "import importlib.util as u; print(u.find_spec('tensorflow') is not None)"]
+    assert subprocess.run(has_tensorflow, capture_output=True, text=True).stdout.strip() == "False"
+    with_extra = _setup(checkout, "--extra", "tfds", timeout=600)
+    assert with_extra.returncode == 0, with_extra.stderr
+    assert subprocess.run(has_tensorflow, capture_output=True, text=True).stdout.strip() == "True"
+    again = _setup(checkout)
+    assert again.returncode == 0 and again.stdout == again.stderr == ""
+    assert subprocess.run(has_tensorflow, capture_output=True, text=True).stdout.strip() == "True"
     with open(checkout / "pyproject.toml", "a") as f:
         f.write("\n# an edit\n")
     changed = _setup(checkout)

@@ -4,16 +4,19 @@
 # site-packages.
 #
 #   tools/setup_venv.sh              # PYTHON=... picks the interpreter, VENV=... the folder (default .venv)
-#   tools/setup_venv.sh --lock       # `make lock`: regenerate uv.lock from pyproject.toml first, then sync
+#   tools/setup_venv.sh --extra tfds # also pyproject.toml's extra `tfds` (TensorFlow, for TFDS data sets)
+#   tools/setup_venv.sh --lock       # `make lock`: regenerate uv.lock (and requirements.txt) first, then sync
 #
-# 1. The interpreter: $PYTHON, else the first of python3, python3.13, python3.12, python3.11 on the PATH
-#    that is 3.11-3.13 (pyproject.toml's requires-python). Debian's own python3 needs python3-venv, which
-#    is installed here (apt-get, with sudo when not root) when it is missing.
+# 1. The interpreter: $PYTHON, else the first of python3, python3.14, python3.13, python3.12, python3.11 on
+#    the PATH that is 3.11-3.14 (pyproject.toml's requires-python). Debian's own python3 needs python3-venv,
+#    which is installed here (apt-get, with sudo when not root) when it is missing.
 # 2. The folder: made with `python -m venv`; a marker file says this script made it, so a .venv of anyone
 #    else's is never touched.
 # 3. uv, at the version uv.lock pins, installed into the venv by pip with the lock's hashes.
-# 4. `uv sync --locked`: every package of uv.lock (the run's and the dev group), nothing else. Skipped when
-#    the venv was last synced from these very uv.lock and pyproject.toml (a stamp holds their hashes).
+# 4. `uv sync --locked`: every package of uv.lock (the run's and the dev group, and the extras asked for),
+#    nothing else. An extra once installed stays: `make train` (no extra) after `make test` (extra `tfds`)
+#    neither installs nor removes TensorFlow. Skipped when the venv was last synced from these very uv.lock and
+#    pyproject.toml with every extra asked for (a stamp holds their hashes and the extras).
 #
 # Each problem is one line on stderr and exit status 2; nothing of the user's is deleted.
 set -euo pipefail
@@ -30,7 +33,7 @@ fail() {
 
 # Prints "MAJOR.MINOR" of an interpreter, or nothing when it does not run.
 version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true; }
-supported() { case "$1" in 3.11 | 3.12 | 3.13) return 0 ;; *) return 1 ;; esac }
+supported() { case "$1" in 3.11 | 3.12 | 3.13 | 3.14) return 0 ;; *) return 1 ;; esac }
 
 find_python() {
   if [[ -n "${PYTHON:-}" ]]; then
@@ -38,12 +41,12 @@ find_python() {
     local v
     v="$(version_of "$PYTHON")"
     [[ -n "$v" ]] || fail "PYTHON=$PYTHON does not run"
-    supported "$v" || fail "PYTHON=$PYTHON is Python $v; this project needs 3.11, 3.12 or 3.13"
+    supported "$v" || fail "PYTHON=$PYTHON is Python $v; this project needs 3.11, 3.12, 3.13 or 3.14"
     command -v "$PYTHON"
     return
   fi
   local candidate seen=""
-  for candidate in python3 python3.13 python3.12 python3.11; do
+  for candidate in python3 python3.14 python3.13 python3.12 python3.11; do
     command -v "$candidate" >/dev/null 2>&1 || continue
     local v
     v="$(version_of "$candidate")"
@@ -53,17 +56,25 @@ find_python() {
     fi
     seen+=" $candidate${v:+ ($v)}"
   done
-  fail "no Python 3.11-3.13 found on the PATH (seen:${seen:- none}); install one (Debian 12: apt-get install python3) or name it: make PYTHON=/path/to/python3.11 ..."
+  fail "no Python 3.11-3.14 found on the PATH (seen:${seen:- none}); install one (Debian 12: apt-get install python3) or name it: make PYTHON=/path/to/python3.11 ..."
 }
 
 sha() { sha256sum "$@" | awk '{print $1}' | tr '\n' ' '; }
 
 relock=false
-case "${1:-}" in
-  --lock) relock=true ;;
-  "") ;;
-  *) fail "unknown argument '$1' (tools/setup_venv.sh [--lock])" ;;
-esac
+extras=()
+while (($#)); do
+  case "$1" in
+    --lock) relock=true ;;
+    --extra)
+      [[ $# -ge 2 && -n "$2" ]] || fail "--extra needs the name of one of pyproject.toml's extras (--extra tfds)"
+      extras+=("$2")
+      shift
+      ;;
+    *) fail "unknown argument '$1' (tools/setup_venv.sh [--lock] [--extra NAME]...)" ;;
+  esac
+  shift
+done
 
 [[ -f uv.lock && -f pyproject.toml ]] || fail "uv.lock or pyproject.toml is missing from the checkout"
 
@@ -101,9 +112,17 @@ else
   python="$venv/bin/python"
 fi
 
+# The stamp: the hashes of uv.lock and pyproject.toml on its first line, the extras synced on the second.
+synced_extras=()
+[[ -f "$stamp" ]] && { read -r -a synced_extras < <(sed -n 2p "$stamp") || true; }  # a stamp of one line: none
+missing_extra=false
+for extra in "${extras[@]}"; do
+  [[ " ${synced_extras[*]} " == *" $extra "* ]] || missing_extra=true
+done
+mapfile -t all_extras < <(printf '%s\n' "${synced_extras[@]}" "${extras[@]}" | sed '/^$/d' | sort -u)
 want="$(sha uv.lock pyproject.toml)"
-if [[ $relock == false && -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$venv/bin/uv" ]]; then
-  exit 0  # synced from these very files: nothing to do
+if [[ $relock == false && $missing_extra == false && -f "$stamp" && "$(sed -n 1p "$stamp")" == "$want" && -x "$venv/bin/uv" ]]; then
+  exit 0  # synced from these very files, with these extras: nothing to do
 fi
 if [[ $relock == true ]]; then
   :
@@ -128,6 +147,10 @@ fi
 export UV_PROJECT_ENVIRONMENT="$venv" UV_PYTHON_DOWNLOADS=never
 if [[ $relock == true ]]; then
   "$venv/bin/uv" lock || fail "uv lock failed (see above): pyproject.toml's dependencies do not resolve"
+  # requirements.txt: the run's packages of the lock (no dev group, no extra), pinned with hashes, for pip.
+  "$venv/bin/uv" export --locked --no-dev --format requirements-txt --quiet >requirements.txt.tmp \
+    || fail "uv export failed (see above)"
+  mv requirements.txt.tmp requirements.txt
   want="$(sha uv.lock pyproject.toml)"
 elif ! check="$("$venv/bin/uv" lock --check --quiet 2>&1)"; then
   if grep -q "needs to be updated" <<<"$check"; then
@@ -136,6 +159,7 @@ elif ! check="$("$venv/bin/uv" lock --check --quiet 2>&1)"; then
   fail "could not check uv.lock against pyproject.toml: $(tail -n 1 <<<"$check")"
 fi
 start=$SECONDS
-"$venv/bin/uv" sync --locked --quiet || fail "uv sync failed (see above); run make again to complete it"
-echo "$want" >"$stamp"
+"$venv/bin/uv" sync --locked --quiet "${all_extras[@]/#/--extra=}" \
+  || fail "uv sync failed (see above); run make again to complete it"
+printf '%s\n%s\n' "$want" "${all_extras[*]}" >"$stamp"
 echo "setup: $venv synced from uv.lock in $((SECONDS - start)) s"

@@ -1,7 +1,7 @@
 """Sweep trials as forks of a process that has imported the training stack once.
 
-A fresh `python main.py` spends seconds importing JAX, Flax, optax and orbax, then TensorFlow (clu's writers)
-and W&B, before it trains: more than a one-epoch trial's training. The launcher is a process of its own,
+A fresh `python main.py` spends seconds importing JAX, Flax, optax and orbax, then W&B and TensorBoard's
+protos, before it trains: more than a one-epoch trial's training. The launcher is a process of its own,
 started once per worker (`python -m mnist_flax.sweeps.launcher SCRIPT`, SCRIPT being main.py), which runs the
 script's imports (its body, not as __main__) and those of the training loop, says it is ready, and then forks
 one child per trial. Each trial is still a fresh process: its own memory, its own JAX
@@ -33,7 +33,7 @@ import time
 from mnist_flax.errors import first_line
 
 # What every trial imports before it trains, beside its script's own imports; W&B and Optuna where installed.
-PRELOAD = ("mnist_flax.training.loop", "mnist_flax.tracking.writers")
+PRELOAD = ("mnist_flax.training.loop", "mnist_flax.tracking.writers", "mnist_flax.tracking.tensorboard_writer")
 OPTIONAL_PRELOAD = ("wandb", "optuna", "mnist_flax.sweeps.study")
 
 

@@ -1,4 +1,5 @@
 """Where a run reports: the W&B run, the metric writers (W&B, TensorBoard, the log), the `.wandb` reader, the token.
 
-Imports `config` below it. clu's writers import TensorFlow, so `writers` loads only when a run starts writing.
+Imports `config` below it. `writers` (and W&B, TensorBoard's protos) load only when a run starts writing; no
+module here imports TensorFlow.
 """

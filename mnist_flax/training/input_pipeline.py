@@ -8,9 +8,11 @@ host does no data work per step and a resumed run sees the same order.
 
 import dataclasses
 import gzip
+import importlib.util
 import os
 import socket
 import struct
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -164,14 +166,33 @@ def _download_host_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
+def tensorflow_installed() -> bool:
+    """Whether TensorFlow can be imported (found, not imported: that takes seconds)."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def load_tfds_split(name: str, split: str, data_dir: str | None) -> Split:
-    """Loads a whole split through tensorflow-datasets (imported only here)."""
+    """Loads a whole split through tensorflow-datasets (imported only here).
+
+    `tfds.load` builds a tf.data pipeline, so this needs TensorFlow: pyproject.toml's `tfds` extra, which
+    nothing else of a run needs (importing TFDS, `tfds.builder` and `tfds.testing.mock_data` do not).
+    """
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise DataError(
             f"tensorflow-datasets is not installed ({e}); use IDX files with --config.data.local_dir"
         ) from None
+    if not tensorflow_installed():
+        remedy = (
+            "TensorFlow has no wheel for Python 3.14 yet"
+            if sys.version_info >= (3, 14)
+            else "install the `tfds` extra (make setup does; or uv sync --extra tfds; or pip install tensorflow-cpu)"
+        )
+        raise DataError(f"{name} through TFDS needs TensorFlow, which is not installed: {remedy}; or {TFDS_HINT}")
     builder = tfds.builder(name, data_dir=data_dir or None)
     if not builder.is_prepared() and not _download_host_reachable():
         raise DataError(

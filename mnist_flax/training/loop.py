@@ -4,8 +4,9 @@ config (resolved once) -> data -> model + optimizer -> resume -> compile ->
 epochs of fused train calls, with the periodic actions (log, evaluate, save;
 `periodic.py`) deciding what else happens after each call -> test report.
 Preemption, a non-finite stop and normal completion all leave through
-`shutdown`. The numerics are in `steps.py`; the loop writes through clu's
-MetricWriter interface and never knows which sinks are attached.
+`shutdown`. The numerics are in `steps.py`; the loop writes through one
+MetricWriter (clu's interface, `tracking/writers.py`) and never knows which
+sinks are attached.
 """
 
 import contextlib
@@ -196,12 +197,14 @@ def setup(
 def _preload_records(config) -> threading.Thread:
     """Starts importing the record keepers' libraries on a thread; `_start_records` then finds them loaded.
 
-    TensorFlow (clu's writers) and W&B take seconds to import. On a thread those seconds overlap the state's
+    W&B and TensorBoard's protos take seconds to import. On a thread those seconds overlap the state's
     initialisation and the compilation, which run in XLA without Python's lock. An import that fails here is left
     to fail again, with its own message, where `_start_records` imports the module. Not a daemon: a run that stops
     with an error before then exits once the import is done, not in the middle of it.
     """
-    names = ["mnist_flax.tracking.writers"] + (["wandb"] if config.wandb.mode != "disabled" else [])
+    names = ["mnist_flax.tracking.writers"]
+    names += ["mnist_flax.tracking.tensorboard_writer"] if config.tensorboard else []
+    names += ["wandb"] if config.wandb.mode != "disabled" else []
 
     def load():
         for name in names:
@@ -236,7 +239,7 @@ def _open_checkpoints(config, flat: dict, workdir: str, record: dict):
 def _start_records(run: Setup, requested, overrides: dict, config_changes: dict):
     """(tracker, writer): the workdir's record files, the W&B run and the metric writers."""
     config, workdir, record, config_history = run.config, run.workdir, run.provenance, run.config_history
-    # TensorFlow (clu's writers) and W&B: loaded by `_preload_records` after the data and checkpoint checks.
+    # The writers, TensorBoard's protos and W&B: loaded by `_preload_records` after the data and checkpoint checks.
     from mnist_flax.tracking import wandb_run, writers
 
     primary = distributed.is_primary()
