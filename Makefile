@@ -55,11 +55,16 @@ lock:  ## regenerate uv.lock and requirements.txt after editing pyproject.toml's
 train: setup  ## train CONFIG (default the CNN) on Fashion-MNIST; WORKDIR=runs/cnn ARGS='--config.num_epochs=2 ...'
 	$(PY) main.py --config=$(CONFIG) $(if $(WORKDIR),--workdir=$(WORKDIR)) $(ARGS)
 
-test: setup-test-system setup lint  ## system packages (docker.io, PostgreSQL, Slurm, ...), lint, the whole suite (long)
-	$(PY) -m pytest -q --durations=15
+# Two workers (pytest-xdist), each test module on one of them, longest first (tests/parallel.py); the end of the
+# output reports the suite's time against its budget (tests/budget.py).
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter-out 0 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
 
-test-fast: setup  ## the tests that need no real-data training or container (no system packages beyond the data)
-	$(PY) -m pytest -q -m "not slow"
+test: setup-test-system setup lint  ## system packages (docker.io, PostgreSQL, Slurm, ...), lint, the whole suite (~25 min)
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=20
+
+test-fast: setup  ## the tests not marked slow, for the edit-test loop (no system packages beyond the data set)
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow" --suite-budget=300
 
 lint: setup  ## ruff format + check, and notebooks committed without outputs
 	$(PY) -m ruff format --check .

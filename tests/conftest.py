@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-# The suite's time budget, reported at the end of every run (tests/budget.py), and the runs that many tests
-# read, each trained once per session (tests/shared.py).
-pytest_plugins = ("budget", "shared")
+# The suite's time budget, reported at the end of every run (tests/budget.py), how it splits over two workers
+# (tests/parallel.py), and the runs that many tests read, each trained once per session (tests/shared.py).
+pytest_plugins = ("budget", "parallel", "shared")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
