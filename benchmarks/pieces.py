@@ -17,8 +17,8 @@ import numpy as np
 
 from benchmarks.common import FASHION_DIR, REPO_ROOT, HostData
 from benchmarks.library import set_fields
-from mnist_flax.config import schema
 from mnist_flax import models
+from mnist_flax.config import schema
 from mnist_flax.training import input_pipeline, metrics, steps
 
 
