@@ -140,8 +140,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _check_range(name, flat[name], bounds)
     if flat.get("model.dropout_rate", 0.0) >= 1.0:
         raise ConfigError(f"model.dropout_rate: {flat['model.dropout_rate']!r} is out of range (must be in [0, 1))")
-    if "model" in config:
-        models.check(config.model.to_dict())  # the model's own fields, declared by its module
+    model = {name.removeprefix("model."): value for name, value in flat.items() if name.startswith("model.")}
+    if model:
+        models.check(model)  # the model's own fields, declared by its module
     for name in ("model.dense_features", "model.conv_features", "model.stage_features"):
         if name in flat:
             widths = flat[name]
