@@ -159,9 +159,10 @@ def apply_in_pieces(apply_fn, variables: dict, images: jax.Array, rng: jax.Array
     Piece p holds rows p, p + k, p + 2k, ... (interleaved, so every piece stays spread evenly over a
     batch-sharded mesh) and draws its dropout from fold_in(rng, p). The pieces are independent programs: on
     XLA's CPU backend, where each convolution runs on one thread, they run side by side on all cores and stay
-    in cache (benchmarks/RESULTS.md); the weight gradients sum over the pieces. Collections the model updates
-    (BatchNorm's running statistics) are averaged over the pieces, as over devices; each piece normalises by
-    its own batch statistics. pieces=1 is the model on the whole batch.
+    in cache (benchmarks/RESULTS.md); the weight gradients sum over the pieces. Each piece draws its own
+    dropout masks, so runs split otherwise draw other masks. Collections the model updates (BatchNorm's running
+    statistics) are averaged over the pieces, as over devices; each piece normalises by its own batch
+    statistics. pieces=1 is the model on the whole batch.
     """
     mutable = [name for name in variables if name != "params"]
 
