@@ -19,7 +19,7 @@ DATA_DIR := /usr/share/datasets/fashion-mnist
 # `make test` installs whichever are missing, so CI needs nothing else.
 TEST_SYSTEM_PACKAGES := dataset-fashion-mnist git docker.io debootstrap shellcheck chromium postgresql slurm-wlm munge
 
-.PHONY: help setup setup-data setup-test-system lock train test test-fast lint format notebooks bench bench-install clean
+.PHONY: help setup setup-data setup-test-system lock train test test-fast test-wandb-server lint format notebooks bench bench-install clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -65,6 +65,10 @@ test: setup-test-system setup lint  ## system packages (docker.io, PostgreSQL, S
 
 test-fast: setup  ## the tests not marked slow, for the edit-test loop (no system packages beyond the data set)
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow" --suite-budget=300
+
+test-wandb-server: setup  ## tests/test_wandb_server.py against YOUR W&B server: WANDB_BASE_URL and WANDB_API_KEY set
+	@test -n "$$WANDB_BASE_URL" || { echo "error: set WANDB_BASE_URL (and WANDB_API_KEY) to your W&B server" >&2; exit 2; }
+	MNIST_FLAX_TEST_WANDB_SERVER="$$WANDB_BASE_URL" $(PY) -m pytest -q tests/test_wandb_server.py
 
 lint: setup  ## ruff format + check, and notebooks committed without outputs
 	$(PY) -m ruff format --check .

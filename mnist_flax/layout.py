@@ -35,6 +35,7 @@ FINAL_METRICS = "final_metrics.json"
 PREDICTIONS = "predictions.csv"
 STOPPED = "stopped.json"
 WANDB_RUN_ID = "wandb_run_id"
+WANDB_UNDELIVERED = "wandb_undelivered.json"  # artifacts W&B did not take, and how to send them (sync delivers)
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 WANDB = "wandb"

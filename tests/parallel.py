@@ -12,7 +12,14 @@ import pytest
 
 # Modules that read the same session-scoped run: one group each, named for the run.
 SHARED_RUNS = {
-    "finished_mlp_run": ("test_config", "test_drift", "test_lineage", "test_runs", "test_compile_cache"),
+    "finished_mlp_run": (
+        "test_config",
+        "test_drift",
+        "test_lineage",
+        "test_runs",
+        "test_compile_cache",
+        "test_wandb_server",
+    ),
     "served_runs": ("test_export", "test_predict"),
     "single_device_run": ("test_distributed", "test_slurm"),
 }

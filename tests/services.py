@@ -1,4 +1,5 @@
-"""Real services the tests start on loopback and stop by process id: PostgreSQL (Debian's `postgresql`)."""
+"""Real services the tests start on loopback and stop by process id: PostgreSQL (Debian's `postgresql`), Slurm, and
+openwandb (a W&B-compatible server, in its own pinned and hashed venv: tests/wandb_server.txt)."""
 
 import contextlib
 import glob
@@ -248,3 +249,146 @@ def _wait_for(ready, timeout: float, what: str, base: str) -> None:
             )
             raise RuntimeError(f"{what} did not come up in {timeout:g} s:{logs}")
         time.sleep(0.3)
+
+
+# ---------------------------------------------------------------- openwandb, a W&B-compatible server
+
+WANDB_SERVER_REQUIREMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wandb_server.txt")
+# openwandb's fixed key for its local user (its README and `openwandb serve`'s banner print it): not a secret.
+OPENWANDB_KEY = "local" + "0" * 35
+
+
+def wandb_server_venv() -> str:
+    """The venv openwandb runs from: `$XDG_CACHE_HOME/mnist_flax/wandb-server-<hash of tests/wandb_server.txt>`
+    (~/.cache by default), made once with this interpreter's `venv` and `pip install --require-hashes`. Its own
+    venv, because openwandb's license (CC BY-NC 4.0) keeps it out of the run's environment and lock, and its
+    FastAPI stack must not change what a run imports. Skips the test when it cannot be installed (no index)."""
+    import fcntl
+    import hashlib
+    import sys
+
+    with open(WANDB_SERVER_REQUIREMENTS, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    venv = os.path.join(cache, "mnist_flax", f"wandb-server-{digest}")
+    done = os.path.join(venv, "installed")
+    os.makedirs(os.path.dirname(venv), exist_ok=True)
+    with open(venv + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test workers install it once
+        if not os.path.exists(done):
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True, capture_output=True, timeout=300)
+            install = subprocess.run(
+                [f"{venv}/bin/pip", "install", "-q", "--require-hashes", "-r", WANDB_SERVER_REQUIREMENTS],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if install.returncode != 0:
+                shutil.rmtree(venv, ignore_errors=True)
+                pytest.skip(f"openwandb could not be installed: {install.stderr.strip().splitlines()[-1:]}")
+            open(done, "w").close()
+    return venv
+
+
+class OpenWandb:
+    """openwandb on 127.0.0.1 on a free port, its SQLite data in a temporary folder; stopped by its process
+    handle (SIGTERM, then SIGKILL), never by name. `env` points wandb at it (WANDB_BASE_URL and its local key);
+    `api(path)` reads it back through its own HTTP API (/api/v2/...), since wandb 0.31's `wandb.Api()` cannot."""
+
+    refuses_artifacts = True  # openwandb rejects wandb 0.31's artifact-state query: an online artifact use fails
+
+    def __init__(self):
+        venv = wandb_server_venv()
+        self.base = tempfile.mkdtemp(prefix="mnist-flax-openwandb-")
+        self.log_path = os.path.join(self.base, "server.log")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        with open(self.log_path, "w") as log:
+            self.server = subprocess.Popen(
+                [f"{venv}/bin/openwandb", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+                + ["--data-dir", os.path.join(self.base, "data"), "--log-level", "warning"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pid = self.server.pid
+        _wait_for(self._ready, 60, "openwandb", self.base)
+        self.env = {"WANDB_BASE_URL": self.url, "WANDB_API_KEY": OPENWANDB_KEY}
+        self.key = OPENWANDB_KEY
+
+    def _ready(self) -> bool:
+        if self.server.poll() is not None:
+            raise RuntimeError(f"openwandb exited: {open(self.log_path).read()[-2000:]}")
+        try:
+            self.api("/api/v2/projects")
+            return True
+        except OSError:
+            return False
+
+    def api(self, path: str):
+        """The JSON answer of GET `path` on the server."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.load(response)
+
+    def run(self, run_id: str) -> dict:
+        """A run as the server holds it: its record (config, summary, state), metrics by key, and artifacts."""
+        run = self.api(f"/api/v2/runs/{run_id}")["run"]
+        run["metrics"] = self.api(f"/api/v2/runs/{run_id}/metrics")["metrics_by_key"]
+        run["artifacts"] = self.api(f"/api/v2/runs/{run_id}/artifacts")["artifacts"]
+        return run
+
+    def run_ids(self, project: str = "mnist_flax") -> set[str]:
+        return {r["run_id"] for r in self.api(f"/api/v2/projects/default/{project}/runs?limit=1000")["runs"]}
+
+    def close(self) -> None:
+        try:
+            stop(self.server)
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+class OwnWandb:
+    """The W&B server WANDB_BASE_URL names, with the caller's WANDB_API_KEY (`make test-wandb-server`): the same
+    checks as against openwandb, read back with wandb's own `wandb.Api()` into openwandb's shapes. Nothing is
+    started or stopped; the runs stay in its `mnist_flax` project."""
+
+    refuses_artifacts = False  # a real server takes the dataset artifact that openwandb refuses
+
+    def __init__(self, url: str):
+        import wandb
+
+        self.url = url
+        self.key = os.environ.get("WANDB_API_KEY", "")
+        if not self.key:
+            pytest.skip("set WANDB_API_KEY (a key for the server WANDB_BASE_URL names)")
+        self.env = {"WANDB_BASE_URL": url}  # the key stays in the environment the runs inherit
+        self.api_client = wandb.Api(overrides={"base_url": url}, api_key=self.key)
+        self.entity = self.api_client.default_entity
+
+    def run(self, run_id: str, project: str = "mnist_flax") -> dict:
+        import json
+
+        run = self.api_client.run(f"{self.entity}/{project}/{run_id}")
+
+        class History(dict):
+            def get(self, key, default=None):
+                return [{"value": row[key]} for row in run.scan_history(keys=[key])] or (default or [])
+
+        return {
+            "state": run.state,
+            "config_json": json.dumps({k: {"value": v} for k, v in run.config.items()}),
+            "summary_json": json.dumps(dict(run.summary._json_dict)),
+            "metrics": History(),
+            "artifacts": [{"name": a.name.split(":")[0]} for a in run.logged_artifacts()]
+            + [{"name": a.name.split(":")[0], "used": True} for a in run.used_artifacts()],
+        }
+
+    def run_ids(self, project: str = "mnist_flax") -> set[str]:
+        return {r.id for r in self.api_client.runs(f"{self.entity}/{project}")}
+
+    def close(self) -> None:
+        pass

@@ -8,6 +8,12 @@ which needs a token in the environment; it uploads the folders of one run id one
 after another, in order of start time, as one W&B run. `--dry-run` prints that
 plan (each W&B run and its segments, read from the `.wandb` files) and what
 `wandb sync --dry-run` says, which needs no token and no network.
+
+Then, for each workdir whose `wandb_undelivered.json` lists artifacts W&B refused
+during the run (online or offline), it resumes that W&B run and delivers them,
+waiting for the server to commit each; those delivered leave the file (which goes
+when empty), those still refused stay with the new reason: running sync again
+sends nothing twice. A workdir with only such a record (an online run) is taken too.
 """
 
 import argparse
@@ -16,9 +22,9 @@ import subprocess
 import sys
 
 from mnist_flax import layout
-from mnist_flax.errors import MnistFlaxError
+from mnist_flax.errors import MnistFlaxError, TrackingError
 from mnist_flax.records import runs
-from mnist_flax.tracking import wandb_files, wandb_run
+from mnist_flax.tracking import wandb_artifacts, wandb_files, wandb_run
 
 WANDB_SYNC = [sys.executable, "-m", "wandb", "sync"]  # this interpreter's wandb, the one that wrote the files
 
@@ -64,22 +70,52 @@ def wandb_dry_run(run_dirs: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([*WANDB_SYNC, "--dry-run", *run_dirs], capture_output=True, text=True, timeout=300)
 
 
-def _collect(paths: list[str], force: bool) -> list[tuple[str, list[str]]]:
-    """(path, its offline run folders) for each path, checked: MnistFlaxError for a path without one or a dirty run."""
+def undelivered_workdirs(path: str) -> list[str]:
+    """The workdirs under `path` (itself, or a sweep root's members) whose record lists undelivered artifacts."""
+    workdirs = runs.sweep_members(path) if runs.is_sweep_root(path) else [path]
+    return [w for w in workdirs if wandb_artifacts.read_undelivered(w)]
+
+
+def _check_clean(run_path: str, force: bool) -> None:
+    git = runs.load(run_path, history=False, predictions=False).git
+    if git.get("dirty", True) and not force:  # no recorded git state: nothing says what reproduces it
+        raise MnistFlaxError(
+            f"{run_path} was recorded from a dirty tree (commit {git.get('commit', 'unknown')[:12]} plus "
+            "uncommitted changes), so its commit does not reproduce it; not synced (--force uploads it)"
+        )
+
+
+def _collect(paths: list[str], force: bool) -> list[tuple[str, list[str], list[str]]]:
+    """(path, its offline run folders, its workdirs with undelivered artifacts) for each path, checked:
+    MnistFlaxError for a path with neither, or a dirty run."""
     collected = []
     for path in paths:
         dirs = runs.offline_run_folders(path)  # raises for a sweep root whose sweep.json cannot be read
-        if not dirs:
-            raise MnistFlaxError(f"no offline W&B run under {path}")
-        for run_dir in dirs:
-            git = runs.load(run_dir, history=False, predictions=False).git
-            if git.get("dirty", True) and not force:  # no recorded git state: nothing says what reproduces it
-                raise MnistFlaxError(
-                    f"{run_dir} was recorded from a dirty tree (commit {git.get('commit', 'unknown')[:12]} plus "
-                    "uncommitted changes), so its commit does not reproduce it; not synced (--force uploads it)"
-                )
-        collected.append((path, dirs))
+        pending = undelivered_workdirs(path)
+        if not dirs and not pending:
+            raise MnistFlaxError(f"no offline W&B run, and no undelivered W&B artifact, under {path}")
+        for run_path in [*dirs, *(w for w in pending if not runs.offline_run_folders(w))]:
+            _check_clean(run_path, force)
+        collected.append((path, dirs, pending))
     return collected
+
+
+def _deliver(workdirs: list[str]) -> int:
+    """Delivers each workdir's undelivered artifacts; EXIT_FAILED when any is left undelivered."""
+    code = layout.EXIT_OK
+    for workdir in workdirs:
+        count = len(wandb_artifacts.read_undelivered(workdir))
+        print(f"delivering {count} artifact{'s' * (count != 1)} W&B refused during {workdir}", flush=True)
+        try:
+            delivered, left = wandb_artifacts.deliver(workdir)
+        except TrackingError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return layout.EXIT_FAILED
+        print(f"delivered {len(delivered)}, left {len(left)}", flush=True)
+        if left:
+            print(f"warning: {len(left)} still listed in {wandb_artifacts.record_path(workdir)}", file=sys.stderr)
+            code = layout.EXIT_FAILED
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,20 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         collected = _collect(args.paths, args.force)
-        segments = {d: segment(d) for _, dirs in collected for d in dirs}
+        segments = {d: segment(d) for _, dirs, _ in collected for d in dirs}
     except MnistFlaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return layout.EXIT_USAGE
     except (OSError, ValueError) as e:  # a .wandb file that cannot be read
         print(f"error: cannot read a W&B run file: {e}", file=sys.stderr)
         return layout.EXIT_USAGE
-    for path, dirs in collected:
+    pending = [w for _, _, workdirs in collected for w in workdirs]
+    for path, dirs, _ in collected:
         if not runs.is_sweep_root(path) and len({segments[d]["run_id"] for d in dirs}) > 1:
             print(f"warning: {path} holds several W&B run ids: they upload as separate runs", flush=True)
     planned = plan(list(segments.values()))
     ordered = [s["folder"] for run in planned for s in run["segments"]]
     if args.dry_run:
         print(describe(planned), flush=True)
+        for workdir in pending:
+            for entry in wandb_artifacts.read_undelivered(workdir):
+                print(f"would deliver {wandb_artifacts.label(entry)} to run {entry['run_id']} ({entry['why']})")
+        if not ordered:
+            return layout.EXIT_OK
         result = wandb_dry_run(ordered)
         print("wandb sync --dry-run:\n" + (result.stdout + result.stderr).rstrip(), flush=True)
         if any(len(run["segments"]) > 1 for run in planned):
@@ -115,4 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return layout.EXIT_USAGE
     for run_dir in ordered:
         print(f"syncing {run_dir}", flush=True)
-    return subprocess.run([*WANDB_SYNC, *ordered], check=False).returncode
+    if ordered:
+        code = subprocess.run([*WANDB_SYNC, *ordered], check=False).returncode
+        if code != 0:
+            return code
+    return _deliver(pending)

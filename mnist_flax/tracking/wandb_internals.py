@@ -9,7 +9,9 @@ wandb's public API has no way to do these three things, so they use its internal
     done here in an offline run too, where `use_artifact` refuses: the run's file records the artifact as the
     run's input, and `wandb sync` commits it and declares the use;
   - `wandb.sdk.lib.wbauth.read_netrc_auth` and `wandb_setup.singleton().settings`: the key `wandb login` stored
-    (its netrc, or its settings) for the server this process would use, read without prompting or the network.
+    (its netrc, or its settings) for the server this process would use, read without prompting or the network;
+  - the class names of wandb's service-connection errors (`stream_failed`): a lost service stops W&B for the
+    rest of the run, a refused artifact only that artifact.
 `check(run)` runs when a run starts: a name that a new wandb changed or dropped becomes one warning, never a
 crash, and each use below degrades to doing nothing.
 """
@@ -87,6 +89,27 @@ def use_new_artifact(run, artifact, offline: bool) -> None:
         run.use_artifact(artifact)  # public: logs it, then declares the use
         return
     run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+
+
+# wandb's own names for "the connection to its service is gone" (wandb 0.31: sdk/mailbox, sdk/lib/service, errors).
+SERVICE_ERRORS = frozenset(
+    {
+        "MailboxClosedError",
+        "HandleAbandonedError",
+        "WandbServiceConnectionError",
+        "WandbAttachFailedError",
+        "WandbCoreNotAvailableError",
+    }
+)
+
+
+def stream_failed(error: Exception) -> bool:
+    """Whether `error` says the run's own stream is gone (W&B's service dead, the connection lost), as opposed to
+    one request the server refused (an artifact it rejects, a quota): matched by class, not by message. A stream
+    failure taken for a refusal costs nothing: the next metric sent fails too, and stops W&B then."""
+    if isinstance(error, (ConnectionError, EOFError)):
+        return True
+    return any(cls.__name__ in SERVICE_ERRORS for cls in type(error).__mro__)
 
 
 def stop_console(run) -> None:

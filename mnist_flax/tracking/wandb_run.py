@@ -7,12 +7,14 @@ is never written anywhere: not to the config, the workdir, the log, or a
 command line. Online
 runs need a clean git tree (`provenance.git_info`), so the logged commit
 reproduces them; offline runs record the dirty flag, and `sync` refuses to
-upload a dirty run unless forced. When W&B fails mid-run, the run's Tracker
-remembers it and sends nothing more; training goes on.
+upload a dirty run unless forced. When the run's stream fails mid-run (W&B's
+service gone), the run's Tracker remembers it and sends nothing more; training
+goes on. An artifact W&B refuses costs only that artifact: one warning, an entry
+in the workdir's wandb_undelivered.json (tracking/wandb_artifacts.py), which
+`sync` delivers later; metrics, summary and other artifacts keep flowing.
 """
 
 import functools
-import json
 import os
 import secrets
 import string
@@ -24,7 +26,7 @@ import numpy as np
 from mnist_flax import layout
 from mnist_flax.config import schema
 from mnist_flax.errors import CheckpointError, TrackingError, first_line
-from mnist_flax.tracking import wandb_internals
+from mnist_flax.tracking import wandb_artifacts, wandb_internals
 
 TOKEN_VARIABLES = ("WANDB_API_KEY", "WANDB_TOKEN")
 
@@ -149,6 +151,29 @@ class Tracker:
             print(f"warning: {self.failure}", file=sys.stderr, flush=True)
             wandb_internals.stop_console(self.run)  # no more printed lines forwarded to the dead service
 
+    def send_artifact(self, description: dict) -> bool:
+        """Sends an artifact spec (wandb_artifacts.spec); True once W&B took it. A refusal costs only it: one
+        warning line and an entry in the workdir's wandb_undelivered.json, to deliver with `sync`; a lost stream
+        stops W&B for the rest of the run (record_failure)."""
+        if not self.active:
+            return False
+        try:
+            wandb_artifacts.send(self.run, description, offline=self.mode == "offline")
+            return True
+        except Exception as e:
+            if wandb_internals.stream_failed(e):
+                self.record_failure(e)
+                return False
+            entry = wandb_artifacts.record_undelivered(self.workdir, self.run, description, e)
+            print(
+                f"warning: W&B did not take {wandb_artifacts.label(description)} ({entry['why']}); metrics and the "
+                f"rest of the run still go to W&B; it is listed in {wandb_artifacts.record_path(self.workdir)}: "
+                f"deliver it later with python -m mnist_flax sync {self.workdir}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
+
     @property
     def active(self) -> bool:
         """Whether there is a W&B run that still accepts data."""
@@ -177,18 +202,17 @@ class Tracker:
         """
         if self.run is None:
             return
-        import wandb
-
         kind, _, location = source.partition(":")
         content = {"name": name, "source": kind, **fingerprint, "examples": sizes}
-        artifact = wandb.Artifact(name, type="dataset", metadata=content)
-        with artifact.new_file("fingerprint.json") as f:
-            json.dump(content, f, indent=2, sort_keys=True)
+        references = {}
         if kind == "idx":
             for file_name in sorted(fingerprint.get("files", {})):
-                path = os.path.abspath(os.path.join(location, file_name))
-                artifact.add_reference(f"file://{path}", name=file_name, checksum=False)
-        wandb_internals.use_new_artifact(self.run, artifact, offline=self.mode == "offline")
+                references[file_name] = f"file://{os.path.abspath(os.path.join(location, file_name))}"
+        self.send_artifact(
+            wandb_artifacts.spec(
+                name, "dataset", "use", metadata=content, contents={"fingerprint.json": content}, references=references
+            )
+        )
 
     @_survives_wandb_failure
     def use_model(self, reference: str) -> None:
@@ -196,7 +220,7 @@ class Tracker:
         fine-tuned model goes back to its parent and the parent's data. Online only: an offline run cannot
         name an artifact of the server (`init_from` downloaded it, so a network was there; run it online)."""
         if self.run is not None and self.mode == "online":
-            self.run.use_artifact(reference, type="model")
+            self.send_artifact(wandb_artifacts.spec(reference, "model", "use_reference", reference=reference))
 
     @_survives_wandb_failure
     def use_checkpoint(self, step_dir: str, parent_run_id: str) -> None:
@@ -204,24 +228,18 @@ class Tracker:
         run's `model-<run id>` artifact, with the step's files as the parent logged them, so it has the
         digest of the parent's version of that step, and W&B (which keeps one version per digest) links this
         run to it: the lineage goes back to the parent and its data, offline (on sync) as online."""
-        if self.run is None:
-            return
-        import wandb
-
-        artifact = wandb.Artifact(f"model-{parent_run_id}", type="model")
-        artifact.add_dir(step_dir)
-        wandb_internals.use_new_artifact(self.run, artifact, offline=self.mode == "offline")
+        if self.run is not None:
+            self.send_artifact(wandb_artifacts.spec(f"model-{parent_run_id}", "model", "use", dirs=[step_dir]))
 
     @_survives_wandb_failure
     def log_checkpoint(self, step_dir: str, step: int, aliases: list[str], metadata: dict) -> None:
         """Uploads one checkpoint step directory as a `model` artifact."""
-        if self.run is None:
-            return
-        import wandb
-
-        artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata=metadata)
-        artifact.add_dir(step_dir)
-        self.run.log_artifact(artifact, aliases=aliases)
+        if self.run is not None:
+            self.send_artifact(
+                wandb_artifacts.spec(
+                    f"model-{self.run.id}", "model", metadata=metadata, aliases=aliases, dirs=[step_dir]
+                )
+            )
 
     @_survives_wandb_failure
     def log_results(
@@ -269,9 +287,10 @@ class Tracker:
                 float(probs[i].max()),
             )
         self.run.log({"test/misclassified": table})
-        artifact = wandb.Artifact(f"predictions-{self.run.id}", type="predictions")
-        artifact.add_file(predictions_path)
-        self.run.log_artifact(artifact)
+        name = os.path.basename(predictions_path)
+        self.send_artifact(
+            wandb_artifacts.spec(f"predictions-{self.run.id}", "predictions", files={name: predictions_path})
+        )
 
     @_survives_wandb_failure
     def mark_preempting(self) -> None:
