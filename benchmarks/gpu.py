@@ -99,7 +99,7 @@ def throughput(data, args, settings) -> list[dict]:
         row = {
             "batch_size": batch_size,
             "steps_per_call": ours.steps_per_call,
-            "batch_split": int(ours.config.train.batch_split),
+            "conv_impl": ours.model.conv_impl,
             "ours_images_per_second": median(ours_ips),
             "ours_rounds": ours_ips,
             "compile_train_seconds": ours.compile_train_seconds,
