@@ -9,7 +9,9 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from unittest import mock
@@ -48,6 +50,25 @@ def copy_run(source: str, target, *, wandb: bool = True) -> str:
     """A copy of a finished run's workdir to change freely (without its W&B folder where `wandb` is False)."""
     shutil.copytree(source, target, ignore=None if wandb else shutil.ignore_patterns("wandb"))
     return str(target)
+
+
+@pytest.fixture(scope="session")
+def resumed_mlp_run(tiny_data_dir, tmp_path_factory) -> str:
+    """A two-epoch tiny MLP run (W&B offline, a log line every step) stopped with SIGTERM inside its first epoch
+    (exit 3), then resumed to the end: one W&B run in two offline segments. Read it; copy it to sync it."""
+    workdir = str(tmp_path_factory.mktemp("resumed_run") / "run")
+    args = ["--config=configs/mlp.py", f"--workdir={workdir}", *tiny_overrides(tiny_data_dir, log_every_steps=1)]
+    process = start_main(args)
+    for line in process.stdout:  # the first progress line: a call or more into epoch 1 of 2
+        progress = re.search(r"step (\d+)/", line)
+        if progress and int(progress.group(1)) < 20:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 3, stderr[-2000:]
+    resumed = run_main(args)
+    assert resumed.returncode == 0 and "resumed at step" in resumed.stdout, resumed.stderr[-2000:]
+    return workdir
 
 
 # ---------------------------------------------------------------- the CNN and MLP runs that serving reads

@@ -2,14 +2,12 @@
 handed to the real `wandb sync --dry-run` in order of start time, with no token and no network."""
 
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, run_main, start_main, tiny_overrides
+from conftest import REPO_ROOT
 
 from mnist_flax.commands import sync
 from mnist_flax.records import runs
@@ -22,22 +20,10 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # closed again when the block ends: nothing listens there
 
 
-@pytest.fixture(scope="module")
-def resumed_run(tiny_data_dir, tmp_path_factory) -> str:
-    """A tiny offline run stopped with SIGTERM inside its first epoch (exit 3), then resumed to the end."""
-    workdir = str(tmp_path_factory.mktemp("sync") / "run")
-    args = ["--config=configs/mlp.py", *tiny_overrides(tiny_data_dir, num_epochs=2, log_every_steps=1)]
-    process = start_main([*args, f"--workdir={workdir}"])
-    for line in process.stdout:  # the first progress line: a call or more into epoch 1 of 2
-        progress = re.search(r"step (\d+)/", line)
-        if progress and int(progress.group(1)) < 20:
-            process.send_signal(signal.SIGTERM)
-            break
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 3, stderr[-2000:]
-    resumed = run_main([*args, f"--workdir={workdir}"])
-    assert resumed.returncode == 0 and "resumed at step" in resumed.stdout, resumed.stderr[-2000:]
-    return workdir
+@pytest.fixture
+def resumed_run(resumed_mlp_run) -> str:
+    """tests/shared.py's run stopped with SIGTERM inside its first epoch and resumed: two offline segments."""
+    return resumed_mlp_run
 
 
 @pytest.mark.slow

@@ -7,14 +7,12 @@ never on a command line or in a file the run writes. What a real W&B server adds
 import contextlib
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import threading
 
 import pytest
-from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, run_sweep, start_main, tiny_overrides
+from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, run_sweep, tiny_overrides
 from services import OpenWandb, OwnWandb
 from shared import copy_run
 
@@ -148,32 +146,16 @@ def test_an_online_run_arrives_whole_although_the_server_refuses_an_artifact(ser
     assert server.key not in delivery.stdout + delivery.stderr
 
 
-@pytest.fixture(scope="module")
-def resumed_offline_run(tiny_data_dir, tmp_path_factory) -> str:
-    """A tiny offline run stopped with SIGTERM in its first epoch (exit 3), then resumed: two offline segments."""
-    workdir = str(tmp_path_factory.mktemp("wandb_server") / "resumed")
-    args = ["--config=configs/mlp.py", f"--workdir={workdir}", *tiny_overrides(tiny_data_dir, log_every_steps=1)]
-    process = start_main(args)
-    for line in process.stdout:
-        progress = re.search(r"step (\d+)/", line)
-        if progress and int(progress.group(1)) < 20:
-            process.send_signal(signal.SIGTERM)
-            break
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 3, stderr[-2000:]
-    resumed = run_main(args)
-    assert resumed.returncode == 0 and "resumed at step" in resumed.stdout, resumed.stderr[-2000:]
-    return workdir
-
-
 def test_offline_runs_a_resumed_run_and_a_sweep_arrive_through_sync(
     server,
     finished_mlp_run,
-    resumed_offline_run,
+    resumed_mlp_run,
     tiny_data_dir,
     tmp_path,
 ):
+    # Copies of tests/shared.py's runs: syncing marks a run's offline folders as synced.
     finished = copy_run(finished_mlp_run, tmp_path / "finished")
+    resumed_offline_run = copy_run(resumed_mlp_run, tmp_path / "resumed")
     root = str(tmp_path / "sweep")
     sweep = run_sweep(root, "configs/mlp.py", "optimizer.learning_rate=0.001,0.003", tiny_data_dir,
                       num_epochs=1, **{"checkpoint.enabled": False})  # fmt: skip
