@@ -19,6 +19,9 @@ from mnist_flax import layout
 from mnist_flax.commands import compare
 from mnist_flax.tracking import wandb_run
 
+# A sweep of three runs and a headless browser: in make test, not in make test-fast.
+pytestmark = pytest.mark.slow
+
 # Plain SGD at a constant rate: 0.01 and 0.1 train (to different accuracies), 1e12 diverges at once and fails.
 RATES = ("0.01", "0.1", "1e12")
 MEMBERS = ("000-0.01", "001-0.1", "002-1e12")

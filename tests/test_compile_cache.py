@@ -10,6 +10,9 @@ from shared import mlp_run_args
 from mnist_flax import layout
 from mnist_flax.training import compile_cache
 
+# Two runs through main.py: in make test, not in make test-fast.
+pytestmark = pytest.mark.slow
+
 
 def _run(tiny_data_dir, workdir, cache: str):
     result = run_main(mlp_run_args(tiny_data_dir, workdir), env={compile_cache.ENV: cache})  # tests/shared.py's run

@@ -107,6 +107,7 @@ def test_kills_and_preemptions_lose_nothing(tiny_data_dir, tmp_path):
     _assert_checkpoints_restore(workdir)
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_workdir_refuses(tiny_data_dir, tmp_path):
     args = [*_args(tiny_data_dir, tmp_path), "--config.num_epochs=500"]  # still running when the second starts
     first = start_main(args)
@@ -137,6 +138,7 @@ def test_processes_of_one_run_check_the_workdir_at_once(tmp_path):
     assert os.listdir(workdir) == []  # no probe left behind
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_is_one_line_and_registers_nothing(tiny_data_dir, tmp_path):
     """A 2 MiB filesystem: the config and metrics fit, the first checkpoint does not."""
     mount_point = tmp_path / "small_disk"
@@ -180,6 +182,7 @@ def _children(pid: int, name: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_wandb_dying_mid_run_does_not_stop_training(tiny_data_dir, tmp_path):
     args = _args(tiny_data_dir, tmp_path)  # EPOCHS: 30 steps before W&B's service dies, 30 after
     process = start_main(args)

@@ -15,6 +15,9 @@ from conftest import run_main, tiny_overrides, write_idx_dataset
 from mnist_flax import layout
 from mnist_flax.tracking import wandb_files
 
+# Six tiny runs through main.py: in make test, not in make test-fast.
+pytestmark = pytest.mark.slow
+
 
 def train(workdir, data_dir, **extra) -> dict:
     result = run_main(

@@ -100,6 +100,7 @@ def test_a_workdir_and_its_offline_wandb_folder_read_the_same(workdir):
     assert records["wandb_offline"].history == records["workdir"].history
 
 
+@pytest.mark.slow
 def test_a_sweep_member_reads_the_same_as_its_workdir_and_wandb_folder(sweep_root):
     members = runs.expand(sweep_root)
     names = [os.path.basename(path) for path in runs.sweep_members(sweep_root)]
@@ -122,6 +123,7 @@ def test_a_sweep_member_reads_the_same_as_its_workdir_and_wandb_folder(sweep_roo
     assert [row["best_val_accuracy"] for row in summary["runs"]] == [m.best_val_accuracy for m in members]
 
 
+@pytest.mark.slow
 def test_a_sweep_root_is_not_one_run_and_syncs_all_members(sweep_root, capsys):
     with pytest.raises(ConfigError, match="is a sweep of 2 runs, not one run") as error:
         runs.load(sweep_root)

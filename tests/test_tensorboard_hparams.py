@@ -15,6 +15,9 @@ from conftest import run_sweep
 from mnist_flax import layout
 from mnist_flax.config import schema
 
+# A sweep of three runs and a TensorBoard server: in make test, not in make test-fast.
+pytestmark = pytest.mark.slow
+
 RATES = (0.001, 0.003, 0.01)
 MEMBERS = ("000-0.001", "001-0.003", "002-0.01")
 SETTINGS = {"num_epochs": 1, "checkpoint.enabled": False, "tensorboard": True}

@@ -123,14 +123,19 @@ def test_videos_and_audio_are_skipped_without_error(tmp_path, kind):
 
 
 def test_a_run_whose_tensorboard_disk_is_full_finishes_with_one_warning(tiny_data_dir, tmp_path):
-    """The TensorBoard folder on a 4 KiB filesystem of its own: the run trains to the end, says so in one warning
-    line, and metrics.jsonl (on the workdir's disk) holds every logged step."""
+    """The TensorBoard folder on a 4 KiB filesystem of its own, already full: the run trains to the end, says so in
+    one warning line, and metrics.jsonl (on the workdir's disk) holds every logged step. (Filled first: a tiny run's
+    event file can stay under 4 KiB, whose first flush then succeeds and the run has nothing to say.)"""
     workdir = tmp_path / "run"
     tensorboard = workdir / layout.TENSORBOARD
     tensorboard.mkdir(parents=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(tensorboard)], capture_output=True)
     assert mounted.returncode == 0, f"the test needs root to mount a tmpfs: {mounted.stderr!r}"
     try:
+        with pytest.raises(OSError, match="No space left on device"), open(tensorboard / "filler", "wb") as f:
+            for _ in range(64):
+                f.write(b"\0" * 1024)
+                f.flush()
         args = ["--config=configs/mlp.py", f"--workdir={workdir}"]
         result = run_main(args + tiny_overrides(tiny_data_dir, num_epochs=2, tensorboard=True))
         assert result.returncode == 0, result.stderr[-3000:]

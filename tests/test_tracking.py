@@ -45,6 +45,7 @@ def offline_run(tiny_data_dir, tmp_path_factory):
     return workdir, result
 
 
+@pytest.mark.slow
 def test_history_has_falling_train_loss_and_accuracy(offline_run):
     workdir, _ = offline_run
     history = _wandb_summary(workdir)["history"]
@@ -59,6 +60,7 @@ def test_history_has_falling_train_loss_and_accuracy(offline_run):
     assert [r["train/loss"] for r in jsonl if "train/loss" in r] == pytest.approx(losses)
 
 
+@pytest.mark.slow
 def test_config_matches_config_json_and_records_git(offline_run):
     workdir, _ = offline_run
     logged = wandb_files.config_values(_wandb_summary(workdir))
@@ -72,6 +74,7 @@ def test_config_matches_config_json_and_records_git(offline_run):
     assert logged["config_changes"]["changed"]["num_epochs"] == [10, 3]
 
 
+@pytest.mark.slow
 def test_checkpoint_and_prediction_artifacts_are_logged(offline_run):
     workdir, _ = offline_run
     summary = _wandb_summary(workdir)
@@ -98,6 +101,7 @@ def test_checkpoint_and_prediction_artifacts_are_logged(offline_run):
     assert summary["exit_code"] == 0
 
 
+@pytest.mark.slow
 def test_the_logged_roc_curves_are_those_of_the_predictions(offline_run):
     workdir, _ = offline_run
     run_dir = sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*")))[-1]
@@ -146,6 +150,7 @@ def test_roc_points_small_cases():
     assert np.isnan(roc(np.array([0.2, 0.7]), np.array([1, 1]), grid)).all()
 
 
+@pytest.mark.slow
 def test_planted_token_is_nowhere(offline_run):
     workdir, result = offline_run
     assert FAKE_TOKEN not in result.stdout + result.stderr
@@ -155,6 +160,7 @@ def test_planted_token_is_nowhere(offline_run):
                 assert FAKE_TOKEN.encode() not in f.read(), path
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_ends_with_the_same_metrics(offline_run, tiny_data_dir, tmp_path):
     args, (straight, _) = _cnn_args(tiny_data_dir), offline_run
     workdir = tmp_path / "interrupted"
@@ -205,6 +211,7 @@ def test_retention_keeps_the_latest_and_the_best(tmp_path):
     manager.close()
 
 
+@pytest.mark.slow
 def test_init_from_restores_exactly_the_saved_parameters(offline_run, tiny_data_dir, tmp_path):
     workdir, _ = offline_run
     # Evaluate the run's best checkpoint: the predictions equal the run's own final ones, to the byte.
@@ -243,6 +250,7 @@ def test_dirty_tree_guard(tmp_path):
     wandb_run.check_dirty(dirty, "offline", allow_dirty=False)
 
 
+@pytest.mark.slow
 def test_online_run_from_dirty_tree_refuses_through_main(tiny_data_dir, tmp_path):
     clone = _clone(tmp_path, "repo")
     with open(os.path.join(clone, "configs", "default.py"), "a") as f:
@@ -267,6 +275,7 @@ def test_online_run_from_dirty_tree_refuses_through_main(tiny_data_dir, tmp_path
     assert FAKE_TOKEN not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_sync_refuses_dirty_runs_and_accepts_clean_ones(tiny_data_dir, tmp_path):
     clone = _clone(tmp_path, "repo")
     runs = {}
@@ -340,6 +349,7 @@ def test_a_key_stored_by_wandb_login_makes_auto_online_and_lets_sync_upload(tmp_
     assert token_decision({**env, "WANDB_BASE_URL": "http://127.0.0.1:9"}) == ["None", "offline"]
 
 
+@pytest.mark.slow
 def test_unreachable_wandb_keeps_the_run_offline(tiny_data_dir, tmp_path):
     start = time.monotonic()
     result = run_main(
@@ -360,6 +370,7 @@ def test_unreachable_wandb_keeps_the_run_offline(tiny_data_dir, tmp_path):
     assert time.monotonic() - start < 240
 
 
+@pytest.mark.slow
 def test_rejected_token_is_one_line_and_exit_2(tiny_data_dir, tmp_path):
     import http.server
     import threading
