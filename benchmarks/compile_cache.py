@@ -85,8 +85,7 @@ def main(argv=None) -> int:
         ],
     }
     if args.results:
-        json_path = os.path.join(os.path.dirname(os.path.abspath(args.results)), "results.json")
-        report.record(report.load(json_path), "compile_cache", result, started, json_path, args.results, False)
+        report.record_beside(args.results, "compile_cache", result, started)
     return 0
 
 

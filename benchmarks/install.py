@@ -112,8 +112,7 @@ def main(argv=None) -> int:
         ],
     }
     if args.results:
-        json_path = os.path.join(os.path.dirname(os.path.abspath(args.results)), "results.json")
-        report.record(report.load(json_path), "install", result, started, json_path, args.results, machine=False)
+        report.record_beside(args.results, "install", result, started)
     for row in rows:
         print(
             f"{row['cache']:>4} {row['installer']:>3}: {row['seconds']:.1f} s ({row['rounds']}) {row['speedup']:.1f}x"

@@ -95,6 +95,13 @@ def load(path: str = RESULTS_JSON) -> dict:
         return json.load(f)
 
 
+def record_beside(md_path: str, name: str, result: dict, started: dict) -> dict:
+    """`record` for a standalone script's `--results PATH`: the entry goes into results.json beside PATH, and the
+    Machine header stays as the throughput sections wrote it."""
+    json_path = os.path.join(os.path.dirname(os.path.abspath(md_path)), "results.json")
+    return record(load(json_path), name, result, started, json_path, md_path, machine=False)
+
+
 def record(
     results: dict, name: str, result: dict, started: dict, json_path: str, md_path: str, machine: bool = True
 ) -> dict:

@@ -137,8 +137,7 @@ def main(argv=None) -> int:
         + ([{"columns": [["venv", "venv", "{}"], ["size GiB", "gib", "{:.2f}"]], "rows": sizes}] if sizes else []),
     }
     if args.results:
-        json_path = os.path.join(os.path.dirname(os.path.abspath(args.results)), "results.json")
-        report.record(report.load(json_path), "tensorflow_free", result, started, json_path, args.results, False)
+        report.record_beside(args.results, "tensorflow_free", result, started)
     return 0
 
 
