@@ -58,7 +58,7 @@ train: setup  ## train CONFIG (default the CNN) on Fashion-MNIST; WORKDIR=runs/c
 # Two workers (pytest-xdist), each test module on one of them, longest first (tests/parallel.py); the end of the
 # output reports the suite's time against its budget (tests/budget.py).
 PYTEST_WORKERS ?= 2
-PYTEST_PARALLEL := $(if $(filter-out 0 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
+PYTEST_PARALLEL := $(if $(filter-out 0 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 test: setup-test-system setup lint  ## system packages (docker.io, PostgreSQL, Slurm, ...), lint, the whole suite (~25 min)
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=20

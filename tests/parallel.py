@@ -4,7 +4,9 @@ tests/conftest.py loads.
 Most of the suite's time is spent waiting on one core: a new process's imports, XLA compiling, a Docker build,
 a database outage, a Slurm requeue. Two workers keep both cores busy. Each test module is one group, run by one
 worker, so its module fixtures are built once; the modules that read the same session run (tests/shared.py)
-form one group, so that run is trained once. Groups start longest first, so the last one to start is short.
+form one group, so that run is trained once. Groups start longest first, so the last one to start is short:
+the Makefile passes `--no-loadscope-reorder`, since xdist otherwise starts the groups with the most tests first,
+whatever their time (a 3-test Docker module ran last and was the suite's tail).
 Without xdist (`make test-fast`, `pytest tests/test_x.py`) the groups change nothing but the order.
 """
 
