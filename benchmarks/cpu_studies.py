@@ -22,11 +22,12 @@ if REPO_ROOT not in sys.path:
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common, pieces, report  # noqa: E402
 from benchmarks.common import FASHION_DIR, ratio  # noqa: E402
-from mnist_flax.training import models, steps  # noqa: E402
+from mnist_flax.training import steps  # noqa: E402
 
 FLAG_SETS = (
     "",
@@ -37,6 +38,22 @@ FLAG_SETS = (
 )
 # (conv_impl, pieces, steps per call, written out) of the split x fused study; the last: the previous default.
 SPLIT_VARIANTS = ((1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (1, 3), (1, 10), (4, 3), (8, 2), (8, 3), (8, 5), (8, 10))
+
+
+def conv3x3_xla(x, kernel):
+    """3x3 SAME convolution through XLA's native convolution (nn.Conv's)."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv3x3_shifted_matmul(x, kernel):
+    """The same convolution as nine shifted slices and one matrix multiply (the library's former `shifted_matmul`)."""
+    kh, kw, cin, cout = kernel.shape
+    height, width = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    patches = jnp.concatenate(
+        [padded[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
+    return patches @ kernel.reshape(kh * kw * cin, cout)
 
 
 # ---------------------------------------------------------------- formulations of the same CNN
@@ -57,34 +74,34 @@ def conv3x3_nchw(x: jax.Array, kernel: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def conv3x3_xla_nchw_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """XLA's NHWC convolution forward and input gradient; the weight gradient computed in NCHW layout."""
-    return models.conv3x3_xla(x, kernel)
+    return conv3x3_xla(x, kernel)
 
 
 def _conv_fwd(x, kernel):
-    return models.conv3x3_xla(x, kernel), (x, kernel)
+    return conv3x3_xla(x, kernel), (x, kernel)
 
 
 def _conv_bwd(residuals, grad):
     x, kernel = residuals
-    grad_x = jax.vjp(lambda xx: models.conv3x3_xla(xx, kernel), x)[1](grad)[0]
+    grad_x = jax.vjp(lambda xx: conv3x3_xla(xx, kernel), x)[1](grad)[0]
     return grad_x, jax.vjp(lambda kk: conv3x3_nchw(x, kk), kernel)[1](grad)[0]
 
 
 conv3x3_xla_nchw_grad.defvjp(_conv_fwd, _conv_bwd)
 CONVS = {
-    "xla": models.conv3x3_xla,
-    "shifted_matmul": models.conv3x3_shifted_matmul,
+    "xla": conv3x3_xla,
+    "shifted_matmul": conv3x3_shifted_matmul,
     "xla_nchw": conv3x3_nchw,
     "xla_nchw_grad": conv3x3_xla_nchw_grad,
 }
 POOLS = {
-    "window": lambda x: nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2)),  # models.CNN's
+    "window": lambda x: nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2)),  # the CNN's
     "reshape": lambda x: x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2] // 2, 2, x.shape[3]).mean(axis=(2, 4)),
 }
 
 
 class StudyConv3x3(nn.Module):
-    """models.Conv3x3's parameters with any formulation of CONVS."""
+    """A 3x3 convolution's parameters (nn.Conv's) with any formulation of CONVS."""
 
     features: int
     impl: str
@@ -96,7 +113,7 @@ class StudyConv3x3(nn.Module):
 
 
 class StudyCNN(nn.Module):
-    """models.CNN (same parameter tree, same outputs) with a choice of convolution and pooling formulation."""
+    """The CNN (models/cnn.py: the same outputs) with a choice of convolution and pooling formulation."""
 
     conv_impl: str = "xla"
     pool: str = "window"
@@ -160,9 +177,13 @@ def split_and_fused(data, quick: bool, rounds: int) -> list[dict]:
     variants += [] if quick else [("shifted_matmul", 1, 10, False)]
     for impl, split, fused, written_out in variants:
         label = f"conv={impl} on {split} piece(s), {fused} step(s)/call" + ("" if written_out else " in a scan")
-        model = pieces.build_model(config, impl, split)
         timers[label] = pieces.StepTimer(
-            config, data, model=model, steps_per_call=fused, scan_unroll=fused if written_out else 1
+            config,
+            data,
+            model=StudyCNN(impl),
+            steps_per_call=fused,
+            scan_unroll=fused if written_out else 1,
+            batch_split=split,
         )
     return timed_rows(timers, lambda t: 10 if quick else 30, rounds)
 
@@ -191,7 +212,7 @@ def xla_flags(data_npz: str, quick: bool) -> list[dict]:
 def flags_child(data_npz: str) -> dict:
     """Images/s of the two formulations in this process (XLA_FLAGS set by the parent)."""
     data, config = common.HostData.load(data_npz), pieces.load_config()
-    timers = {i: pieces.StepTimer(config, data, model=pieces.build_model(config, i)) for i in ("xla", "shifted_matmul")}
+    timers = {i: pieces.StepTimer(config, data, model=StudyCNN(i)) for i in ("xla", "shifted_matmul")}
     return {row["label"]: row["images_per_second"] for row in timed_rows(timers, lambda t: 20, 2)}
 
 
@@ -204,7 +225,7 @@ VARIANT, COMPILE = ["variant", "label", "{}"], ["compile s", "compile_seconds", 
 CAPTIONS = {
     "formulations": "Formulations of the same model (same parameters; max |logit difference| from the first), "
     "batch 128, 1 step/call, whole batch:",
-    "fused": "The batch split into pieces for the convolutions (`model.conv_batch_split`) and steps fused without a "
+    "fused": "The batch split into pieces the model is applied to (`train.batch_split`) and steps fused without a "
     "loop (`train.steps_per_call`, written out unless in a scan), batch 128; compile s = the train step's:",
     "batch_sizes": "Batch size (whole batch, 1 step/call, the same images a round):",
     "xla_flags": "XLA flags (a child process each; batch 128, whole batch, 1 step/call; images/s):",

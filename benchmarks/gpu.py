@@ -99,7 +99,7 @@ def throughput(data, args, settings) -> list[dict]:
         row = {
             "batch_size": batch_size,
             "steps_per_call": ours.steps_per_call,
-            "conv_impl": ours.model.conv_impl,
+            "batch_split": int(ours.config.train.batch_split),
             "ours_images_per_second": median(ours_ips),
             "ours_rounds": ours_ips,
             "compile_train_seconds": ours.compile_train_seconds,

@@ -17,8 +17,9 @@ import numpy as np
 
 from benchmarks.common import FASHION_DIR, REPO_ROOT, HostData
 from benchmarks.library import set_fields
+from mnist_flax import models
 from mnist_flax.config import schema
-from mnist_flax.training import input_pipeline, metrics, models, steps
+from mnist_flax.training import input_pipeline, metrics, steps
 
 
 def load_config(path: str = "configs/cnn.py", **changes) -> ml_collections.ConfigDict:
@@ -35,18 +36,16 @@ def load_host_data(data_dir: str = "") -> HostData:
     return HostData(*(np.asarray(a) for s in (d.train, d.validation, d.test) for a in (s.images, s.labels)))
 
 
-def build_model(config: ml_collections.ConfigDict, conv_impl: str = "xla", conv_batch_split: int = 1) -> nn.Module:
-    """`models.create_model` with the CNN's formulation and batch split given."""
-    model_config = copy.deepcopy(config.model)
-    if model_config.name == "cnn":
-        model_config.conv_impl, model_config.conv_batch_split = conv_impl, str(conv_batch_split)
-    return models.create_model(model_config)
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """`models.create` on the config's model section (Fashion-MNIST's 10 classes)."""
+    return models.create(config.model, num_classes=10)
 
 
 def train_state(config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int):
     """The library's optimizer, schedule and initial state; returns (state, schedule)."""
     schedule = steps.make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
-    return steps.create_train_state(model, steps.make_optimizer(config.optimizer, schedule), config.seed), schedule
+    tx = steps.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
+    return steps.create_train_state(model, tx, config.seed), schedule
 
 
 class StepTimer:
@@ -60,8 +59,11 @@ class StepTimer:
         model: nn.Module | None = None,
         steps_per_call: int = 1,
         scan_unroll: int = 1,
+        batch_split: int = 1,
     ):
-        """`model` defaults to the config's with XLA's convolution on the whole batch."""
+        """`model` defaults to the config's; `batch_split`: the pieces the step applies it to (train.batch_split)."""
+        config = copy.deepcopy(config)
+        config.train.batch_split = str(batch_split)
         self.config, self.batch_size, self.steps_per_call = config, config.batch_size, steps_per_call
         self.model = model or build_model(config)
         self.num_train = len(data.train_labels)
@@ -74,15 +76,14 @@ class StepTimer:
         self.order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3))
         self.data_key = np.asarray(jax.random.PRNGKey(config.seed + 1))
         step = steps.make_train_step(config, self.steps_per_epoch, steps_per_call, scan_unroll)
-        self.values = steps.hyperparameters(config, self.steps_per_epoch)
-        predict = steps.make_predict(models.for_inference(self.model).apply, config.eval_batch_size)
+        predict = steps.make_predict(self.model.apply, config.eval_batch_size)
         self.carry = (state, metrics.TrainMetrics.empty(), steps.empty_guard())
         self.order = self.order_fn(self.data_key, 0, self.num_train, self.batch_size)
         start = time.perf_counter()
-        self.step_fn = step.lower(self.carry, self.train.images, self.train.labels, self.order, self.values).compile()
+        self.step_fn = step.lower(self.carry, self.train.images, self.train.labels, self.order).compile()
         self.compile_train_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        self.predict = predict.lower(state.params, self.test.images, 0).compile()
+        self.predict = predict.lower(state.variables(), self.test.images, 0).compile()
         self.compile_predict_seconds = time.perf_counter() - start
         self.step = 0
 
@@ -98,7 +99,7 @@ class StepTimer:
             epoch = self.step // self.steps_per_epoch
             if self.step and self.step % self.steps_per_epoch == 0:
                 self.order = self.order_fn(self.data_key, epoch, self.num_train, self.batch_size)
-            self.carry = self.step_fn(self.carry, self.train.images, self.train.labels, self.order, self.values)
+            self.carry = self.step_fn(self.carry, self.train.images, self.train.labels, self.order)
             previous, self.step = self.step, min(self.step + self.steps_per_call, (epoch + 1) * self.steps_per_epoch)
             done += self.step - previous
         jax.block_until_ready(self.carry)
@@ -112,5 +113,5 @@ class StepTimer:
     def evaluate(self) -> tuple[float, float]:
         """`steps.evaluate` over the test set (log-probabilities and the report); returns (seconds, accuracy)."""
         start = time.perf_counter()
-        _, report = steps.evaluate(self.predict, self.state.params, self.test, self.config.eval_batch_size)
+        _, report = steps.evaluate(self.predict, self.state.variables(), self.test, self.config.eval_batch_size)
         return time.perf_counter() - start, report["accuracy"]

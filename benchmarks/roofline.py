@@ -49,7 +49,7 @@ BATCH = 128
 PROFILED_STEPS = 60
 PROFILE_ROUNDS = 3  # alternating rounds of the two profiles (ours, torch.compile's)
 # The library's CPU defaults, as its resolver decides "auto" at batch 128: 8 pieces, 3 steps a call written out.
-DEFAULT_PIECES = resolution.conv_batch_split("auto", BATCH, "cpu")
+DEFAULT_PIECES = resolution.batch_split("auto", BATCH, "cpu")
 DEFAULT_STEPS = resolution.steps_per_call("auto", "cpu")
 
 
@@ -119,8 +119,9 @@ def profile_child() -> dict:
     """In a process started with the traceme flag: the default step's thread time per model piece."""
     data = pieces.load_host_data()
     config = pieces.load_config("configs/cnn.py", batch_size=BATCH)
-    model = pieces.build_model(config, conv_impl="xla", conv_batch_split=DEFAULT_PIECES)
-    timer = pieces.StepTimer(config, data, model=model, steps_per_call=DEFAULT_STEPS, scan_unroll=DEFAULT_STEPS)
+    timer = pieces.StepTimer(
+        config, data, steps_per_call=DEFAULT_STEPS, scan_unroll=DEFAULT_STEPS, batch_split=DEFAULT_PIECES
+    )
     timer.run(3 * PROFILED_STEPS)  # warm
     start = time.perf_counter()
     timer.run(PROFILED_STEPS)
@@ -149,7 +150,7 @@ def profile_child() -> dict:
             meta = re.search(r'op_name="([^"]+)"', line)
             unnamed = "convolution" if " convolution(" in line else ""
             computations[current] = meta.group(1) if meta else computations.get(current) or unnamed
-    convs = [v["kernel"].shape for k, v in sorted(timer.state.params.items()) if k.startswith("Conv3x3")]
+    convs = [v["kernel"].shape for k, v in sorted(timer.state.params.items()) if k.startswith("Conv_")]
     kernels = {i: int(np.prod(shape)) for i, shape in enumerate(convs)}
     # A convolution's FLOPs a step: 2 x batch x output pixels x its kernel's size (the image halves per stage).
     conv_flop = {f"conv {i + 1}": 2 * BATCH * (28 >> i) ** 2 * kernels[i] for i in range(len(convs))}
@@ -205,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     started = report.start()
     data = pieces.load_host_data(FASHION_DIR)
     config = pieces.load_config("configs/cnn.py", batch_size=BATCH)
-    model = pieces.build_model(config, conv_impl="xla", conv_batch_split=1)
-    timer = pieces.StepTimer(config, data, model=model)
+    timer = pieces.StepTimer(config, data)
+    model = timer.model
     params = jax.tree.map(jnp.copy, timer.state.params)  # the train step donates its carry
     images = jnp.asarray(data.train_images[:BATCH], jnp.float32) / 255.0
     labels = jnp.asarray(data.train_labels[:BATCH])

@@ -134,7 +134,7 @@ def section_throughput(ctx: Context) -> dict:
             f"{OURS} (default config)": functools.partial(ours, ctx, model, batch_size),
         }
         if not ctx.settings.quick:  # the plain jit step, with resident data: what the host-fed loop's step does
-            plain = {"train.steps_per_call": "1"} | ({"model.conv_batch_split": "1"} if model == "cnn" else {})
+            plain = {"train.steps_per_call": "1", "train.batch_split": "1"}
             label = f"{OURS}, {'whole batch, ' * (model == 'cnn')}1 step/call"
             contenders[label] = functools.partial(ours, ctx, model, batch_size, changes=plain)
         print(f"  -- {model} batch {batch_size}", flush=True)

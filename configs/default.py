@@ -44,19 +44,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.augment.flip = False  # mirror left-right with probability 1/2
     config.data.augment.max_shift = 0  # move by up to this many pixels each way
 
+    # The model section is `name` and that model's own fields (mnist_flax/models/NAME.py declares them).
     config.model = ml_collections.ConfigDict()
     config.model.name = "cnn"
     config.model.conv_features = (32, 64)
     config.model.dense_features = (256,)
     config.model.dropout_rate = 0.25
-    # How 3x3 convolutions are computed; the parameters and outputs are the
-    # same for each. "auto": "xla" (XLA's own); "shifted_matmul" is nine
-    # shifted slices and one matrix multiply.
-    config.model.conv_impl = "auto"
-    # Pieces the training batch is split into for the convolutions (same maths;
-    # on CPU the pieces run side by side on all cores). "auto": up to 8 pieces
-    # of at least 16 examples on CPU, 1 on GPU/TPU.
-    config.model.conv_batch_split = "auto"
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"
@@ -85,6 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the steps out with no loop. "auto": all on CPU (XLA's CPU convolutions
     # run 10x slower inside a loop, jax#12868), 1 on GPU/TPU.
     config.train.scan_unroll = "auto"
+    # Pieces each training batch is split into, the model applied to each (same maths; on CPU the pieces
+    # run side by side on all cores, steps.apply_in_pieces). "auto": up to 8 pieces of at least 16
+    # examples on CPU for a model without batch statistics, else 1.
+    config.train.batch_split = "auto"
     # What to do with a non-finite loss: "stop" (error naming the step) or
     # "skip" (drop that update and go on).
     config.train.on_nonfinite = "stop"

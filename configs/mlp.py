@@ -9,8 +9,6 @@ def get_config(arg: str | None = None):
     config = default.get_config(arg)
     config.model.name = "mlp"
     del config.model.conv_features
-    del config.model.conv_impl
-    del config.model.conv_batch_split
     config.model.dense_features = (512, 256)
     config.model.dropout_rate = 0.2
     config.num_epochs = 5

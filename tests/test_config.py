@@ -75,7 +75,7 @@ def test_mlp_config_differs_only_where_it_says():
             "num_epochs": [10, 5],
         },
         "added": {},
-        "removed": {"model.conv_features": [32, 64], "model.conv_impl": "auto", "model.conv_batch_split": "auto"},
+        "removed": {"model.conv_features": [32, 64]},
     }
 
 
@@ -131,18 +131,18 @@ def test_auto_or_integer_fields_as_given_on_the_command_line(value):
     config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
     config.train.steps_per_call = value
     config.train.scan_unroll = value
-    config.model.conv_batch_split = value
+    config.train.batch_split = value
     schema.validate(config)
     assert resolution.steps_per_call(config.train.steps_per_call, backend="gpu") == int(value)
     assert resolution.scan_unroll(config.train.scan_unroll, 7, backend="cpu") == int(value)
-    assert resolution.conv_batch_split(config.model.conv_batch_split, 128, backend="cpu") == int(value)
+    assert resolution.batch_split(config.train.batch_split, 128, backend="cpu") == int(value)
     config.batch_size = 100 * int(value)  # the pieces must divide the batch
     resolved = resolution.resolve(config, backend="cpu", num_devices=1)
     assert (resolved.train.steps_per_call, resolved.train.scan_unroll) == (int(value), int(value))
-    assert resolved.model.conv_batch_split == int(value)
+    assert resolved.train.batch_split == int(value)
 
 
-@pytest.mark.parametrize("field", ["train.steps_per_call", "train.scan_unroll", "model.conv_batch_split"])
+@pytest.mark.parametrize("field", ["train.steps_per_call", "train.scan_unroll", "train.batch_split"])
 @pytest.mark.parametrize("value", ["0", "-2", "fast", "2.5"])
 def test_auto_or_integer_fields_reject_other_values(field, value):
     config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
@@ -269,6 +269,10 @@ def bad_config_files(tmp_path_factory) -> str:
         "def get_config(arg=None):\n    raise RuntimeError('the cluster config needs MY_CLUSTER set')\n"
     )
     (directory / "no_get_config.py").write_text("import ml_collections\n\nCONFIG = ml_collections.ConfigDict()\n")
+    (directory / "misspelt_model_field.py").write_text(
+        "from configs import mlp\n\n\ndef get_config(arg=None):\n    config = mlp.get_config(arg)\n"
+        "    config.model.dense_feature = (64,)\n    return config\n"
+    )
     return str(directory)
 
 
@@ -322,9 +326,9 @@ BAD_INPUTS = [
     BadInput("scan_unroll_word", ("--config.train.scan_unroll=all",), ("train.scan_unroll", "'all'")),
     # tiny_overrides' batch is 50: 3 pieces do not divide it.
     BadInput(
-        "conv_batch_split_not_dividing_batch",
-        ("--config.model.conv_batch_split=3",),
-        ("model.conv_batch_split: 3 pieces do not divide the batch of 50",),
+        "batch_split_not_dividing_batch",
+        ("--config.train.batch_split=3",),
+        ("train.batch_split: 3 pieces do not divide the batch of 50",),
         config="configs/cnn.py",
     ),
     BadInput("num_epochs_zero", ("--config.num_epochs=0",), ("num_epochs: 0 is out of range",)),
@@ -335,12 +339,13 @@ BAD_INPUTS = [
         ("model.dropout_rate: 1.0 is out of range (must be in [0, 1))",),
     ),
     BadInput("validation_larger_than_train", ("--config.data.validation_size=1200",), ("data.validation_size: 1200",)),
-    BadInput("unknown_model", ("--config.model.name=resnet",), ("model.name", "'resnet'", "cnn, mlp")),
-    # configs/mlp.py has no convolution fields, and the command line cannot add fields.
+    BadInput("unknown_model", ("--config.model.name=vit",), ("model.name", "'vit'", "registered: cnn, mlp, resnet")),
+    # The command line cannot add fields; a config file can, and the model's module declares its fields.
     BadInput(
-        "cnn_on_the_mlp_config",
-        ("--config.model.name=cnn",),
-        ("model.conv_features: model.name 'cnn' needs it", "configs/cnn.py"),
+        "field_the_model_does_not_declare",
+        (),
+        ("model.dense_feature: the mlp model has no field 'dense_feature'", "its fields: dense_features, dropout_rate"),
+        config="{configs}/misspelt_model_field.py",
     ),
     BadInput("unknown_optimizer", ("--config.optimizer.name=lion",), ("optimizer.name", "'lion'", "adamw")),
     BadInput("unknown_loss", ("--config.loss.name=hinge",), ("loss.name", "'hinge'", "cross_entropy")),

@@ -72,11 +72,7 @@ def test_workdirs_and_a_file_against_a_workdir(tmp_path):
 def test_added_fields(tmp_path):
     a = _workdir(tmp_path, "a", "configs/mlp.py")
     difference = diff.diff(load_flat(a), load_flat("configs/cnn.py"))
-    assert difference["added"] == {
-        "model.conv_features": [32, 64],
-        "model.conv_impl": "auto",
-        "model.conv_batch_split": "auto",
-    }
+    assert difference["added"] == {"model.conv_features": [32, 64]}
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def test_the_graph_computes_what_the_model_does(model_config):
     pixels = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     from_onnx = session.run(None, {"images": pixels})[0]
-    from_jax = np.asarray(jax.jit(model.probabilities_fn())(params, pixels))
+    from_jax = np.asarray(jax.jit(model.probabilities_fn())({"params": params}, pixels))
     assert from_onnx.shape == (7, 10) and np.abs(from_onnx - from_jax).max() < TOLERANCE
 
 

@@ -15,10 +15,10 @@ import ml_collections
 import pytest
 from conftest import run_main, start_main, tiny_overrides
 
-from mnist_flax import layout
+from mnist_flax import layout, models
 from mnist_flax.config.schema import load_config_file
 from mnist_flax.records import files
-from mnist_flax.training import checkpointing, models, steps
+from mnist_flax.training import checkpointing, steps
 
 EPOCHS = 3  # 20 steps each on the tiny set
 
@@ -49,9 +49,8 @@ def _run_until(args, trigger: str, sig: int) -> tuple[int, str]:
 
 def _assert_checkpoints_restore(workdir):
     config = load_config_file("configs/mlp.py")
-    model = models.create_model(config.model)
-    schedule = steps.make_schedule(config.optimizer, 20, EPOCHS)
-    target = steps.create_train_state(model, steps.make_optimizer(config.optimizer, schedule), 0)
+    model = models.create(config.model, num_classes=10)
+    target = steps.create_train_state(model, steps.make_optimizer(config.optimizer, 20, EPOCHS), 0)
     manager = checkpointing.Checkpoints(
         os.path.join(workdir, "checkpoints"),
         ml_collections.ConfigDict({"max_to_keep": 3, "keep_best": True, "async_save": False}),

@@ -643,21 +643,22 @@ NO_TENSORFLOW_SCRIPT = textwrap.dedent(
     import ml_collections
 
     from mnist_flax.config import schema
-    from mnist_flax.training import input_pipeline, loop, metrics, models, steps
+    from mnist_flax import models
+    from mnist_flax.training import input_pipeline, loop, metrics, steps
 
     data_dir = sys.argv[1]
     config = schema.load_config_file("configs/mlp.py")
     config.data.local_dir = data_dir
     config.data.validation_size = 200
     datasets = input_pipeline.load_datasets(config.data)
-    model = models.create_model(config.model)
-    tx = steps.make_optimizer(config.optimizer, steps.make_schedule(config.optimizer, 10, 1))
+    model = models.create(config.model, num_classes=10)
+    tx = steps.make_optimizer(config.optimizer, 10, 1)
     state = steps.create_train_state(model, tx, seed=0)
     split = input_pipeline.to_device(datasets.train)
     order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, len(datasets.train), 50)
     step = steps.make_train_step(config, steps_per_epoch=order.shape[0])
     carry = (state, metrics.TrainMetrics.empty(), steps.empty_guard())
-    carry = step(carry, split.images, split.labels, order, steps.hyperparameters(config, order.shape[0]))
+    carry = step(carry, split.images, split.labels, order)
     computed = carry[1].compute()
     assert int(carry[0].step) == 1, carry[0].step
     assert int(carry[2]["count"]) == 0

@@ -10,7 +10,19 @@ from conftest import REPO_ROOT
 
 PACKAGE = pathlib.Path(REPO_ROOT) / "mnist_flax"
 # Bottom to top. A module may import its own layer and those below it, never one above.
-LAYERS = ["errors", "layout", "config", "tracking", "records", "training", "serving", "sweeps", "commands", "__main__"]
+LAYERS = [
+    "errors",
+    "layout",
+    "models",
+    "config",
+    "tracking",
+    "records",
+    "training",
+    "serving",
+    "sweeps",
+    "commands",
+    "__main__",
+]
 RANK = {name: 0 if name in ("errors", "layout") else i for i, name in enumerate(LAYERS)}
 
 

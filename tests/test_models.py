@@ -1,38 +1,36 @@
-"""Models: output shapes, exact parameter counts, and the two convolution formulations."""
+"""Models: the registry and its checks, output shapes, exact parameter counts, BatchNorm's state, the batch split."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from mnist_flax import models
 from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError
-from mnist_flax.training import models, resolution
+from mnist_flax.training import resolution, steps
 
-# Float32 tolerances for comparing the "xla" and "shifted_matmul" convolutions.
-# Both sum the same 9 * C_in products per output, in another order, so they
-# differ only by rounding: measured on this machine, logits (max |logit| ~0.5)
-# differ by at most 1.5e-7, and gradients by at most 1.5e-6 of the largest
-# gradient of the same parameter. The tolerances leave ~10-70x margin and still
-# fail for a real difference (a flipped kernel or a one-pixel shift is orders of magnitude larger).
-CONV_ATOL = 1e-5
-CONV_RTOL = 1e-5
-# Gradients, compared per parameter relative to that parameter's largest gradient.
+# Float32 tolerances for the batch split: the same products summed in another order (measured: logits within
+# 1.5e-7, gradients within 1.5e-6 of the largest gradient of the same parameter); a wrong interleave or a
+# dropped piece is orders of magnitude larger.
+ATOL = 1e-5
+RTOL = 1e-5
 GRAD_RTOL = 1e-4
 
 
-def model_config(config_name: str, **fields) -> ml_collections.ConfigDict:
-    """The model section of configs/<config_name>.py, with fields changed, resolved for an unknown batch (no split)."""
-    config = schema.load_config_file(f"configs/{config_name}.py").model
-    for key, value in fields.items():
-        config[key] = value
-    return resolution.model(config, per_device_batch=0, backend="cpu")
+def model_section(config_name: str, **fields) -> dict:
+    """The model section of configs/<config_name>.py, with fields changed."""
+    section = schema.load_config_file(f"configs/{config_name}.py").model.to_dict()
+    return {**section, **fields}
 
 
-def init_params(model, seed: int = 0):
+def create(config_name: str, num_classes: int = 10, **fields):
+    return models.create(model_section(config_name, **fields), num_classes)
+
+
+def init_variables(model, seed: int = 0) -> dict:
     images = jnp.zeros((1, 28, 28, 1), jnp.float32)
-    return jax.jit(lambda key: model.init(key, images, train=False)["params"])(jax.random.PRNGKey(seed))
+    return dict(jax.jit(lambda key: model.init(key, images, train=False))(jax.random.PRNGKey(seed)))
 
 
 def param_shapes(model):
@@ -41,18 +39,13 @@ def param_shapes(model):
     return jax.eval_shape(lambda key, x: model.init(key, x, train=False)["params"], jax.random.PRNGKey(0), images)
 
 
-def jit_apply(model):
-    """model.apply, compiled (op-by-op dispatch of a CNN is slower than compiling it)."""
-    return jax.jit(model.apply, static_argnames="train")
-
-
 def random_images(batch: int, seed: int = 1) -> jax.Array:
     return jax.random.uniform(jax.random.PRNGKey(seed), (batch, 28, 28, 1), jnp.float32)
 
 
 # ---------------------------------------------------------------- parameter counts
 
-# Conv3x3 with C_in -> C_out has 3*3*C_in*C_out weights + C_out biases; every
+# A 3x3 nn.Conv with C_in -> C_out has 3*3*C_in*C_out weights + C_out biases; every
 # 2x2 average pool (VALID) halves height and width, rounding down (7 -> 3);
 # Dense(n_in -> n_out) has n_in*n_out + n_out. Dropout has no parameters.
 CNN_DEFAULT = (
@@ -96,60 +89,50 @@ def test_expected_counts_arithmetic():
     ],
 )
 def test_parameter_count(name, fields, expected):
-    model = models.create_model(model_config(name, **fields))
-    assert models.count_params(param_shapes(model)) == expected
+    assert models.count_params(param_shapes(create(name, **fields))) == expected
 
 
-def test_conv_impl_does_not_change_parameter_count():
-    for impl in ("xla", "shifted_matmul"):
-        model = models.create_model(model_config("cnn", conv_impl=impl))
-        assert models.count_params(param_shapes(model)) == CNN_DEFAULT
+# ---------------------------------------------------------------- outputs and state
 
 
-# ---------------------------------------------------------------- output shapes
-
-
-@pytest.mark.parametrize("name", ["cnn", "mlp"])
+@pytest.mark.parametrize("name", ["cnn", "mlp", "resnet"])
 @pytest.mark.parametrize("batch", [1, 7])
-def test_output_shape(name, batch):
-    # Shapes by tracing only (jax.eval_shape compiles and computes nothing); the
-    # values are checked below, for the CNN against its other formulation.
-    model = models.create_model(model_config(name))
-    params = param_shapes(model)
+def test_output_shape_has_the_data_sets_classes(name, batch):
+    model = create(name, num_classes=7)  # from the data, not the config
+    variables = jax.eval_shape(lambda: init_variables(model))
     images = jax.ShapeDtypeStruct((batch, 28, 28, 1), jnp.float32)
+    mutable = [c for c in variables if c != "params"]
     for train in (False, True):
         logits = jax.eval_shape(
-            lambda p, x, key, train=train: model.apply({"params": p}, x, train=train, rngs={"dropout": key}),
-            params,
+            lambda v, x, key, train=train: model.apply(v, x, train=train, rngs={"dropout": key}, mutable=mutable)[0],
+            variables,
             images,
             jax.random.PRNGKey(0),
         )
-        assert (logits.shape, logits.dtype) == ((batch, models.NUM_CLASSES), jnp.float32)
+        assert (logits.shape, logits.dtype) == ((batch, 7), jnp.float32)
 
 
-def test_dropout_is_active_only_in_training():
-    model = models.create_model(model_config("mlp", dense_features=(32,), dropout_rate=0.5))
-    params = init_params(model)
+def test_dropout_is_flaxs_and_active_only_in_training():
+    model = create("mlp", dense_features=(32,), dropout_rate=0.5)
+    variables = init_variables(model)
     images = random_images(4)
-    apply = jit_apply(model)
-    eval_a = apply({"params": params}, images, train=False)
-    eval_b = apply({"params": params}, images, train=False)
+    apply = jax.jit(model.apply, static_argnames="train")
+    eval_a, eval_b = apply(variables, images, train=False), apply(variables, images, train=False)
     np.testing.assert_array_equal(eval_a, eval_b)
-    train_a = apply({"params": params}, images, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
-    train_b = apply({"params": params}, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    train_a = apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+    train_b = apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
     assert bool(jnp.all(jnp.isfinite(train_a)))
-    assert not np.allclose(train_a, train_b)
-    assert not np.allclose(train_a, eval_a)
+    assert not np.allclose(train_a, train_b) and not np.allclose(train_a, eval_a)
 
 
 def test_parameter_tree_names_and_shapes():
-    cnn = param_shapes(models.create_model(model_config("cnn")))
+    cnn = param_shapes(create("cnn"))
     shapes = {"/".join(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(cnn)}
     assert shapes == {
-        "Conv3x3_0/kernel": (3, 3, 1, 32),
-        "Conv3x3_0/bias": (32,),
-        "Conv3x3_1/kernel": (3, 3, 32, 64),
-        "Conv3x3_1/bias": (64,),
+        "Conv_0/kernel": (3, 3, 1, 32),
+        "Conv_0/bias": (32,),
+        "Conv_1/kernel": (3, 3, 32, 64),
+        "Conv_1/bias": (64,),
         "Dense_0/kernel": (3136, 256),
         "Dense_0/bias": (256,),
         "Dense_1/kernel": (256, 10),
@@ -157,147 +140,131 @@ def test_parameter_tree_names_and_shapes():
     }
 
 
-# ---------------------------------------------------------------- the two conv formulations
+def test_resnet_carries_batch_statistics_updated_in_training_and_used_in_evaluation():
+    model = create("resnet")
+    variables = init_variables(model)
+    assert set(variables) == {"params", "batch_stats"}
+    images = random_images(8) * 3.0 + 1.0  # far from the initial statistics (mean 0, variance 1)
+    _, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    before, after = variables["batch_stats"]["BatchNorm_0"]["mean"], updated["batch_stats"]["BatchNorm_0"]["mean"]
+    assert not np.allclose(before, after)
+    eval_before = model.apply(variables, images, train=False)
+    eval_after = model.apply({**variables, **updated}, images, train=False)
+    assert not np.allclose(eval_before, eval_after)  # evaluation normalises by the running statistics
 
 
-def conv3x3_reference(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """A float64 NumPy 3x3 SAME cross-correlation, written out loop by loop."""
-    n, h, w, _ = x.shape
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    out = np.zeros((n, h, w, kernel.shape[-1]))
-    for i in range(3):
-        for j in range(3):
-            out += np.einsum("nhwc,co->nhwo", padded[:, i : i + h, j : j + w, :], kernel[i, j])
-    return out
+# ---------------------------------------------------------------- the batch split (a step transformation)
 
 
-@pytest.mark.parametrize("conv", [models.conv3x3_xla, models.conv3x3_shifted_matmul])
-def test_conv_matches_reference(conv):
-    rng = np.random.default_rng(0)
-    # Not square and not symmetric, so a transposed or flipped kernel would show.
-    x = rng.normal(size=(2, 9, 7, 3)).astype(np.float32)
-    kernel = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
-    got = np.asarray(conv(jnp.asarray(x), jnp.asarray(kernel)))
-    np.testing.assert_allclose(got, conv3x3_reference(x.astype(np.float64), kernel.astype(np.float64)), atol=1e-4)
+def loss_and_grads(model, variables, images, labels, pieces):
+    def loss(params):
+        logits, _ = steps.apply_in_pieces(
+            model.apply, {**variables, "params": params}, images, jax.random.PRNGKey(0), pieces
+        )
+        return optax_loss(logits, labels), logits
 
-
-@pytest.fixture(scope="module")
-def cnn_pair():
-    """The default CNN in both formulations, and each one's parameters from the same key."""
-    xla = models.create_model(model_config("cnn", conv_impl="xla"))
-    shifted = models.create_model(model_config("cnn", conv_impl="shifted_matmul"))
-    assert (xla.conv_impl, shifted.conv_impl) == ("xla", "shifted_matmul")
-    return xla, shifted, init_params(xla, seed=3), init_params(shifted, seed=3)
-
-
-def test_conv_impls_have_the_same_parameter_tree(cnn_pair):
-    _, _, params_xla, params_shifted = cnn_pair
-    assert jax.tree.structure(params_xla) == jax.tree.structure(params_shifted)
-    assert jax.tree.map(jnp.shape, params_xla) == jax.tree.map(jnp.shape, params_shifted)
-    # Same initialisers in the same order: the same key gives the same parameters,
-    # so a checkpoint of one formulation restores into the other.
-    jax.tree.map(np.testing.assert_array_equal, params_xla, params_shifted)
-
-
-def outputs_and_grads(model, params, images, labels):
-    """Logits and the gradients of the mean cross-entropy, for `params` through `model`."""
-
-    def loss(p):
-        logits = model.apply({"params": p}, images)
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).mean(), logits
-
-    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     return logits, grads
 
 
-def test_conv_impls_give_the_same_outputs_and_gradients(cnn_pair):
-    xla, shifted, params, _ = cnn_pair
-    images = random_images(8)
-    labels = jnp.arange(8) % 10
-    # The same params (those of the xla model) go through both formulations.
-    logits_xla, grads_xla = outputs_and_grads(xla, params, images, labels)
-    logits_shifted, grads_shifted = outputs_and_grads(shifted, params, images, labels)
-    assert float(jnp.abs(logits_xla).max()) > 0.01  # not a vacuous comparison of zeros
-    np.testing.assert_allclose(logits_xla, logits_shifted, atol=CONV_ATOL, rtol=CONV_RTOL)
+def optax_loss(logits, labels):
+    import optax
 
-    flat_xla = dict(jax.tree_util.tree_leaves_with_path(grads_xla))
-    flat_shifted = dict(jax.tree_util.tree_leaves_with_path(grads_shifted))
-    assert flat_xla.keys() == flat_shifted.keys()
-    for path, g_xla in flat_xla.items():
-        scale = float(jnp.abs(g_xla).max())
-        assert scale > 0, f"zero gradient for {jax.tree_util.keystr(path)}"
-        np.testing.assert_allclose(
-            g_xla, flat_shifted[path], atol=GRAD_RTOL * scale, rtol=0, err_msg=jax.tree_util.keystr(path)
-        )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def test_resolve_conv_impl():
-    assert resolution.conv_impl("auto", backend="cpu") == "xla"
-    assert resolution.conv_impl("auto", backend="gpu") == "xla"
-    assert resolution.conv_impl("xla", backend="cpu") == "xla"
-    assert resolution.conv_impl("shifted_matmul", backend="gpu") == "shifted_matmul"
-
-
-@pytest.mark.parametrize(
-    ("value", "per_device_batch", "backend", "expected"),
-    [
-        ("auto", 128, "cpu", 8),  # 8 pieces of 16
-        ("auto", 512, "cpu", 8),  # at most 8 pieces
-        ("auto", 50, "cpu", 2),  # 8 and 4 do not divide 50; 2 pieces of 25
-        ("auto", 16, "cpu", 1),  # no piece smaller than 16
-        ("auto", 48, "cpu", 2),  # 3 pieces of 16 would do, but the count is a power of two
-        ("auto", 128, "gpu", 1),
-        ("auto", 0, "cpu", 1),  # batch unknown
-        ("4", 128, "gpu", 4),  # from the command line, as given
-        (3, 129, "cpu", 3),
-    ],
-)
-def test_resolve_conv_batch_split(value, per_device_batch, backend, expected):
-    assert resolution.conv_batch_split(value, per_device_batch, backend) == expected
-
-
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
 @pytest.mark.parametrize("pieces", [2, 4])
-def test_batch_split_gives_the_same_outputs_and_gradients(pieces):
-    """The convolutions on interleaved pieces of the batch: the same parameters, logits and gradients."""
-    whole = models.create_model(model_config("cnn", conv_impl="xla", conv_batch_split="1"))
-    split = models.create_model(model_config("cnn", conv_impl="xla", conv_batch_split=str(pieces)))
-    assert split.conv_batch_split == pieces
-    params = init_params(whole, seed=5)
-    jax.tree.map(np.testing.assert_array_equal, params, init_params(split, seed=5))  # same tree, same values
-    images = random_images(8)
-    labels = jnp.arange(8) % 10
-    logits_whole, grads_whole = outputs_and_grads(whole, params, images, labels)
-    logits_split, grads_split = outputs_and_grads(split, params, images, labels)
+def test_batch_split_gives_the_same_outputs_and_gradients(name, pieces):
+    """Any model applied on interleaved pieces of the batch: the same logits, row for row, and gradients."""
+    model = create(name, dropout_rate=0.0)
+    variables = init_variables(model, seed=5)
+    images, labels = random_images(8), jnp.arange(8) % 10
+    logits_whole, grads_whole = loss_and_grads(model, variables, images, labels, 1)
+    logits_split, grads_split = loss_and_grads(model, variables, images, labels, pieces)
     # Each example's logits in its own row: a wrong interleave would permute the rows.
     assert float(jnp.abs(logits_whole[0] - logits_whole[1]).max()) > 1e-3
-    np.testing.assert_allclose(logits_whole, logits_split, atol=CONV_ATOL, rtol=CONV_RTOL)
+    np.testing.assert_allclose(logits_whole, logits_split, atol=ATOL, rtol=RTOL)
     for g_whole, g_split in zip(jax.tree.leaves(grads_whole), jax.tree.leaves(grads_split), strict=True):
         scale = float(jnp.abs(g_whole).max())
         assert scale > 0
         np.testing.assert_allclose(g_whole, g_split, atol=GRAD_RTOL * scale, rtol=0)
 
 
-# ---------------------------------------------------------------- errors
+def test_batch_split_averages_the_pieces_batch_statistics():
+    model = create("resnet")
+    variables = init_variables(model)
+    images = random_images(8) * 3.0
+    _, updated = steps.apply_in_pieces(model.apply, variables, images, jax.random.PRNGKey(0), 2)
+    halves = [
+        model.apply(variables, images[p::2], train=True, mutable=["batch_stats"])[1]["batch_stats"] for p in (0, 1)
+    ]
+    expected = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updated["batch_stats"], expected)
 
 
-def test_unknown_model_name_raises_config_error():
-    with pytest.raises(ConfigError, match=r"model\.name: unknown model 'resnet' \(choose from cnn, mlp\)"):
-        models.create_model(model_config("cnn", name="resnet"))
+@pytest.mark.parametrize(
+    ("value", "per_device_batch", "backend", "stateful", "expected"),
+    [
+        ("auto", 128, "cpu", False, 8),  # 8 pieces of 16
+        ("auto", 512, "cpu", False, 8),  # at most 8 pieces
+        ("auto", 50, "cpu", False, 2),  # 8 and 4 do not divide 50; 2 pieces of 25
+        ("auto", 16, "cpu", False, 1),  # no piece smaller than 16
+        ("auto", 48, "cpu", False, 2),  # 3 pieces of 16 would do, but the count is a power of two
+        ("auto", 128, "gpu", False, 1),
+        ("auto", 0, "cpu", False, 1),  # batch unknown
+        ("auto", 128, "cpu", True, 1),  # BatchNorm: the batch's statistics, not a piece's
+        ("4", 128, "gpu", False, 4),  # from the command line, as given
+        (3, 129, "cpu", True, 3),
+    ],
+)
+def test_resolve_batch_split(value, per_device_batch, backend, stateful, expected):
+    assert resolution.batch_split(value, per_device_batch, backend, stateful) == expected
+
+
+def test_resolution_splits_the_cnn_and_not_the_resnet():
+    for name, pieces in (("cnn", 8), ("resnet", 1)):
+        config = schema.load_config_file(f"configs/{name}.py")
+        config.wandb.mode = "disabled"
+        assert resolution.resolve(config, backend="cpu", num_devices=1).train.batch_split == pieces
+
+
+# ---------------------------------------------------------------- the registry and bad input
+
+
+def test_the_registered_models_are_the_modules_of_the_package():
+    assert {"cnn", "mlp", "resnet"} <= set(models.registered())
+    assert models.fields("cnn") == ["conv_features", "dense_features", "dropout_rate"]  # the dataclass fields
+    assert models.fields("resnet") == ["stage_features", "blocks_per_stage"]
+
+
+def test_unknown_model_name_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"^model\.name: unknown model 'vit' \(registered: cnn, mlp, resnet"):
+        create("cnn", name="vit")
     with pytest.raises(ConfigError, match="'CNN'"):
-        models.create_model(model_config("mlp", name="CNN"))  # names are case-sensitive
+        create("mlp", name="CNN")  # names are case-sensitive
 
 
-def test_inference_form_gives_the_same_outputs():
-    config = schema.load_config_file("configs/cnn.py")
-    config.model.conv_impl = "shifted_matmul"
-    config.model.conv_batch_split = "2"
-    model = models.create_model(resolution.model(config.model, per_device_batch=0, backend="cpu"))
-    images = jax.random.uniform(jax.random.PRNGKey(0), (4, 28, 28, 1))
-    params = model.init(jax.random.PRNGKey(1), images)["params"]
-    fast = models.for_inference(model)
-    assert fast.conv_impl == "xla" and fast.conv_batch_split == 1
-    np.testing.assert_allclose(
-        fast.apply({"params": params}, images), model.apply({"params": params}, images), rtol=1e-5, atol=1e-5
-    )
-    mlp = models.create_model(resolution.model(schema.load_config_file("configs/mlp.py").model, 0, "cpu"))
-    assert models.for_inference(mlp) is mlp
+def test_a_field_no_model_declares_is_refused_naming_the_models_fields():
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.dense_feature: the mlp model has no field 'dense_feature' \(its fields: "
+        r"dense_features, dropout_rate\)$",
+    ):
+        models.check({"name": "mlp", "dense_feature": (3,)})
+    with pytest.raises(ConfigError, match=r"^model\.num_classes: comes from the data set"):
+        models.check({"name": "mlp", "num_classes": 3})
+    with pytest.raises(ConfigError, match=r"^model\.conv_impl: no longer a model field"):
+        models.check({"name": "cnn", "conv_impl": "xla"})
+
+
+def test_own_fields_leave_out_another_models_and_retired_fields():
+    # configs/cnn.py with model.name=mlp (a sweep over architectures): the run records the MLP's own fields.
+    assert models.own_fields(model_section("cnn", name="mlp")) == {
+        "name": "mlp",
+        "dense_features": (256,),
+        "dropout_rate": 0.25,
+    }
+    # An older run's recorded CNN (conv_impl, conv_batch_split) is read back as the CNN it was.
+    old = {**model_section("cnn"), "conv_impl": "xla", "conv_batch_split": 8}
+    assert models.create(old, 10) == create("cnn")

@@ -103,12 +103,11 @@ def _default():
 def test_resolver_gives_each_backend_its_values():
     config = _default()
     cpu = resolution.resolve(config, backend="cpu", num_devices=1)
-    assert (cpu.train.steps_per_call, cpu.train.scan_unroll, cpu.model.conv_batch_split) == (3, 3, 8)
+    assert (cpu.train.steps_per_call, cpu.train.scan_unroll, cpu.train.batch_split) == (3, 3, 8)
     gpu = resolution.resolve(config, backend="gpu", num_devices=1)
-    assert (gpu.train.steps_per_call, gpu.train.scan_unroll, gpu.model.conv_batch_split) == (50, 1, 1)
-    assert cpu.model.conv_impl == gpu.model.conv_impl == "xla"
+    assert (gpu.train.steps_per_call, gpu.train.scan_unroll, gpu.train.batch_split) == (50, 1, 1)
     four = resolution.resolve(config, backend="cpu", num_devices=4)  # 32 examples a device: 2 pieces of 16
-    assert four.model.conv_batch_split == 2
+    assert four.train.batch_split == 2
     assert config.train.steps_per_call == "auto"  # the config given is not changed
     for resolved in (cpu, gpu, four):
         assert "auto" not in schema.flatten(resolved).values()
@@ -120,7 +119,7 @@ def test_resolver_checks_the_batch_against_the_devices():
     config = _default()
     with pytest.raises(ConfigError, match="batch_size: 128 does not split evenly over 3 devices"):
         resolution.resolve(config, backend="cpu", num_devices=3)
-    config.model.conv_batch_split = "3"
+    config.train.batch_split = "3"
     with pytest.raises(ConfigError, match="3 pieces do not divide the batch of 128"):
         resolution.resolve(config, backend="cpu", num_devices=1)
 
@@ -136,25 +135,19 @@ def test_a_run_records_the_resolved_config_it_used(tiny_data_dir, tmp_path, conf
     flat = schema.flatten(recorded)
     assert "auto" not in flat.values()
     # What the run says it used is what config.json holds.
-    described = re.search(r"(\d+) step\(s\)/call(?:; conv (\w+) on (\d+) piece)?", result.stdout)
+    described = re.search(r"(\d+) step\(s\)/call, batch in (\d+) piece", result.stdout)
     assert int(described.group(1)) == flat["train.steps_per_call"] == 3
     assert flat["train.scan_unroll"] == 3
     assert flat["data.source"] == "idx" and flat["data.local_dir"] == tiny_data_dir
     assert flat["wandb.mode"] == "offline"
-    if config_name == "cnn":
-        assert (described.group(2), int(described.group(3))) == (
-            flat["model.conv_impl"],
-            flat["model.conv_batch_split"],
-        )
-        assert flat["model.conv_batch_split"] == 2  # batch 50: 2 pieces of 25
+    assert int(described.group(2)) == flat["train.batch_split"] == 2  # batch 50: 2 pieces of 25
     # What the file and the overrides said stays beside it, for diffs of intent.
     requested = schema.flatten(json.loads((workdir / layout.CONFIG_REQUESTED).read_text()))
     assert requested["train.steps_per_call"] == "auto" and requested["data.source"] == "auto"
     assert {k for k, v in requested.items() if v != flat[k]} <= {
         "train.steps_per_call",
         "train.scan_unroll",
-        "model.conv_impl",
-        "model.conv_batch_split",
+        "train.batch_split",
         "data.source",
         "data.local_dir",
         "wandb.mode",

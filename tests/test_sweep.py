@@ -193,7 +193,10 @@ def test_a_runs_file_is_one_choice_crossed_with_the_grid(tmp_path):
         (["--grid", "model.name=cnn,,mlp"], "empty value"),
         (["--grid", "model.name=cnn", "--grid", "model.name=mlp"], "given twice"),
         (["--grid", "model.nmae=cnn,mlp"], "unknown config field 'model.nmae'"),
-        (["--grid", "model.name=cnn,transformer"], "trial 1 (model.name=transformer): model.name: unknown value"),
+        (
+            ["--grid", "model.name=cnn,transformer"],
+            "trial 1 (model.name=transformer): model.name: unknown model 'transformer' (registered: cnn, mlp",
+        ),
         (["--grid", "batch_size=64", "--set", "batch_size=32"], "both fixed by --set and varied"),
         (["--grid", "batch_size=64,sixty"], "--grid batch_size: expects int, got 'sixty'"),
         (["--set", "num_epochs=1"], "nothing to sweep"),

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import ml_collections
 
+from mnist_flax import models
 from mnist_flax.errors import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,19 +20,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 CHOICES = {
     "data.name": ("mnist", "fashion_mnist"),
     "data.source": ("auto", "idx", "tfds"),
-    "model.name": ("cnn", "mlp"),
-    "model.conv_impl": ("auto", "xla", "shifted_matmul"),
     "optimizer.name": ("sgd", "momentum", "adam", "adamw"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),
     "loss.name": ("cross_entropy", "focal"),
     "train.on_nonfinite": ("stop", "skip"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
 }
-# The model section's fields each model is built from, and a config file that has them all.
-MODEL_FIELDS = {"cnn": ("conv_features", "dense_features"), "mlp": ("dense_features",)}
-MODEL_CONFIG_FILES = {"cnn": "configs/cnn.py", "mlp": "configs/mlp.py"}
 # "auto" or an integer >= 1 (the default is "auto", a string, so the command line gives strings)
-AUTO_OR_POSITIVE_INT = ("model.conv_batch_split", "train.steps_per_call", "train.scan_unroll")
+AUTO_OR_POSITIVE_INT = ("train.batch_split", "train.steps_per_call", "train.scan_unroll")
 # (minimum, maximum, minimum is exclusive)
 RANGES = {
     "num_epochs": (1, None, False),
@@ -133,7 +129,8 @@ def auto_or_int(value):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every known field's value; raises ConfigError naming the first bad one."""
+    """Checks every known field's value and the model section against the model's fields; raises ConfigError
+    naming the first bad one."""
     flat = flatten(config)
     for name, choices in CHOICES.items():
         if name in flat and flat[name] not in choices:
@@ -143,14 +140,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _check_range(name, flat[name], bounds)
     if flat.get("model.dropout_rate", 0.0) >= 1.0:
         raise ConfigError(f"model.dropout_rate: {flat['model.dropout_rate']!r} is out of range (must be in [0, 1))")
-    model_name = flat.get("model.name")
-    for field in MODEL_FIELDS.get(model_name, ()):
-        if f"model.{field}" not in flat:
-            raise ConfigError(
-                f"model.{field}: model.name {model_name!r} needs it, and this config has none "
-                f"(start from a config file that has it, e.g. {MODEL_CONFIG_FILES[model_name]})"
-            )
-    for name in ("model.dense_features", "model.conv_features"):
+    model = {name.removeprefix("model."): value for name, value in flat.items() if name.startswith("model.")}
+    if model:
+        models.check(model)  # the model's own fields, declared by its module
+    for name in ("model.dense_features", "model.conv_features", "model.stage_features"):
         if name in flat:
             widths = flat[name]
             if not isinstance(widths, list) or not all(isinstance(w, int) and w > 0 for w in widths):

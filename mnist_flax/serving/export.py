@@ -120,10 +120,10 @@ def _serialize(model, fmt: str, record) -> tuple[bytes, dict]:
     import jax
     from jax import export
 
-    probabilities, params = model.probabilities_fn(), model.params
+    probabilities, variables = model.probabilities_fn(), model.variables
     (batch,) = export.symbolic_shape("N")
     images = jax.ShapeDtypeStruct((batch, 28, 28), "uint8")
-    program = export.export(jax.jit(lambda x: probabilities(params, x)), platforms=JAX_PLATFORMS)(images)
+    program = export.export(jax.jit(lambda x: probabilities(variables, x)), platforms=JAX_PLATFORMS)(images)
     details = {
         "platforms": list(program.platforms),
         "calling_convention_version": program.calling_convention_version,

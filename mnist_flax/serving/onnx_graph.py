@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from mnist_flax.errors import ConfigError
+
 OPSET = 17
 INPUT, OUTPUT = "images", "probabilities"
 IMAGE_SIZE = 28
@@ -41,14 +43,20 @@ class _Graph:
 
 
 def build(model_config: dict, params: dict, metadata: dict[str, str], num_classes: int = 10) -> onnx.ModelProto:
-    """The ONNX model of `params` (a Flax CNN's or MLP's, as `models.create_model(model_config)` names them)."""
+    """The ONNX model of `params` (a Flax CNN's or MLP's, as `models.create(model_config)` names them); another
+    model is refused with one line (its graph is not written here)."""
+    if model_config["name"] not in ("cnn", "mlp"):
+        raise ConfigError(
+            f"export --format onnx: the {model_config['name']} model has no ONNX graph yet (cnn and mlp have one); "
+            "use --format jax"
+        )
     graph = _Graph()
     x = graph.node("Cast", [INPUT], to=TensorProto.FLOAT)
     x = graph.node("Div", [x, graph.constant("pixel_scale", np.array(255.0, np.float32))])
     if model_config["name"] == "cnn":
         x = graph.node("Unsqueeze", [x, graph.constant("channel_axis", np.array([1], np.int64))])  # NCHW
         for i in range(len(model_config["conv_features"])):
-            conv = params[f"Conv3x3_{i}"]
+            conv = params[f"Conv_{i}"]
             kernel = np.transpose(np.asarray(conv["kernel"], np.float32), (3, 2, 0, 1))  # HWIO -> OIHW
             weight = graph.constant(f"conv{i}_kernel", kernel)
             bias = graph.constant(f"conv{i}_bias", np.asarray(conv["bias"], np.float32))

@@ -106,20 +106,20 @@ class JaxExportPredictor(Predictor):
 
 
 class CheckpointPredictor(Predictor):
-    """A checkpoint's parameters in the model its config names, run by JAX (jit-compiled once per batch size)."""
+    """A checkpoint's variables in the model its config names, run by JAX (jit-compiled once per batch size)."""
 
     kind = "checkpoint"
 
     def __init__(self, trained):
         import jax
 
-        self.params = trained.params
+        self.variables = trained.variables
         self.function = jax.jit(trained.probabilities_fn())
         self.step = trained.step
         super().__init__(trained.checkpoint, trained.class_names, trained.data_name)
 
     def _run(self, pixels):
-        return self.function(self.params, pixels)
+        return self.function(self.variables, pixels)
 
     def describe(self) -> dict:
         return {**super().describe(), "step": self.step}

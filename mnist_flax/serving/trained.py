@@ -3,9 +3,9 @@
 From a run workdir (its best model: the checkpoint at final_metrics.json's best validation step), from a
 checkpoints folder (the kept step with the best validation accuracy), from one checkpoint step folder, or
 from a W&B `model` artifact (a step folder, downloaded). The model is rebuilt from the config the run recorded
-(`models.create_model`), in its inference form (`models.for_inference`: XLA's convolution on the whole batch,
-whatever `model.conv_impl` and `model.conv_batch_split` a run resolved on its machine), and the parameters are
-checked against it, so a checkpoint of another model is one line, not a failure deep inside a call.
+(`models.create`), and its variables (the parameters and any other collection, e.g. BatchNorm's batch
+statistics) are checked against it, so a checkpoint of another model is one line, not a failure deep inside a
+call.
 """
 
 import dataclasses
@@ -18,20 +18,21 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from mnist_flax import layout
+from mnist_flax import layout, models
 from mnist_flax.errors import CheckpointError, ConfigError, MnistFlaxError, first_line
 from mnist_flax.records import files, runs
-from mnist_flax.training import checkpointing, input_pipeline, models, steps
+from mnist_flax.training import checkpointing, input_pipeline, steps
 
 
 @dataclasses.dataclass
 class TrainedModel:
-    """A model's parameters and the config that describes it."""
+    """A model's variables and the config that describes it."""
 
     config: dict  # the resolved config, nested, as the run (or the checkpoint's metadata) recorded it
     params: dict  # the parameter pytree, as NumPy arrays
     step: int  # the training step of the checkpoint
     checkpoint: str  # the checkpoint step folder the parameters were read from
+    model_state: dict = dataclasses.field(default_factory=dict)  # the model's other collections (batch_stats)
 
     @property
     def model_config(self) -> dict:
@@ -45,25 +46,30 @@ class TrainedModel:
     def class_names(self) -> list[str]:
         return class_names(self.data_name)
 
+    @property
+    def variables(self) -> dict:
+        """What `module().apply` takes: the parameters and the model's other collections."""
+        return {"params": self.params, **self.model_state}
+
     def module(self):
-        """The Flax module, in the form inference runs (models.for_inference)."""
-        return models.for_inference(models.create_model(ml_collections.ConfigDict(self.model_config)))
+        """The Flax module its recorded config names (fields of older runs that models no longer have left out)."""
+        return models.create(ml_collections.ConfigDict(self.model_config), num_classes=len(self.class_names))
 
     def probabilities_fn(self) -> Callable:
-        """fn(params, images) -> class probabilities [N, 10] float32, for uint8 images [N, 28, 28]: the model's
-        own preprocessing (steps.preprocess) and its inference form, then a softmax over the logits."""
+        """fn(variables, images) -> class probabilities [N, classes] float32, for uint8 images [N, 28, 28]: the
+        model's own preprocessing (steps.preprocess) and the model in evaluation (train=False), then a softmax."""
         module = self.module()
 
-        def probabilities(params, images):
+        def probabilities(variables, images):
             inputs = steps.preprocess(images)[..., None]  # [N, 28, 28, 1], as the training's batches
-            return jax.nn.softmax(module.apply({"params": params}, inputs, train=False), axis=-1)
+            return jax.nn.softmax(module.apply(variables, inputs, train=False), axis=-1)
 
         return probabilities
 
 
 def class_names(data_name: str) -> list[str]:
     """The class names of a data set, in label order (the labels as text for an unknown one)."""
-    return list(input_pipeline.CLASS_NAMES.get(data_name, [str(c) for c in range(models.NUM_CLASSES)]))
+    return list(input_pipeline.CLASS_NAMES.get(data_name, [str(c) for c in range(input_pipeline.NUM_CLASSES)]))
 
 
 # ---------------------------------------------------------------- where a model comes from
@@ -166,10 +172,15 @@ def _load(saved: checkpointing.SavedCheckpoints, step: int | None, config: dict)
         raise CheckpointError(f"{folder}: the model its config names cannot be built: {first_line(e)}") from None
     state = saved.restore_state(step)
     params = state.get("params") if isinstance(state, dict) else None
-    expected = jax.eval_shape(
-        lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_pipeline.IMAGE_SHAPE)), train=False)
-    )["params"]
-    mismatch = _mismatch(expected, params)
+    if isinstance(params, dict):  # an older run's CNN named its convolutions Conv3x3_<i>; flax's nn.Conv: Conv_<i>
+        params = {name.replace("Conv3x3_", "Conv_"): value for name, value in params.items()}
+    model_state = (state.get("model_state") if isinstance(state, dict) else None) or {}
+    expected = dict(
+        jax.eval_shape(
+            lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_pipeline.IMAGE_SHAPE)), train=False)
+        )
+    )
+    mismatch = _mismatch(expected, {"params": params, **model_state} if isinstance(params, dict) else None)
     if mismatch:
         described = ", ".join(f"{k}={v}" for k, v in sorted(trained.model_config.items()) if k != "name")
         raise CheckpointError(
@@ -177,12 +188,13 @@ def _load(saved: checkpointing.SavedCheckpoints, step: int | None, config: dict)
             f"names ({described}): {mismatch}"
         )
     trained.params = jax.tree.map(np.asarray, params)
+    trained.model_state = jax.tree.map(np.asarray, model_state)
     trained.step = int(np.asarray(state.get("step", 0)))
     return trained
 
 
 def _mismatch(expected, params) -> str | None:
-    """The first difference between the parameters a model needs and those a checkpoint holds (None: they fit)."""
+    """The first difference between the variables a model needs and those a checkpoint holds (None: they fit)."""
     if not isinstance(params, dict):
         return "the checkpoint holds no parameter tree"
     want = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(expected).items()}

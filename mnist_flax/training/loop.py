@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mnist_flax import layout
+from mnist_flax import layout, models
 from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError, MnistFlaxError, Preempted
 from mnist_flax.records import files, provenance
@@ -34,7 +34,6 @@ from mnist_flax.training import (
     drift,
     input_pipeline,
     metrics,
-    models,
     periodic,
     progress,
     resolution,
@@ -62,7 +61,6 @@ class Setup:
     checkpoints: checkpointing.Checkpoints | None
     flat: dict  # the resolved config's flat form ("model.name": ...): made once, for every record
     compiled: dict = dataclasses.field(default_factory=dict)  # train_step, predict_val, predict_test, order
-    step_values: dict = dataclasses.field(default_factory=dict)  # steps.hyperparameters, on the devices
     data_key: Any = None
     compile_stats: dict = dataclasses.field(default_factory=dict)
     tracker: Any = None  # wandb_run.Tracker
@@ -85,7 +83,7 @@ class LoopState:
     carry: tuple  # (TrainState, TrainMetrics, non-finite guard), donated to each call
     step: int
     best: dict  # {"val_accuracy", "step", "report"} of the best validation so far
-    best_params: Any
+    best_variables: Any  # the model's variables (params and any other collections) at the best validation
     last_validation: periodic.Validation | None = None
 
 
@@ -159,11 +157,11 @@ def setup(
     flat = schema.flatten(config)
     checkpoints, resumed_from, config_history = _open_checkpoints(config, flat, workdir, record)
     preload = _preload_records(config)  # the data and the resume are checked: the records will be needed
-    model = models.create_model(config.model)
-    schedule = steps.make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
-    state = steps.create_train_state(model, steps.make_optimizer(config.optimizer, schedule), config.seed)
-    state = distributed.put_replicated(state, mesh)
-    state, best, best_params = _restore(config, checkpoints, resumed_from, state)
+    model = models.create(config.model, num_classes=len(input_pipeline.CLASS_NAMES[datasets.name]))
+    schedule = steps.make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)  # for the logs
+    tx = steps.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
+    state = distributed.put_replicated(steps.create_train_state(model, tx, config.seed), mesh)
+    state, best, best_variables = _restore(config, checkpoints, resumed_from, state)
     device_data = {
         "train": input_pipeline.to_device(datasets.train, mesh=mesh),
         "validation": input_pipeline.to_device(datasets.validation, config.eval_batch_size, mesh=mesh),
@@ -184,7 +182,9 @@ def setup(
         checkpoints=checkpoints,
         flat=flat,
     )
-    loop_state = LoopState(carry=carry, step=int(distributed.to_host(state.step)), best=best, best_params=best_params)
+    loop_state = LoopState(
+        carry=carry, step=int(distributed.to_host(state.step)), best=best, best_variables=best_variables
+    )
     _describe(run, loop_state, model)
     _compile(run, loop_state, model, mesh)
     preload.join()
@@ -227,12 +227,17 @@ def _open_checkpoints(config, flat: dict, workdir: str, record: dict):
     if resumed_from is None:
         return checkpoints, None, []
     # Before the state is restored: a change of model would otherwise fail there, less clearly.
+    meta = checkpoints.read_meta(resumed_from)
+    retired = [f for f in models.RETIRED_FIELDS if f in (meta.get("config") or {}).get("model", {})]
+    if retired:
+        raise ConfigError(
+            f"{checkpoints.directory} step {resumed_from} was written by an older mnist_flax (model.{retired[0]}; "
+            "its optimizer state has another form) and cannot be resumed: use a new --workdir"
+        )
     return (
         checkpoints,
         resumed_from,
-        drift.check_resume(
-            config, checkpoints.read_meta(resumed_from), record, resumed_from, checkpoints.directory, flat
-        ),
+        drift.check_resume(config, meta, record, resumed_from, checkpoints.directory, flat),
     )
 
 
@@ -281,11 +286,12 @@ def _start_records(run: Setup, requested, overrides: dict, config_changes: dict)
 
 
 def _restore(config, checkpoints, resumed_from: int | None, state):
-    """(state, best, best_params): where the run starts."""
+    """(state, best, best_variables): where the run starts."""
     best = {"val_accuracy": -1.0, "step": None}
     # 1. This run's own latest checkpoint: a resumed run continues exactly where it stopped.
     if resumed_from is not None:
-        state, meta = checkpoints.restore(resumed_from, state)
+        restored, meta = checkpoints.restore(resumed_from, state)
+        state = steps.with_config_hyperparameters(restored, state)
         best = meta.get("best", best)
     # 2. Else the parameters of another run (`init_from`): a new run that starts from them.
     elif config.init_from:
@@ -295,15 +301,15 @@ def _restore(config, checkpoints, resumed_from: int | None, state):
 
             path = wandb_run.download_model_artifact(path)
         restored, _ = checkpointing.restore_from_directory(path, state)
-        state = state.replace(params=restored.params)
+        state = state.replace(params=restored.params, model_state=restored.model_state)
     # 3. Else fresh parameters from the seed.
     elif config.eval_only:
         raise ConfigError("eval_only: set init_from to the checkpoint to evaluate")
-    best_params = jax.tree.map(jnp.copy, state.params)  # a copy: state's buffers are donated to the first call
+    best_variables = jax.tree.map(jnp.copy, state.variables())  # a copy: the first call donates state's buffers
     step = int(distributed.to_host(state.step))
     if best["step"] is not None and best["step"] != step and best["step"] in checkpoints.all_steps():
-        best_params = checkpoints.restore(best["step"], state)[0].params
-    return state, best, best_params
+        best_variables = checkpoints.restore(best["step"], state)[0].variables()
+    return state, best, best_variables
 
 
 def _is_artifact_reference(path: str) -> bool:
@@ -317,19 +323,16 @@ def _compile(run: Setup, state: LoopState, model, mesh) -> None:
     train_step = steps.make_train_step(
         config, run.steps_per_epoch, config.train.steps_per_call, config.train.scan_unroll, mesh
     )
-    run.step_values = distributed.put_replicated(steps.hyperparameters(config, run.steps_per_epoch), mesh)
-    predict = steps.make_predict(models.for_inference(model).apply, config.eval_batch_size, mesh)
+    predict = steps.make_predict(model.apply, config.eval_batch_size, mesh)
     order_fn = jax.jit(input_pipeline.epoch_order, static_argnums=(2, 3), out_shardings=distributed.replicated(mesh))
     run.data_key = np.asarray(jax.random.PRNGKey(config.seed + 1))
-    params = state.carry[0].params
+    variables = state.carry[0].variables()
     with steps.CompileCounter() as compiles:
         order = order_fn(run.data_key, 0, len(run.datasets.train), config.batch_size)
         run.compiled = {
-            "train_step": train_step.lower(
-                state.carry, data["train"].images, data["train"].labels, order, run.step_values
-            ).compile(),
-            "predict_val": predict.lower(params, data["validation"].images, 0).compile(),
-            "predict_test": predict.lower(params, data["test"].images, 0).compile(),
+            "train_step": train_step.lower(state.carry, data["train"].images, data["train"].labels, order).compile(),
+            "predict_val": predict.lower(variables, data["validation"].images, 0).compile(),
+            "predict_test": predict.lower(variables, data["test"].images, 0).compile(),
             "order": order_fn,
         }
     run.compile_stats = {
@@ -392,7 +395,7 @@ def train(run: Setup, state: LoopState, stop: "_StopSignal") -> None:
             run.clock.restart(state.step)
             epoch_end = (epoch + 1) * run.steps_per_epoch
             for previous, step in periodic.calls(state.step, epoch_end, config.train.steps_per_call):
-                state.carry = train_step(state.carry, data.images, data.labels, order, run.step_values)
+                state.carry = train_step(state.carry, data.images, data.labels, order)
                 if sync_each_call:
                     state.carry = jax.block_until_ready(state.carry)
                 state.step = step
@@ -416,7 +419,7 @@ def finish(run: Setup, state: LoopState) -> dict:
     config, workdir, datasets = run.config, run.workdir, run.datasets
     seconds = time.perf_counter() - run.started
     predict_test, test = run.compiled["predict_test"], run.device_data["test"]
-    test_log_probs, test_report = steps.evaluate(predict_test, state.best_params, test, config.eval_batch_size)
+    test_log_probs, test_report = steps.evaluate(predict_test, state.best_variables, test, config.eval_batch_size)
     test_labels = np.asarray(datasets.test.labels)
     run.writer.write_scalars(state.step, metrics.scalar_metrics(test_report, "test"))
     predictions_path = os.path.join(workdir, layout.PREDICTIONS)
@@ -540,7 +543,6 @@ def _describe(run: Setup, state: LoopState, model) -> None:
         f"{models.count_params(state.carry[0].params):,} parameters; {jax.default_backend()} x{jax.device_count()}"
         f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''}; "
         f"{run.steps_per_epoch} steps/epoch (last partial batch dropped), "
-        f"{config.train.steps_per_call} step(s)/call"
-        + (f"; conv {model.conv_impl} on {model.conv_batch_split} piece(s)" if config.model.name == "cnn" else "")
+        f"{config.train.steps_per_call} step(s)/call, batch in {config.train.batch_split} piece(s)"
         + (f"; resumed at step {state.step}" if run.resumed_from is not None else ""),
     )

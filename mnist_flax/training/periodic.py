@@ -134,13 +134,13 @@ class Evaluator(PeriodicAction):
         self.callbacks = list(callbacks)
 
     def validate(self, state, step: int) -> Validation:
-        """The validation of the current params; the loop state keeps them if they are the best so far."""
-        params = state.carry[0].params
-        _, report = steps.evaluate(self.predict, params, self.split, self.batch_size)
+        """The validation of the current variables; the loop state keeps them if they are the best so far."""
+        variables = state.carry[0].variables()
+        _, report = steps.evaluate(self.predict, variables, self.split, self.batch_size)
         improved = layout.improves(report["accuracy"], state.best["val_accuracy"])
         if improved:
             state.best = {"val_accuracy": report["accuracy"], "step": step, "report": report}
-            state.best_params = jax.tree.map(jnp.copy, params)
+            state.best_variables = jax.tree.map(jnp.copy, variables)
         return Validation(step, report, improved)
 
     def run(self, setup, state, step: int) -> Validation:

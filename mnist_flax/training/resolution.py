@@ -1,14 +1,15 @@
 """Resolve once: the config file plus overrides -> the concrete config of this run.
 
 Every "auto" is decided here, for this backend and device count, and nowhere
-else: steps per call, scan unroll, the convolution's formulation and batch
-split, the data source, the W&B mode. The result is validated once, written to
-`config.json`, and everything downstream reads concrete values.
+else: steps per call, scan unroll, the batch split, the data source, the W&B
+mode; the model section keeps the model's own fields. The result is validated
+once, written to `config.json`, and everything downstream reads concrete values.
 """
 
 import jax
 import ml_collections
 
+from mnist_flax import models
 from mnist_flax.config import schema
 from mnist_flax.config.schema import auto_or_int
 from mnist_flax.errors import ConfigError
@@ -17,8 +18,8 @@ from mnist_flax.training import input_pipeline
 
 CPU_STEPS_PER_CALL = 3
 ACCELERATOR_STEPS_PER_CALL = 50
-MAX_CONV_BATCH_SPLIT = 8
-MIN_CONV_PIECE = 16
+MAX_BATCH_SPLIT = 8
+MIN_PIECE = 16
 
 
 def steps_per_call(value, backend: str) -> int:
@@ -47,43 +48,31 @@ def scan_unroll(value, num_steps_per_call: int, backend: str) -> int:
     return value
 
 
-def conv_impl(value: str, backend: str | None = None) -> str:
-    """The convolution's formulation. "auto": XLA's own on every backend.
+def batch_split(value, per_device_batch: int, backend: str, stateful: bool = False) -> int:
+    """Pieces each training batch is split into (steps.apply_in_pieces).
 
-    On CPU it wins once the batch is split and steps are fused without a loop;
-    `shifted_matmul` stays an option (benchmarks compare them). `backend` is
-    where a backend-dependent choice would go.
-    """
-    del backend
-    return "xla" if value == "auto" else value
-
-
-def conv_batch_split(value, per_device_batch: int, backend: str) -> int:
-    """Pieces the training batch is split into for the convolutions (see models.CNN).
-
-    "auto": on CPU the most pieces (up to 8, a power of two) that divide the
-    per-device batch into pieces of at least 16 examples (8 pieces of 16 at
-    batch 128); 1 on GPU/TPU, whose convolutions use the whole device already.
+    "auto": on CPU the most pieces (up to 8, a power of two) that divide the per-device batch into pieces of at
+    least 16 examples (8 pieces of 16 at batch 128); 1 on GPU/TPU, whose convolutions use the whole device
+    already, and 1 for a model with state besides its parameters (`stateful`: BatchNorm would see each piece's
+    statistics instead of the batch's).
     """
     value = auto_or_int(value)
     if value != "auto":
         return value
-    if backend != "cpu" or per_device_batch <= 0:
+    if backend != "cpu" or per_device_batch <= 0 or stateful:
         return 1
-    pieces = MAX_CONV_BATCH_SPLIT
-    while pieces > 1 and (per_device_batch % pieces or per_device_batch // pieces < MIN_CONV_PIECE):
+    pieces = MAX_BATCH_SPLIT
+    while pieces > 1 and (per_device_batch % pieces or per_device_batch // pieces < MIN_PIECE):
         pieces //= 2
     return pieces
 
 
-def model(model_config: ml_collections.ConfigDict, per_device_batch: int, backend: str) -> ml_collections.ConfigDict:
-    """The model section with its "auto" fields decided (a copy)."""
-    fields = model_config.to_dict()
-    if "conv_impl" in fields:
-        fields["conv_impl"] = conv_impl(fields["conv_impl"], backend)
-    if "conv_batch_split" in fields:
-        fields["conv_batch_split"] = conv_batch_split(fields["conv_batch_split"], per_device_batch, backend)
-    return ml_collections.ConfigDict(fields)
+def has_state(model_config) -> bool:
+    """Whether the model has collections besides "params" (BatchNorm's batch statistics); shapes only."""
+    model = models.create(model_config, input_pipeline.NUM_CLASSES)
+    dummy = jax.ShapeDtypeStruct((1, *input_pipeline.IMAGE_SHAPE), jax.numpy.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
+    return any(name != "params" for name in variables)
 
 
 def resolve(
@@ -104,14 +93,13 @@ def resolve(
             raise ConfigError(f"{name}: {config[name]} does not split evenly over {num_devices} devices")
     fields = config.to_dict()
     per_device = config.batch_size // num_devices
-    fields["model"] = model(config.model, per_device, backend).to_dict()
-    pieces = fields["model"].get("conv_batch_split", 1)
+    fields["model"] = models.own_fields(config.model)
+    pieces = batch_split(config.train.batch_split, per_device, backend, has_state(fields["model"]))
     if per_device % pieces:
-        raise ConfigError(
-            f"model.conv_batch_split: {pieces} pieces do not divide the batch of {per_device} on each device"
-        )
+        raise ConfigError(f"train.batch_split: {pieces} pieces do not divide the batch of {per_device} on each device")
     fused = steps_per_call(config.train.steps_per_call, backend)
-    fields["train"].update(steps_per_call=fused, scan_unroll=scan_unroll(config.train.scan_unroll, fused, backend))
+    unroll = scan_unroll(config.train.scan_unroll, fused, backend)
+    fields["train"].update(steps_per_call=fused, scan_unroll=unroll, batch_split=pieces)
     source, location = input_pipeline.resolve_source(config.data)
     fields["data"]["source"] = source
     if source == "idx":
