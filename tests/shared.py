@@ -171,12 +171,8 @@ DISTRIBUTED_TOLERANCE = 1e-4  # relative, for losses: an all-reduce sums in anot
 
 
 def distributed_args(data_dir, workdir, **extra) -> list[str]:
-    """The tiny CNN run that data-parallel runs are compared with (batch 48 splits over 1, 2, 4 and 8 devices).
-
-    The whole batch on each device (`train.batch_split=1`): pieces draw their own dropout masks, so one device and
-    eight must split alike."""
+    """The tiny CNN run that data-parallel runs are compared with (batch 48 splits over 1, 2, 4 and 8 devices)."""
     settings = {"num_epochs": 2, "batch_size": 48, "eval_batch_size": 200, "log_every_steps": 5, **extra}
-    settings.setdefault("train.batch_split", 1)
     return ["--config=configs/cnn.py", f"--workdir={workdir}", *tiny_overrides(data_dir, **settings)]
 
 

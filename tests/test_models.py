@@ -1,5 +1,6 @@
 """Models: the registry and its checks, output shapes, exact parameter counts, BatchNorm's state, the batch split."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,16 +192,40 @@ def test_batch_split_gives_the_same_outputs_and_gradients(name, pieces):
         np.testing.assert_allclose(g_whole, g_split, atol=GRAD_RTOL * scale, rtol=0)
 
 
-def test_batch_split_averages_the_pieces_batch_statistics():
-    model = create("resnet")
-    variables = init_variables(model)
-    images = random_images(8) * 3.0
-    _, updated = steps.apply_in_pieces(model.apply, variables, images, jax.random.PRNGKey(0), 2)
-    halves = [
-        model.apply(variables, images[p::2], train=True, mutable=["batch_stats"])[1]["batch_stats"] for p in (0, 1)
-    ]
-    expected = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updated["batch_stats"], expected)
+def test_batch_split_keeps_the_dense_layers_dropout_masks():
+    """The dense head runs on the whole batch, so its dropout draws the masks of the unsplit model."""
+    model = create("cnn", dropout_rate=0.5)
+    variables = init_variables(model, seed=5)
+    images = random_images(8)
+    whole, _ = steps.apply_in_pieces(model.apply, variables, images, jax.random.PRNGKey(3), 1)
+    split, _ = steps.apply_in_pieces(model.apply, variables, images, jax.random.PRNGKey(3), 4)
+    other_key, _ = steps.apply_in_pieces(model.apply, variables, images, jax.random.PRNGKey(4), 4)
+    np.testing.assert_allclose(whole, split, atol=ATOL, rtol=RTOL)
+    assert float(jnp.abs(split - other_key).max()) > 1e-3  # dropout is on: another key, other masks
+
+
+def test_batch_split_of_a_model_without_a_dense_layer_is_the_whole_batch():
+    class Pooled(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Conv(10, (3, 3))(x).mean(axis=(1, 2))
+
+    model = Pooled()
+    variables = model.init(jax.random.PRNGKey(0), random_images(1))
+    images = random_images(8)
+    whole, _ = steps.apply_in_pieces(model.apply, variables, images, jax.random.PRNGKey(0), 1)
+    split, _ = steps.apply_in_pieces(model.apply, variables, images, jax.random.PRNGKey(0), 4)
+    np.testing.assert_array_equal(whole, split)
+
+
+def test_a_split_of_a_stateful_models_batch_is_refused():
+    with pytest.raises(ConfigError, match="train.batch_split: 2 pieces, but the model has state"):
+        resolution.batch_split(2, 128, "cpu", stateful=True)
+    config = schema.load_config_file("configs/resnet.py")
+    config.wandb.mode = "disabled"
+    config.train.batch_split = "2"
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        resolution.resolve(config, backend="cpu", num_devices=1)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +240,8 @@ def test_batch_split_averages_the_pieces_batch_statistics():
         ("auto", 0, "cpu", False, 1),  # batch unknown
         ("auto", 128, "cpu", True, 1),  # BatchNorm: the batch's statistics, not a piece's
         ("4", 128, "gpu", False, 4),  # from the command line, as given
-        (3, 129, "cpu", True, 3),
+        (3, 129, "cpu", False, 3),
+        (1, 128, "cpu", True, 1),
     ],
 )
 def test_resolve_batch_split(value, per_device_batch, backend, stateful, expected):

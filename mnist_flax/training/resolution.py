@@ -49,15 +49,20 @@ def scan_unroll(value, num_steps_per_call: int, backend: str) -> int:
 
 
 def batch_split(value, per_device_batch: int, backend: str, stateful: bool = False) -> int:
-    """Pieces each training batch is split into (steps.apply_in_pieces).
+    """Pieces each training batch is split into before the model's first Dense layer (steps.apply_in_pieces).
 
     "auto": on CPU the most pieces (up to 8, a power of two) that divide the per-device batch into pieces of at
     least 16 examples (8 pieces of 16 at batch 128); 1 on GPU/TPU, whose convolutions use the whole device
-    already, and 1 for a model with state besides its parameters (`stateful`: BatchNorm would see each piece's
-    statistics instead of the batch's).
+    already, and 1 for a model with state besides its parameters (`stateful`: BatchNorm would normalise each
+    piece by its own statistics instead of the batch's). A split asked of such a model is a ConfigError.
     """
     value = auto_or_int(value)
     if value != "auto":
+        if stateful and value > 1:
+            raise ConfigError(
+                f"train.batch_split: {value} pieces, but the model has state besides its parameters (BatchNorm's "
+                "statistics need the whole batch); use 1 or auto"
+            )
         return value
     if backend != "cpu" or per_device_batch <= 0 or stateful:
         return 1

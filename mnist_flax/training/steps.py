@@ -11,6 +11,7 @@ model gets it without knowing.
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -153,16 +154,43 @@ def empty_guard() -> dict:
     return {"count": jnp.zeros((), jnp.int32), "first_step": jnp.full((), -1, jnp.int32)}
 
 
+class _DenseInput(Exception):
+    """Raised by `apply_in_pieces` at a model's first Dense layer, with that layer's input."""
+
+    def __init__(self, features):
+        super().__init__("first Dense layer reached")
+        self.features = features
+
+
+def _at_first_dense(action):
+    """A flax method interceptor that calls `action(next_fun, args, kwargs)` at the first `nn.Dense` call."""
+    reached = False
+
+    def interceptor(next_fun, args, kwargs, context):
+        nonlocal reached
+        if reached or context.method_name != "__call__" or not isinstance(context.module, nn.Dense):
+            return next_fun(*args, **kwargs)
+        reached = True
+        return action(next_fun, args, kwargs)
+
+    return nn.intercept_methods(interceptor)
+
+
 def apply_in_pieces(apply_fn, variables: dict, images: jax.Array, rng: jax.Array, pieces: int = 1):
-    """(logits, updated collections) of the model in training on the batch, computed on `pieces` pieces.
+    """(logits, updated collections) of the model in training on the batch, its layers before the first Dense
+    layer computed on `pieces` pieces of the batch.
 
     Piece p holds rows p, p + k, p + 2k, ... (interleaved, so every piece stays spread evenly over a
-    batch-sharded mesh) and draws its dropout from fold_in(rng, p). The pieces are independent programs: on
-    XLA's CPU backend, where each convolution runs on one thread, they run side by side on all cores and stay
-    in cache (benchmarks/RESULTS.md); the weight gradients sum over the pieces. Each piece draws its own
-    dropout masks, so runs split otherwise draw other masks. Collections the model updates (BatchNorm's running
-    statistics) are averaged over the pieces, as over devices; each piece normalises by its own batch
-    statistics. pieces=1 is the model on the whole batch.
+    batch-sharded mesh). The model runs once per piece up to its first `nn.Dense` (flax's method interceptors
+    stop it there), and once on the whole batch with that layer's input replaced by the pieces' features joined
+    in batch order; XLA drops what each pass computes that the other replaces. So a CNN's convolutions run as
+    independent programs, side by side on XLA's CPU backend (where each convolution runs on one thread) and in
+    cache (benchmarks/RESULTS.md), while its dense head runs on the whole batch, where splitting costs. The
+    maths is the model's (per-example outputs equal; the weight gradients of the split layers sum over the
+    pieces); a dropout layer before the first Dense draws its masks per piece, from fold_in(rng, p). A model
+    without a Dense layer runs on the whole batch. The pieces' layers must treat examples independently: a
+    model with state (BatchNorm) is not split (`resolution.batch_split`). pieces=1 is the model on the whole
+    batch.
     """
     mutable = [name for name in variables if name != "params"]
 
@@ -171,12 +199,24 @@ def apply_in_pieces(apply_fn, variables: dict, images: jax.Array, rng: jax.Array
 
     if pieces == 1:
         return apply(images, rng)
+
+    def stop(next_fun, args, kwargs):
+        raise _DenseInput(args[0])
+
     n = images.shape[0]
     grouped = images.reshape((n // pieces, pieces, *images.shape[1:]))
-    outputs = [apply(grouped[:, p], jax.random.fold_in(rng, p)) for p in range(pieces)]
-    logits = jnp.stack([logits for logits, _ in outputs], axis=1).reshape((n, -1))
-    updates = jax.tree.map(lambda *values: sum(values) / pieces, *[updated for _, updated in outputs])
-    return logits, updates
+    features = []
+    for p in range(pieces):
+        try:
+            with _at_first_dense(stop):
+                apply(grouped[:, p], jax.random.fold_in(rng, p))
+        except _DenseInput as reached:
+            features.append(reached.features)
+        else:  # no Dense layer: nothing to join the pieces at
+            return apply(images, rng)
+    joined = jnp.stack(features, axis=1).reshape((n, *features[0].shape[1:]))
+    with _at_first_dense(lambda next_fun, args, kwargs: next_fun(joined, *args[1:], **kwargs)):
+        return apply(images, rng)
 
 
 def _one_step_fn(config, steps_per_epoch: int, shard, batch_split: int):
