@@ -16,11 +16,13 @@ import subprocess
 import sys
 from unittest import mock
 
+import ml_collections
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, start_main, tiny_overrides
 
 from mnist_flax import layout
+from mnist_flax.config import schema
 from mnist_flax.training import input_pipeline
 
 # ---------------------------------------------------------------- the one-epoch MLP run
@@ -229,3 +231,34 @@ def write_distribution(site, name: str, version: str) -> None:
     info = site / f"{name}-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\nA description.\n")
+
+
+# ---------------------------------------------------------------- the loop in the test process
+
+TRAIN_EXAMPLES = 1200  # conftest.write_idx_dataset
+VALIDATION_SIZE = 200
+BATCH_SIZE = 50
+STEPS_PER_EPOCH = (TRAIN_EXAMPLES - VALIDATION_SIZE) // BATCH_SIZE  # 20
+
+
+def tiny_config(config_file: str, data_dir: str, **fields) -> ml_collections.ConfigDict:
+    """The config file with conftest.tiny_overrides' values, W&B off, checkpoints on; `fields` on top (for
+    `loop.train_and_evaluate` in the test process)."""
+    config = schema.load_config_file(config_file)
+    config.data.local_dir = data_dir
+    config.data.validation_size = VALIDATION_SIZE
+    config.num_epochs = 2
+    config.batch_size = BATCH_SIZE
+    config.eval_batch_size = 100
+    config.log_every_steps = 5
+    config.tensorboard = False
+    config.wandb.mode = "disabled"
+    config.checkpoint.enabled = True
+    for key, value in fields.items():
+        config[key] = value
+    return config
+
+
+def checkpoint_steps(workdir: str) -> set[int]:
+    """The steps of a workdir's checkpoints."""
+    return {int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()}

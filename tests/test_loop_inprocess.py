@@ -10,40 +10,18 @@ import json
 import os
 import shutil
 
-import ml_collections
 import numpy as np
 import pytest
+from shared import BATCH_SIZE, STEPS_PER_EPOCH, checkpoint_steps, tiny_config
 
 from mnist_flax import layout
-from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError, MnistFlaxError
 from mnist_flax.training import input_pipeline, loop
 
-TRAIN_EXAMPLES = 1200  # conftest.write_idx_dataset
 TEST_EXAMPLES = 300
-VALIDATION_SIZE = 200
-BATCH_SIZE = 50
-STEPS_PER_EPOCH = (TRAIN_EXAMPLES - VALIDATION_SIZE) // BATCH_SIZE  # 20
 # The tiny data set is a bright block at one of ten places: a trained model
 # reaches 100% in two epochs (MLP and CNN, seed 0); chance is 10%.
 MIN_TEST_ACCURACY = 0.9
-
-
-def tiny_config(config_file: str, data_dir: str, **fields) -> ml_collections.ConfigDict:
-    """The config file with conftest.tiny_overrides' values, W&B off, checkpoints on; `fields` on top."""
-    config = schema.load_config_file(config_file)
-    config.data.local_dir = data_dir
-    config.data.validation_size = VALIDATION_SIZE
-    config.num_epochs = 2
-    config.batch_size = BATCH_SIZE
-    config.eval_batch_size = 100
-    config.log_every_steps = 5
-    config.tensorboard = False
-    config.wandb.mode = "disabled"
-    config.checkpoint.enabled = True
-    for key, value in fields.items():
-        config[key] = value
-    return config
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -55,10 +33,6 @@ def read_predictions_csv(path: str) -> tuple[list[str], np.ndarray]:
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     return rows[0], np.asarray(rows[1:], dtype=float)
-
-
-def checkpoint_steps(workdir: str) -> set[int]:
-    return {int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()}
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ SAFE_ON_RESUME = {
     "eval_batch_size": "evaluation batch: the same predictions, computed in other slices",
     "train.steps_per_call": "how many steps one compiled call fuses (the same steps)",
     "train.scan_unroll": "how fused steps are compiled (the same steps)",
-    "train.batch_split": "the pieces the model is applied to (the same maths; dropout masks and a BatchNorm's "
-    "statistics are drawn per piece)",
+    "train.batch_split": "the pieces the layers before the first Dense run on (the same maths; a dropout layer "
+    "among them draws its masks per piece)",
     "data.source": "where the files are read from (the data is checked by its fingerprint)",
     "data.local_dir": "where the files are read from (the data is checked by its fingerprint)",
     "data.tfds_data_dir": "where the TFDS cache is (the data is checked by its fingerprint)",
