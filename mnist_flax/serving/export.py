@@ -1,7 +1,9 @@
 """A run's best model as a file that runs without this code base: ONNX (the default) or a `jax.export` program.
 
 `export_run(RUN, fmt, out)` reads the finished run (records.runs), its best checkpoint (serving.trained), and
-writes into `out` (default RUN/export/) the model file, model_card.json and model_card.md. Everything is
+writes into `out` (default RUN/export/) the model file, model_card.json and model_card.md. Both formats hold one
+function (`serving_function`: uint8 images -> preprocessing -> the model in evaluation -> softmax): `jax.export`
+serializes it, jax2onnx converts it to ONNX (`onnx_model`), so every registered model exports. Everything is
 built in memory first and written to a temporary folder beside `out`, renamed to `out` at the end: a failed
 export leaves nothing behind and changes nothing of the run. A run tracked in W&B (offline or online) then
 logs the export as a `model-export` artifact of its own W&B run (`log_to_wandb`).
