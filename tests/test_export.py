@@ -85,6 +85,7 @@ def briefly_trained(name: str, images: np.ndarray, labels: np.ndarray):
     return model
 
 
+@pytest.mark.slow  # trains each model briefly on the real data set (~25 s a model)
 @pytest.mark.parametrize("name", models.registered())
 def test_every_registered_model_exports_to_onnx_that_computes_what_jax_does(name, fashion_dir):
     # Each model through export's own conversion (jax2onnx, from the function the jax.export path holds), run by
