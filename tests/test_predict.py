@@ -12,7 +12,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from conftest import write_idx
+from conftest import make_learnable_split, write_idx
 from PIL import Image
 from shared import (
     TOLERANCE,
@@ -25,9 +25,9 @@ from shared import (
 )
 
 from mnist_flax import layout
-from mnist_flax.errors import DataError
+from mnist_flax.errors import DataError, MnistFlaxError
 from mnist_flax.records import files
-from mnist_flax.serving import images
+from mnist_flax.serving import images, predictor
 
 COUNT = 12  # test images written as PNG files
 
@@ -210,6 +210,40 @@ def test_bad_images_are_data_errors(tmp_path):
             images.read(str(tmp_path / name))
 
 
+def test_exports_of_before_the_channel_axis_still_load(tmp_path):
+    # Exports written before the models took a channel axis take uint8 [N, 28, 28] (ONNX and jax.export alike):
+    # they load, and take grey images with or without the channel axis, as a current export does.
+    import jax
+    from jax import export
+    from jax2onnx import to_onnx
+
+    from mnist_flax.serving import trained
+
+    model = trained.TrainedModel({"model": {"name": "mlp"}, "data": {"name": "fashion_mnist"}}, {}, 0, "")
+    model.params = model.module().init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))["params"]
+    probabilities = model.probabilities_fn()
+
+    def before(images):  # [N, 28, 28]
+        return probabilities(model.variables, images[..., None])
+
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "jax").mkdir()
+    proto = to_onnx(before, [jax.ShapeDtypeStruct(("N", 28, 28), np.uint8)], opset=17, input_names=["images"])
+    onnx.save(proto, tmp_path / "onnx" / "model.onnx")
+    (batch,) = export.symbolic_shape("N")
+    program = export.export(jax.jit(before))(jax.ShapeDtypeStruct((batch, 28, 28), np.uint8))
+    (tmp_path / "jax" / "model.jaxexport").write_bytes(program.serialize())
+    pixels = make_learnable_split(16, seed=2)[0]
+    want = np.asarray(jax.jit(probabilities)(model.variables, pixels[..., None]))
+    for folder in ("onnx", "jax"):
+        old = predictor.load(str(tmp_path / folder))
+        assert old.image_shape == (28, 28) and old.class_names == [str(c) for c in range(10)]
+        for given in (pixels, pixels[..., None]):
+            assert np.abs(old(given) - want).max() < TOLERANCE
+        with pytest.raises(MnistFlaxError, match=r"takes images of shape \[28, 28\]; these are \[28, 27\]$"):
+            old(pixels[:, :, :27])
+
+
 # ---------------------------------------------------------------- bad input, end to end
 
 
@@ -265,7 +299,7 @@ def test_a_model_of_another_kind_is_refused(runs, inputs, tmp_path):
     other.mkdir()
     shutil.copy(os.path.join(run, layout.PREDICTIONS), other)
     predict_fails(str(other), png, folder=folder, fragments=["is no run workdir, checkpoints folder"])
-    # An ONNX model that takes something else than uint8 images [N, 28, 28].
+    # An ONNX model that takes something else than uint8 images.
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Relu", ["x"], ["y"])],
         "other",

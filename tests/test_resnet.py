@@ -12,7 +12,6 @@ from flax import traverse_util
 from shared import STEPS_PER_EPOCH, checkpoint_steps, tiny_config
 
 from mnist_flax import layout
-from mnist_flax.errors import ConfigError
 from mnist_flax.serving import export, predictor, trained
 from mnist_flax.training import loop
 
@@ -66,16 +65,18 @@ def test_resnet_resumes_and_evaluates_its_checkpoint(resnet_run, tiny_data_dir, 
     assert evaluated["test"]["accuracy"] == first["test"]["accuracy"]
 
 
-def test_resnet_predicts_and_exports_for_jax_but_not_yet_onnx(resnet_run, tmp_path):
+def test_resnet_predicts_and_exports_as_jax_and_onnx(resnet_run, tmp_path):
     workdir, report = resnet_run
     images, labels = make_learnable_split(64, seed=1)
     from_checkpoint = predictor.load(workdir)(images)
     assert from_checkpoint.shape == (64, 10)
     assert (from_checkpoint.argmax(-1) == labels).mean() >= MIN_TEST_ACCURACY
-    exported = export.export_run(workdir, fmt="jax", out=str(tmp_path / "jax"))
-    np.testing.assert_allclose(predictor.load(exported.folder)(images), from_checkpoint, atol=1e-5)
-    with pytest.raises(ConfigError, match="^export --format onnx: the resnet model has no ONNX graph yet"):
-        export.export_run(workdir, fmt="onnx", out=str(tmp_path / "onnx"))
+    for fmt in ("jax", "onnx"):  # both evaluate BatchNorm by the running averages the checkpoint holds
+        exported = export.export_run(workdir, fmt=fmt, out=str(tmp_path / fmt))
+        served = predictor.load(exported.folder)
+        assert served.kind == {"jax": "jax export", "onnx": "onnx"}[fmt]
+        np.testing.assert_allclose(served(images), from_checkpoint, atol=1e-5)
+        np.testing.assert_allclose(served(images[..., None]), from_checkpoint, atol=1e-5)  # with the channel axis
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """Export a run's best model: `python -m mnist_flax export RUN [--format onnx|jax] [--out DIR] [--no-wandb]`.
 
 Writes the model of the run's best validation step, with its preprocessing, as one file a runtime outside this
-code base runs: ONNX (`model.onnx`, the default; onnxruntime or any ONNX runtime) or JAX's serialized
-`jax.export` program (`model.jaxexport`). Its input is raw uint8 images [N, 28, 28], its output the class
-probabilities [N, 10]. Beside it, model_card.json and model_card.md. The folder is DIR (default RUN/export/),
+code base runs: ONNX (`model.onnx`, the default, converted by jax2onnx; onnxruntime or any ONNX runtime) or JAX's
+serialized `jax.export` program (`model.jaxexport`). Its input is raw uint8 images [N, height, width, channels]
+([N, 28, 28, 1] for the MNIST family), its output the class probabilities [N, classes]. Beside it,
+model_card.json and model_card.md. The folder is DIR (default RUN/export/),
 which must be new or empty. A run tracked in W&B logs the export as a `model-export` artifact of its W&B
 run (offline: a new segment in RUN/wandb/, uploaded by `sync`); `--no-wandb` skips that.
 

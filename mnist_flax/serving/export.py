@@ -1,7 +1,9 @@
 """A run's best model as a file that runs without this code base: ONNX (the default) or a `jax.export` program.
 
 `export_run(RUN, fmt, out)` reads the finished run (records.runs), its best checkpoint (serving.trained), and
-writes into `out` (default RUN/export/) the model file, model_card.json and model_card.md. Everything is
+writes into `out` (default RUN/export/) the model file, model_card.json and model_card.md. Both formats hold one
+function (`serving_function`: uint8 images -> preprocessing -> the model in evaluation -> softmax): `jax.export`
+serializes it, jax2onnx converts it to ONNX (`onnx_model`), so every registered model exports. Everything is
 built in memory first and written to a temporary folder beside `out`, renamed to `out` at the end: a failed
 export leaves nothing behind and changes nothing of the run. A run tracked in W&B (offline or online) then
 logs the export as a `model-export` artifact of its own W&B run (`log_to_wandb`).
@@ -11,9 +13,14 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from importlib.metadata import version as metadata_version
+
+import numpy as np
 
 from mnist_flax import layout
 from mnist_flax.errors import CheckpointError, ConfigError, MnistFlaxError, WorkdirError, first_line
@@ -24,6 +31,12 @@ FORMATS = model_card.MODEL_FILES  # --format -> the model file
 EXPORT_DIR = "export"  # RUN/export/: the default --out
 ARTIFACT_TYPE = "model-export"
 JAX_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # a jax.export program runs only on the platforms it was lowered for
+# ONNX: opset 17 (onnxruntime 1.12 and later, most other runtimes), the input and output names, N symbolic.
+ONNX_OPSET = 17
+ONNX_INPUT, ONNX_OUTPUT, ONNX_BATCH = "images", "probabilities", "N"
+# The check before writing: onnxruntime against JAX on this many seeded uint8 images, probabilities within this.
+CHECK_IMAGES = 8
+CHECK_TOLERANCE = 1e-4
 
 
 @dataclasses.dataclass
@@ -65,6 +78,9 @@ def export_run(run: str, fmt: str = "onnx", out: str | None = None) -> Exported:
         card = model_card.build(
             record, model, provenance, config, {"name": fmt, "file": FORMATS[fmt], **details}, sizes
         )
+        # The shapes of the file written: the model's image shape, one probability per class.
+        card["input"] = {**card["input"], "shape": [ONNX_BATCH, *model.image_shape]}
+        card["output"] = {**card["output"], "shape": [ONNX_BATCH, len(model.class_names)]}
         contents = {
             FORMATS[fmt]: payload,
             model_card.JSON_NAME: json.dumps(card, indent=2, sort_keys=True, default=str).encode(),
@@ -101,8 +117,6 @@ def _no_training(workdir: str):
 def _serialize(model, fmt: str, record) -> tuple[bytes, dict]:
     """(the model file's bytes, what the model card says of the format) of a serving.trained.TrainedModel."""
     if fmt == "onnx":
-        from mnist_flax.serving import onnx_graph
-
         metadata = {
             "class_names": model.class_names,
             "data_set": model.data_name,
@@ -110,20 +124,17 @@ def _serialize(model, fmt: str, record) -> tuple[bytes, dict]:
             "checkpoint_step": str(model.step),
             "git_commit": record.git.get("commit", ""),
         }
-        proto = onnx_graph.build(model.model_config, model.params, metadata)
-        details = {
-            "opset": onnx_graph.OPSET,
-            "ir_version": proto.ir_version,
-            "runtime": "onnxruntime or any ONNX runtime",
-        }
-        return proto.SerializeToString(), details
+        return onnx_model(model, metadata)
     import jax
     from jax import export
 
-    probabilities, variables = model.probabilities_fn(), model.variables
     (batch,) = export.symbolic_shape("N")
-    images = jax.ShapeDtypeStruct((batch, 28, 28), "uint8")
-    program = export.export(jax.jit(lambda x: probabilities(variables, x)), platforms=JAX_PLATFORMS)(images)
+    images = jax.ShapeDtypeStruct((batch, *model.image_shape), "uint8")
+    try:
+        program = export.export(jax.jit(serving_function(model)), platforms=JAX_PLATFORMS)(images)
+    except Exception as e:  # e.g. a model that calls back into Python: no serialized program holds that
+        name = model.model_config["name"]
+        raise ConfigError(f"export --format jax: JAX cannot export the {name} model: {first_line(e)}") from None
     details = {
         "platforms": list(program.platforms),
         "calling_convention_version": program.calling_convention_version,
@@ -131,6 +142,96 @@ def _serialize(model, fmt: str, record) -> tuple[bytes, dict]:
         "runtime": f"jax.export.deserialize, JAX {jax.__version__} or a release of the six months after it",
     }
     return bytes(program.serialize()), details
+
+
+def serving_function(model) -> Callable:
+    """What every format holds: uint8 images [N, height, width, channels] -> class probabilities [N, classes],
+    the model's variables (parameters, batch statistics) closed over as constants."""
+    probabilities, variables = model.probabilities_fn(), model.variables
+    return lambda images: probabilities(variables, images)
+
+
+def onnx_model(model, metadata: dict) -> tuple[bytes, dict]:
+    """The ONNX file of a TrainedModel, converted by jax2onnx from `serving_function`, and the card's format entry.
+
+    The conversion is checked before anything is written: onnx's full checker, then onnxruntime against JAX on
+    a few seeded images (their largest probability difference goes into the card).
+
+    Raises:
+      ConfigError: jax2onnx cannot convert the model, or its ONNX does not compute what JAX does.
+    """
+    import jax
+    import jax2onnx
+    import onnx
+    import onnxruntime
+
+    name = model.model_config["name"]
+    version = metadata_version("jax2onnx")
+    refused = f"export --format onnx: jax2onnx {version} cannot convert the {name} model"
+    function = serving_function(model)
+    images = jax.ShapeDtypeStruct((ONNX_BATCH, *model.image_shape), np.uint8)
+    try:
+        with _quiet_converter():
+            proto = jax2onnx.to_onnx(
+                function,
+                [images],
+                model_name=f"mnist_flax_{name}",
+                opset=ONNX_OPSET,
+                input_names=[ONNX_INPUT],
+                output_names=[ONNX_OUTPUT],
+            )
+        # jax2onnx records some intermediate shapes in JAX's channel-last order where its graph holds them
+        # channel-first (after a BatchNorm); they are hints only, and wrong ones fail the checker and make
+        # onnxruntime warn, so the graph goes without them: every runtime infers them again.
+        del proto.graph.value_info[:]
+        onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+        proto.doc_string = (
+            f"uint8 images [N, {', '.join(map(str, model.image_shape))}] (0-255, as the data set holds them) -> "
+            f"class probabilities [N, {len(model.class_names)}]"
+        )
+        onnx.checker.check_model(proto, full_check=True)
+        payload = proto.SerializeToString()
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        session = onnxruntime.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+        sample = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, *model.image_shape), dtype=np.uint8)
+        difference = float(
+            np.abs(session.run(None, {ONNX_INPUT: sample})[0] - np.asarray(jax.jit(function)(sample))).max()
+        )
+    except Exception as e:  # the converter's or a runtime's own error, on a model of the user's
+        raise ConfigError(f"{refused}: {first_line(e)} (--format jax writes JAX's own program instead)") from None
+    if not difference <= CHECK_TOLERANCE:
+        raise ConfigError(
+            f"{refused}: onnxruntime's probabilities differ from JAX's by {difference:.2g} (above {CHECK_TOLERANCE:g}) "
+            "on seeded images; --format jax writes JAX's own program instead"
+        )
+    details = {
+        "opset": ONNX_OPSET,
+        "ir_version": proto.ir_version,
+        "converter": f"jax2onnx {version}",
+        "checked": {
+            "images": CHECK_IMAGES,
+            "max_abs_difference": difference,
+            "runtime": f"onnxruntime {onnxruntime.__version__}",
+        },
+        "runtime": "onnxruntime or any ONNX runtime",
+    }
+    return payload, details
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+    """jax2onnx and onnx_ir log warnings of their own graph bookkeeping (a value whose type they did not record):
+    not the user's to act on, so below the export's output."""
+    loggers = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _write_folder(out: str, contents: dict[str, bytes]) -> None:

@@ -5,7 +5,9 @@
   `model.jaxexport` called through `jax.export.deserialize`;
 - a run workdir, a checkpoints folder, one checkpoint step or a W&B model artifact (entity/project/name:alias):
   the model rebuilt from its config and run by JAX (serving.trained), the same function an export holds.
-Each takes uint8 images [N, 28, 28] and gives the class probabilities [N, 10].
+Each takes uint8 images [N, height, width, channels] and gives the class probabilities [N, classes]. Exports
+written before the channel axis take [N, 28, 28]: they still load, and images are fitted to either form (one
+channel added or dropped) before a model runs.
 """
 
 import json
@@ -17,27 +19,42 @@ from mnist_flax.errors import CheckpointError, MnistFlaxError, first_line
 from mnist_flax.records import files
 from mnist_flax.serving import model_card
 
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # the class names of a model that names none: its labels
 
 
 class Predictor:
-    """A model that gives class probabilities for uint8 images [N, 28, 28]."""
+    """A model that gives class probabilities for uint8 images of `image_shape`: (height, width, channels), or
+    (height, width) for an export written before the channel axis."""
 
     kind = ""  # "onnx", "jax export" or "checkpoint"
 
-    def __init__(self, source: str, class_names: list[str], data_name: str | None):
+    def __init__(self, source: str, class_names: list[str], data_name: str | None, image_shape: tuple):
         self.source = source
         self.class_names = class_names
         self.data_name = data_name
+        self.image_shape = tuple(image_shape)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = self.fit(np.asarray(pixels, np.uint8))
         try:
-            return np.asarray(self._run(np.ascontiguousarray(pixels, np.uint8)), np.float32)
+            return np.asarray(self._run(np.ascontiguousarray(pixels)), np.float32)
         except MnistFlaxError:
             raise
         except Exception as e:  # a runtime's own error, on a model of someone else's say
             raise MnistFlaxError(f"{self.source}: the model failed on the images: {first_line(e)}") from None
+
+    def fit(self, pixels: np.ndarray) -> np.ndarray:
+        """[N, ...] images in the model's form: a channel axis added to grey [N, H, W] images for a model that
+        takes [N, H, W, 1], dropped for an older export that takes [N, H, W]; another shape is one line."""
+        if pixels.ndim == len(self.image_shape) and self.image_shape[-1:] == (1,):
+            pixels = pixels[..., None]
+        elif pixels.ndim == len(self.image_shape) + 2 and pixels.shape[-1] == 1:
+            pixels = pixels[..., 0]
+        if tuple(pixels.shape[1:]) != self.image_shape:
+            raise MnistFlaxError(
+                f"{self.source} takes images of shape {list(self.image_shape)}; these are {list(pixels.shape[1:])}"
+            )
+        return pixels
 
     def _run(self, pixels: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -61,22 +78,24 @@ class OnnxPredictor(Predictor):
         except Exception as e:
             raise CheckpointError(f"{path}: onnxruntime cannot load it: {first_line(e)}") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        image_shape = tuple(inputs[0].shape[1:]) if len(inputs) == 1 else ()
+        classes = outputs[0].shape[-1] if len(outputs) >= 1 and len(outputs[0].shape) == 2 else None
         if not (
             len(inputs) == 1
             and inputs[0].type == "tensor(uint8)"
-            and tuple(inputs[0].shape[1:]) == IMAGE_SHAPE
-            and len(outputs) >= 1
-            and outputs[0].shape[-1] == NUM_CLASSES
+            and len(image_shape) in (2, 3)  # [N, H, W, C], or [N, H, W] (an export of before the channel axis)
+            and all(isinstance(size, int) and size > 0 for size in image_shape)
+            and isinstance(classes, int)
         ):
             found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
             raise CheckpointError(
-                f"{path} is an ONNX model of another kind: it takes {found}, not uint8 [N, 28, 28] images "
-                "giving 10 class probabilities"
+                f"{path} is an ONNX model of another kind: it takes {found}, not uint8 images [N, height, width, "
+                "channels] giving class probabilities [N, classes]"
             )
         self.input = inputs[0].name
         meta = self.session.get_modelmeta().custom_metadata_map
-        names = card.get("class_names") or _json_list(meta.get("class_names"))
-        super().__init__(path, names or [str(c) for c in range(NUM_CLASSES)], card_data(card) or meta.get("data_set"))
+        names = card.get("class_names") or _json_list(meta.get("class_names")) or [str(c) for c in range(classes)]
+        super().__init__(path, names, card_data(card) or meta.get("data_set"), image_shape)
 
     def _run(self, pixels):
         return self.session.run(None, {self.input: pixels})[0]
@@ -95,11 +114,16 @@ class JaxExportPredictor(Predictor):
                 self.program = export.deserialize(bytearray(f.read()))
         except Exception as e:
             raise CheckpointError(f"{path}: not a jax.export program JAX can read: {first_line(e)}") from None
-        (aval,) = self.program.in_avals or (None,)
-        if aval is None or str(aval.dtype) != "uint8" or tuple(aval.shape[1:]) != IMAGE_SHAPE:
-            raise CheckpointError(f"{path} is a jax.export program of another kind: it takes {self.program.in_avals}")
+        avals = self.program.in_avals
+        image_shape = tuple(avals[0].shape[1:]) if len(avals) == 1 else ()
+        if (
+            str(avals[0].dtype if avals else "") != "uint8"
+            or len(image_shape) not in (2, 3)
+            or not all(isinstance(size, int) for size in image_shape)
+        ):
+            raise CheckpointError(f"{path} is a jax.export program of another kind: it takes {avals}")
         names = card.get("class_names") or [str(c) for c in range(NUM_CLASSES)]
-        super().__init__(path, names, card_data(card))
+        super().__init__(path, names, card_data(card), image_shape)
 
     def _run(self, pixels):
         return self.program.call(pixels)
@@ -116,7 +140,7 @@ class CheckpointPredictor(Predictor):
         self.variables = trained.variables
         self.function = jax.jit(trained.probabilities_fn())
         self.step = trained.step
-        super().__init__(trained.checkpoint, trained.class_names, trained.data_name)
+        super().__init__(trained.checkpoint, trained.class_names, trained.data_name, trained.image_shape)
 
     def _run(self, pixels):
         return self.function(self.variables, pixels)

@@ -47,6 +47,11 @@ class TrainedModel:
         return class_names(self.data_name)
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of the images the model takes."""
+        return input_pipeline.IMAGE_SHAPE
+
+    @property
     def variables(self) -> dict:
         """What `module().apply` takes: the parameters and the model's other collections."""
         return {"params": self.params, **self.model_state}
@@ -56,13 +61,13 @@ class TrainedModel:
         return models.create(ml_collections.ConfigDict(self.model_config), num_classes=len(self.class_names))
 
     def probabilities_fn(self) -> Callable:
-        """fn(variables, images) -> class probabilities [N, classes] float32, for uint8 images [N, 28, 28]: the
-        model's own preprocessing (steps.preprocess) and the model in evaluation (train=False), then a softmax."""
+        """fn(variables, images) -> class probabilities [N, classes] float32, for uint8 images [N, height, width,
+        channels] (`image_shape`): the model's own preprocessing (steps.preprocess) and the model in evaluation
+        (train=False: BatchNorm by its running averages), then a softmax. Every export format holds this function."""
         module = self.module()
 
         def probabilities(variables, images):
-            inputs = steps.preprocess(images)[..., None]  # [N, 28, 28, 1], as the training's batches
-            return jax.nn.softmax(module.apply(variables, inputs, train=False), axis=-1)
+            return jax.nn.softmax(module.apply(variables, steps.preprocess(images), train=False), axis=-1)
 
         return probabilities
 
