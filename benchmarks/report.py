@@ -28,7 +28,8 @@ TITLES = {
     "install": "Setup: a fresh venv from uv.lock, pip against uv (install.py)",
     "compile_cache": "Start-up: a first and a second start with the persistent compilation cache (compile_cache.py)",
     "trials": "Sweep trials: the overhead beyond training, trials per hour, compiles per trial (trials.py)",
-    "tensorflow_free": "Without TensorFlow: imports, a run's peak memory, the venv (tensorflow_free.py)",
+    "tensorflow_free": "Without TensorFlow (issue 36): imports, a run's start and peak memory, the environment, "
+    "the CPU image (tensorflow_free.py)",
 }
 NOTES = {
     "compile_cache": "Each round, `python main.py` twice with one cache folder, empty before the first start: the "
