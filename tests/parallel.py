@@ -21,6 +21,7 @@ SHARED_RUNS = {
         "test_runs",
         "test_compile_cache",
         "test_wandb_server",
+        "test_add_a_model",
     ),
     "served_runs": ("test_export", "test_predict"),
     "single_device_run": ("test_distributed", "test_slurm"),

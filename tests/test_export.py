@@ -145,6 +145,39 @@ def test_a_model_jax2onnx_cannot_convert_is_one_config_error():
     assert "'pure_callback'" in message and "--format jax" in message and "\n" not in message
 
 
+class FlaxPooling(nn.Module):
+    """flax's pooling functions called as flax documents them: `window_shape` and `strides` by position."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+def test_flax_pooling_called_by_position_converts_and_computes_what_jax_does():
+    import jax
+    import jax2onnx
+
+    from mnist_flax.serving import export
+
+    module = FlaxPooling()
+    variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 12, 12, 1), np.float32))
+    function = lambda x: module.apply(variables, x)  # noqa: E731
+    spec = [jax.ShapeDtypeStruct((2, 12, 12, 1), np.float32)]
+    # jax2onnx's own replacements take window_shape by keyword only (when it converts this, the shim can go).
+    with pytest.raises(TypeError, match="positional argument"):
+        jax2onnx.to_onnx(function, spec)
+    with export.flax_pooling_signatures():
+        proto = jax2onnx.to_onnx(function, spec)
+    images = np.random.default_rng(0).random((2, 12, 12, 1), dtype=np.float32)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: images})[0]
+    np.testing.assert_allclose(outputs, np.asarray(function(images)), atol=1e-5)
+    with pytest.raises(TypeError, match="positional argument"):  # jax2onnx's own patches are back
+        jax2onnx.to_onnx(function, spec)
+
+
 # ---------------------------------------------------------------- a trained run, exported
 
 

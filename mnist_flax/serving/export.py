@@ -171,7 +171,7 @@ def onnx_model(model, metadata: dict) -> tuple[bytes, dict]:
     function = serving_function(model)
     images = jax.ShapeDtypeStruct((ONNX_BATCH, *model.image_shape), np.uint8)
     try:
-        with _quiet_converter():
+        with _quiet_converter(), flax_pooling_signatures():
             proto = jax2onnx.to_onnx(
                 function,
                 [images],
@@ -217,6 +217,57 @@ def onnx_model(model, metadata: dict) -> tuple[bytes, dict]:
         "runtime": "onnxruntime or any ONNX runtime",
     }
     return payload, details
+
+
+# jax2onnx (0.17.1) replaces flax.linen's pooling functions while it traces with its own, which take `window_shape`
+# by keyword only: `nn.max_pool(x, (2, 2))`, flax's own signature, fails to convert. (plugin module, class, the
+# class's patch factory, the flax function whose signature the patch must accept; flax 0.12 has no min_pool)
+_POOLING_PATCHES = (
+    ("jax2onnx.plugins.flax.linen.max_pool", "MaxPoolPlugin", "_make_patch", "max_pool"),
+    ("jax2onnx.plugins.flax.linen.min_pool", "MinPoolPlugin", "_make_patch", "min_pool"),
+    ("jax2onnx.plugins.flax.linen.avg_pool", "AvgPoolPlugin", "get_monkey_patch", "avg_pool"),
+)
+
+
+@contextlib.contextmanager
+def flax_pooling_signatures():
+    """While it is active, jax2onnx's replacements of flax.linen's max_pool, min_pool and avg_pool take their
+    arguments as flax's functions do (positional `window_shape` included): each call is bound by the flax
+    function's signature and passed on by keyword. A plugin jax2onnx no longer has is left as it is."""
+    import importlib
+    import inspect
+
+    import flax.linen
+
+    replaced = []
+    for module_name, class_name, factory_name, function_name in _POOLING_PATCHES:
+        try:
+            plugin = getattr(importlib.import_module(module_name), class_name)
+            function = getattr(flax.linen, function_name)
+        except (ImportError, AttributeError):  # a plugin or a function of another version
+            continue
+        if factory_name not in vars(plugin):
+            continue
+        original = vars(plugin)[factory_name]
+        factory = getattr(plugin, factory_name)
+        signature = inspect.signature(function)
+
+        def make(orig, factory=factory, signature=signature):
+            patched = factory(orig)
+
+            def pool(*args, **kwargs):
+                arguments = signature.bind(*args, **kwargs).arguments
+                return patched(arguments.pop("inputs"), **arguments)
+
+            return pool
+
+        setattr(plugin, factory_name, staticmethod(make))
+        replaced.append((plugin, factory_name, original))
+    try:
+        yield
+    finally:
+        for plugin, factory_name, original in replaced:
+            setattr(plugin, factory_name, original)
 
 
 @contextlib.contextmanager
