@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, start_main, tiny_overrides
 
 from mnist_flax import layout
-from mnist_flax.training import input_pipeline
+from mnist_flax.datasets import _mnist_family
 
 # ---------------------------------------------------------------- the one-epoch MLP run
 
@@ -140,7 +140,7 @@ def run_in_process(*args: str, cwd: str | None = None, env: dict | None = None) 
 
 def split_images(data_dir: str) -> np.ndarray:
     """The test split's images as the runs read them: uint8 [N, 28, 28]."""
-    return input_pipeline.read_idx(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz"), input_pipeline.IMAGES_MAGIC)
+    return _mnist_family.read_idx(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz"), _mnist_family.IMAGES_MAGIC)
 
 
 def snapshot(folder: str) -> dict:

@@ -92,7 +92,7 @@ def test_config_argument_selects_the_data_set(spec):
 
 def test_config_argument_is_validated():
     config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py:cifar10"))
-    with pytest.raises(ConfigError, match="data.name: unknown value 'cifar10'"):
+    with pytest.raises(ConfigError, match="data.name: unknown data set 'cifar10' \\(registered: fashion_mnist"):
         schema.validate(config)
 
 
@@ -273,6 +273,10 @@ def bad_config_files(tmp_path_factory) -> str:
         "from configs import mlp\n\n\ndef get_config(arg=None):\n    config = mlp.get_config(arg)\n"
         "    config.model.dense_feature = (64,)\n    return config\n"
     )
+    (directory / "misspelt_data_field.py").write_text(
+        "from configs import mlp\n\n\ndef get_config(arg=None):\n    config = mlp.get_config(arg)\n"
+        "    config.data.local_folder = '/data'\n    return config\n"
+    )
     return str(directory)
 
 
@@ -352,7 +356,16 @@ BAD_INPUTS = [
     BadInput(
         "unknown_schedule", ("--config.optimizer.schedule=step",), ("optimizer.schedule", "'step'", "warmup_cosine")
     ),
-    BadInput("unknown_data_set", ("--config.data.name=cifar10",), ("data.name", "'cifar10'", "fashion_mnist")),
+    BadInput(
+        "unknown_data_set", ("--config.data.name=cifar10",), ("data.name", "'cifar10'", "registered: fashion_mnist")
+    ),
+    # A data set's module declares its fields, as a model's does.
+    BadInput(
+        "field_the_data_set_does_not_declare",
+        (),
+        ("data.local_folder: the fashion_mnist data set has no field 'local_folder'", "source, local_dir"),
+        config="{configs}/misspelt_data_field.py",
+    ),
     # A stray positional argument (e.g. a value after a space: `--config.seed 3` is fine, `stray` is not).
     BadInput("unexpected_argument", ("stray",), ("unexpected arguments: stray",)),
     # Config files.

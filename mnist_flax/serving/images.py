@@ -75,9 +75,9 @@ def _read_npy(path: str) -> tuple[np.ndarray, bool]:
 
 
 def _read_idx(path: str) -> np.ndarray:
-    from mnist_flax.training import input_pipeline
+    from mnist_flax.datasets import _mnist_family
 
-    images = input_pipeline.read_idx(path, input_pipeline.IMAGES_MAGIC)  # DataError: not IDX images, truncated
+    images = _mnist_family.read_idx(path, _mnist_family.IMAGES_MAGIC)  # DataError: not IDX images, truncated
     if images.ndim != 3 or images.shape[1:] != (SIZE, SIZE) or not len(images):
         raise DataError(f"{path}: IDX images of shape {list(images.shape)}; expected [N, 28, 28] with N > 0")
     return images

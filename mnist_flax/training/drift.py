@@ -86,9 +86,10 @@ def check_resume(config, meta: dict, record: dict, step: int, directory: str, fl
     saved = meta.get("provenance") or {}
     differing = provenance.compare_data(saved.get("data"), record["data"])
     if differing and not config.resume.allow_data_changes:
+        source = f" from {config.data.source}" if "source" in config.data else ""  # a data set with one source has none
         raise DataError(
             f"resuming at step {step} on other data: the {', '.join(differing)} split(s) differ from the data the "
-            f"checkpoint was trained on ({config.data.name} from {config.data.source}); use the original files, a "
+            f"checkpoint was trained on ({config.data.name}{source}); use the original files, a "
             "new --workdir, or --config.resume.allow_data_changes=True"
         )
     check_environment(config, saved.get("environment"), record["environment"], step)

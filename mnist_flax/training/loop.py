@@ -157,7 +157,7 @@ def setup(
     flat = schema.flatten(config)
     checkpoints, resumed_from, config_history = _open_checkpoints(config, flat, workdir, record)
     preload = _preload_records(config)  # the data and the resume are checked: the records will be needed
-    model = models.create(config.model, num_classes=len(input_pipeline.CLASS_NAMES[datasets.name]))
+    model = models.create(config.model, num_classes=datasets.description.num_classes)
     schedule = steps.make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)  # for the logs
     tx = steps.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
     state = distributed.put_replicated(steps.create_train_state(model, tx, config.seed), mesh)
@@ -444,7 +444,7 @@ def finish(run: Setup, state: LoopState) -> dict:
             os.remove(os.path.join(workdir, layout.STOPPED))
     tracker.log_results(
         test_report, test_log_probs, test_labels, datasets.test.images, predictions_path,
-        config.wandb.log_misclassified, input_pipeline.CLASS_NAMES[datasets.name],
+        config.wandb.log_misclassified, list(datasets.description.class_names),
     )  # fmt: skip
     tracker.set_summary(
         {

@@ -2,14 +2,14 @@
 
 Every "auto" is decided here, for this backend and device count, and nowhere
 else: steps per call, scan unroll, the batch split, the data source, the W&B
-mode; the model section keeps the model's own fields. The result is validated
+mode; the model and data sections keep the model's and the data set's own fields. The result is validated
 once, written to `config.json`, and everything downstream reads concrete values.
 """
 
 import jax
 import ml_collections
 
-from mnist_flax import models
+from mnist_flax import datasets, models
 from mnist_flax.config import schema
 from mnist_flax.config.schema import auto_or_int
 from mnist_flax.errors import ConfigError
@@ -105,10 +105,7 @@ def resolve(
     fused = steps_per_call(config.train.steps_per_call, backend)
     unroll = scan_unroll(config.train.scan_unroll, fused, backend)
     fields["train"].update(steps_per_call=fused, scan_unroll=unroll, batch_split=pieces)
-    source, location = input_pipeline.resolve_source(config.data)
-    fields["data"]["source"] = source
-    if source == "idx":
-        fields["data"]["local_dir"] = location
+    fields["data"] = datasets.resolve(config.data)  # the data set's own fields, "auto" decided
     # Only "auto" asks for a stored key (importing wandb); every mode exports an .env's WANDB_TOKEN for wandb.
     token = wandb_run.read_token(stored=config.wandb.mode == "auto")
     fields["wandb"]["mode"] = wandb_run.resolve_mode(config.wandb.mode, token)

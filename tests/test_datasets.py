@@ -1,0 +1,130 @@
+"""Data sets as plug-ins: the registry, the fields each data set declares, and the description of its arrays."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mnist_flax import datasets
+from mnist_flax.config import schema
+from mnist_flax.datasets import _mnist_family, fashion_mnist, mnist
+from mnist_flax.errors import ConfigError, DataError
+from mnist_flax.training import input_pipeline
+
+
+def data_config(**fields):
+    """The data section of configs/default.py, with fields changed."""
+    config = schema.load_config_file("configs/default.py").data
+    for key, value in fields.items():
+        config[key] = value
+    return config
+
+
+def test_registered_are_the_modules():
+    names = datasets.registered()
+    assert {"fashion_mnist", "mnist"} <= set(names)
+    assert names == sorted(names) and not any(name.startswith("_") for name in names)  # helpers are not data sets
+    for name in names:
+        assert callable(datasets.module(name).load)
+
+
+def test_unregistered_name_is_one_line_listing_the_registered():
+    with pytest.raises(ConfigError) as error:
+        datasets.module("cifar10")
+    message = str(error.value)
+    assert message == f"data.name: unknown data set 'cifar10' (registered: {', '.join(datasets.registered())})"
+    # Through the config's validation too, before anything is loaded.
+    with pytest.raises(ConfigError, match="data.name: unknown data set 'cifar10'"):
+        schema.validate(schema.load_config_file("configs/default.py:cifar10"))
+
+
+def test_fields_are_declared_by_the_data_set(monkeypatch):
+    assert datasets.fields("fashion_mnist") == {"source": "auto", "local_dir": "", "tfds_data_dir": ""}
+    config = data_config(local_dir="/data")
+    own = datasets.own_fields(config)
+    assert own["local_dir"] == "/data" and own["name"] == "fashion_mnist"
+    assert set(own) == {*datasets.GENERIC_FIELDS, "source", "local_dir", "tfds_data_dir"}
+    # A field no data set declares: one line naming the data set's fields.
+    config = data_config()
+    config.colour = "grey"
+    with pytest.raises(ConfigError) as error:
+        datasets.check(config)
+    assert str(error.value) == (
+        "data.colour: the fashion_mnist data set has no field 'colour' (its fields: validation_size, "
+        "train_subset, eval_subset, augment, source, local_dir, tfds_data_dir)"
+    )
+    # Another data set's field: left out at that data set's default (a config written for it), refused otherwise.
+    monkeypatch.setattr(mnist, "FIELDS", {**mnist.FIELDS, "invert": False})
+    config = data_config()
+    config.invert = False
+    assert "invert" not in datasets.own_fields(config)
+    assert datasets.own_fields({**config.to_dict(), "name": "mnist"})["invert"] is False
+    config.invert = True
+    with pytest.raises(ConfigError, match="data.invert: the fashion_mnist data set has no field 'invert'"):
+        datasets.own_fields(config)
+    # A declared field the section lacks takes its default.
+    assert datasets.own_fields({"name": "mnist", "validation_size": 10})["invert"] is False
+
+
+def test_description_of_the_loaded_data(tiny_data_dir):
+    loaded = input_pipeline.load_datasets(data_config(local_dir=tiny_data_dir, validation_size=200))
+    description = loaded.description
+    assert description.name == "fashion_mnist" and description.num_classes == 10
+    assert description.image_shape == (28, 28, 1)
+    assert description.class_names == fashion_mnist.CLASS_NAMES and description.class_names[9] == "Ankle boot"
+    assert description.source == f"idx:{tiny_data_dir}"
+    # The fingerprint is of the arrays as the source gave them: the whole training file and the test file.
+    train = _mnist_family.load_idx_split(tiny_data_dir, "train")
+    test = _mnist_family.load_idx_split(tiny_data_dir, "test")
+    assert description.fingerprint == datasets.fingerprint(train, test)
+    changed = datasets.Split(train.images, np.where(np.arange(len(train)) == 5, (train.labels + 1) % 10, train.labels))
+    assert datasets.fingerprint(changed, test) != description.fingerprint
+    # As the run records it, and back.
+    recorded = json.loads(json.dumps(description.to_dict()))
+    assert recorded["image_shape"] == [28, 28, 1] and len(recorded["class_names"]) == 10
+    assert datasets.Description.from_dict(recorded) == description
+
+
+def _split(num: int, shape=(8, 8, 1), num_classes: int = 3, seed: int = 0) -> datasets.Split:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (num, *shape), dtype=np.uint8)
+    return datasets.Split(images, rng.integers(0, num_classes, num).astype(np.int32))
+
+
+def test_a_validation_split_of_the_source_is_kept(monkeypatch):
+    train, validation, test = _split(40), _split(12, seed=1), _split(9, seed=2)
+    loaded = datasets.arrays("fashion_mnist", ("a", "b", "c"), "test:three", train, test, validation)
+    monkeypatch.setattr(fashion_mnist, "load", lambda config: loaded)
+    result = input_pipeline.load_datasets(data_config(validation_size=30))
+    # No hold-out: validation_size is for sources without a validation split.
+    assert (len(result.train), len(result.validation), len(result.test)) == (40, 12, 9)
+    np.testing.assert_array_equal(result.validation.images, validation.images)
+    assert result.description.image_shape == (8, 8, 1) and result.description.num_classes == 3
+
+
+@pytest.mark.parametrize(
+    ("broken", "expected"),
+    [
+        ("float_images", "train images are float32 [40, 8, 8, 1], expected uint8 [N, 8, 8, 1]"),
+        ("other_shape", "test images are uint8 [9, 8, 7, 1], expected uint8 [N, 8, 8, 1]"),
+        ("int64_labels", "train labels are int64 [40], expected int32 [N]"),
+        ("label_out_of_range", "test label 5 is out of range 0..2"),
+    ],
+)
+def test_a_module_that_breaks_the_contract_is_a_data_error(monkeypatch, broken, expected):
+    train, test = _split(40), _split(9, seed=2)
+    if broken == "float_images":
+        train = datasets.Split(train.images.astype(np.float32), train.labels)
+    elif broken == "other_shape":
+        test = datasets.Split(test.images[:, :, :7], test.labels)
+    elif broken == "int64_labels":
+        train = datasets.Split(train.images, train.labels.astype(np.int64))
+    else:
+        test = datasets.Split(test.images, np.where(np.arange(9) == 4, 5, test.labels).astype(np.int32))
+    loaded = datasets.Arrays(
+        datasets.Description("fashion_mnist", (8, 8, 1), ("a", "b", "c"), "test:broken", ""), train, test
+    )
+    monkeypatch.setattr(fashion_mnist, "load", lambda config: loaded)
+    with pytest.raises(DataError) as error:
+        input_pipeline.load_datasets(data_config(validation_size=5))
+    assert str(error.value) == f"data set fashion_mnist (test:broken): {expected}"
