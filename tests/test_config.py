@@ -15,9 +15,11 @@ import pytest
 from conftest import REPO_ROOT, run_main, tiny_overrides, write_idx
 from shared import MLP_RUN_SETTINGS
 
-from mnist_flax import layout
+from mnist_flax import datasets, layout
 from mnist_flax.config import diff, schema
 from mnist_flax.errors import ConfigError
+
+FASHION_MNIST = datasets.recorded(None, "fashion_mnist")  # the default data set: 28x28x1, 10 classes
 
 CONFIG_FILES = sorted(
     os.path.relpath(path, REPO_ROOT)
@@ -137,7 +139,7 @@ def test_auto_or_integer_fields_as_given_on_the_command_line(value):
     assert resolution.scan_unroll(config.train.scan_unroll, 7, backend="cpu") == int(value)
     assert resolution.batch_split(config.train.batch_split, 128, backend="cpu") == int(value)
     config.batch_size = 100 * int(value)  # the pieces must divide the batch
-    resolved = resolution.resolve(config, backend="cpu", num_devices=1)
+    resolved = resolution.resolve(config, FASHION_MNIST, backend="cpu", num_devices=1)
     assert (resolved.train.steps_per_call, resolved.train.scan_unroll) == (int(value), int(value))
     assert resolved.train.batch_split == int(value)
 
@@ -158,9 +160,9 @@ def test_auto_fused_steps_per_backend():
     config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
     assert (config.train.steps_per_call, config.train.scan_unroll) == ("auto", "auto")
     # CPU: a few steps a call, written out with no loop; accelerators: many steps in a scan.
-    cpu = resolution.resolve(config, backend="cpu", num_devices=1)
+    cpu = resolution.resolve(config, FASHION_MNIST, backend="cpu", num_devices=1)
     assert (cpu.train.steps_per_call, cpu.train.scan_unroll) == (3, 3)
-    gpu = resolution.resolve(config, backend="gpu", num_devices=1)
+    gpu = resolution.resolve(config, FASHION_MNIST, backend="gpu", num_devices=1)
     assert (gpu.train.steps_per_call, gpu.train.scan_unroll) == (50, 1)
 
 

@@ -1,14 +1,20 @@
 """Data sets as plug-ins: the registry, the fields each data set declares, and the description of its arrays."""
 
+import glob
 import json
+import os
 
 import numpy as np
 import pytest
+from conftest import run_main
+from shared import assert_one_line_error, copy_run, mlp_run_args, run_in_process, snapshot
 
-from mnist_flax import datasets
+from mnist_flax import datasets, layout
 from mnist_flax.config import schema
 from mnist_flax.datasets import _mnist_family, fashion_mnist, mnist
 from mnist_flax.errors import ConfigError, DataError
+from mnist_flax.records import files, runs
+from mnist_flax.serving import trained
 from mnist_flax.training import input_pipeline
 
 
@@ -128,3 +134,104 @@ def test_a_module_that_breaks_the_contract_is_a_data_error(monkeypatch, broken, 
     with pytest.raises(DataError) as error:
         input_pipeline.load_datasets(data_config(validation_size=5))
     assert str(error.value) == f"data set fashion_mnist (test:broken): {expected}"
+
+
+# ---------------------------------------------------------------- the description, as a run records it
+
+
+def _checkpoint_metas(workdir: str) -> list[str]:
+    """The metadata file of every checkpoint step of a run (orbax's JSON item "meta")."""
+    return sorted(glob.glob(os.path.join(workdir, layout.CHECKPOINTS, "*", "meta", "metadata")))
+
+
+def _rewrite(path: str, change) -> None:
+    with open(path) as f:
+        content = json.load(f)
+    change(content)
+    with open(path, "w") as f:
+        json.dump(content, f)
+
+
+def test_a_run_records_its_data_set_and_every_reader_takes_it_from_there(finished_mlp_run, tiny_data_dir):
+    expected = input_pipeline.load_datasets(data_config(local_dir=tiny_data_dir, validation_size=200)).description
+    assert expected.source == f"idx:{tiny_data_dir}"
+    recorded = files.read_json(os.path.join(finished_mlp_run, layout.DATA))
+    assert recorded == expected.to_dict()
+    assert recorded["image_shape"] == [28, 28, 1] and recorded["class_names"][0] == "T-shirt/top"
+    # Beside each checkpoint too, so a checkpoint alone (init_from, a W&B model artifact) says what it was trained on.
+    metas = _checkpoint_metas(finished_mlp_run)
+    assert metas and all(files.read_json(path)["data"] == recorded for path in metas)
+    assert files.read_json(os.path.join(finished_mlp_run, layout.FINAL_METRICS))["data"] == recorded
+    # The readers: the Run record, and the trained model that predict and export build.
+    assert runs.load(finished_mlp_run, history=False).data == expected
+    model = trained.open_model(finished_mlp_run)
+    assert model.image_shape == (28, 28, 1) and model.class_names == list(fashion_mnist.CLASS_NAMES)
+    assert model.description == expected
+
+
+def test_a_run_recorded_before_the_description_reads_as_the_mnist_family(finished_mlp_run, tmp_path):
+    old = copy_run(finished_mlp_run, tmp_path / "old", wandb=False)
+    os.remove(os.path.join(old, layout.DATA))
+    for path in _checkpoint_metas(old):
+        _rewrite(path, lambda meta: meta.pop("data"))
+    legacy = runs.load(old, history=False).data
+    assert (legacy.name, legacy.image_shape, legacy.class_names) == (
+        "fashion_mnist",
+        (28, 28, 1),
+        fashion_mnist.CLASS_NAMES,
+    )
+    assert legacy.source == legacy.fingerprint == ""  # not recorded
+    model = trained.open_model(old)
+    assert model.image_shape == (28, 28, 1) and model.class_names == list(fashion_mnist.CLASS_NAMES)
+    step = os.path.join(old, layout.CHECKPOINTS, str(model.step))
+    assert trained.open_model(step).image_shape == (28, 28, 1)  # a checkpoint alone, its metadata without "data"
+    assert datasets.recorded(None, "mnist").class_names == mnist.CLASS_NAMES
+
+
+@pytest.mark.slow
+def test_resume_or_init_from_a_checkpoint_of_other_classes_or_shape_is_refused(
+    finished_mlp_run, tiny_data_dir, tmp_path
+):
+    other = {"name": "other", "image_shape": [8, 8, 1], "class_names": ["a", "b", "c"], "source": "", "fingerprint": ""}
+    workdir = copy_run(finished_mlp_run, tmp_path / "run", wandb=False)
+    for path in _checkpoint_metas(workdir):
+        _rewrite(path, lambda meta: meta.update(data=other))
+    latest = max(int(os.path.basename(os.path.dirname(os.path.dirname(p)))) for p in _checkpoint_metas(workdir))
+    before = {k: v for k, v in snapshot(workdir).items() if k != ".lock"}
+    both = (
+        "the checkpoint was trained on other (8x8x1, 3 classes), "
+        "this run's data set is fashion_mnist (28x28x1, 10 classes)"
+    )
+    # Resumed: refused before anything of the run is touched.
+    result = run_main(mlp_run_args(tiny_data_dir, workdir))
+    line = assert_one_line_error(result, f"resuming at step {latest} of {workdir}/checkpoints", both)
+    assert "(another image shape and other classes)" in line
+    assert {k: v for k, v in snapshot(workdir).items() if k != ".lock"} == before
+    # A new run from it: refused, and no workdir is left behind.
+    fresh = str(tmp_path / "fresh")
+    result = run_main(mlp_run_args(tiny_data_dir, fresh, init_from=workdir))
+    assert_one_line_error(result, f"init_from: {workdir}/checkpoints/{latest}", both)
+    assert not os.path.exists(fresh)
+
+
+def test_predict_converts_images_of_other_channels_and_says_so(finished_mlp_run, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    Image.fromarray(colour, mode="RGB").save(tmp_path / "colour.png")
+    np.save(tmp_path / "colour.npy", rng.integers(0, 256, (2, 28, 28, 3), dtype=np.uint8))
+    grey = str(tmp_path / "grey.png")
+    Image.fromarray(colour[:28, :28, 0], mode="L").save(grey)
+    result = run_in_process(
+        "predict", finished_mlp_run, str(tmp_path / "colour.png"), str(tmp_path / "colour.npy"), grey
+    )
+    assert result.returncode == 0, result.stderr
+    # The model takes what its run recorded (28x28 grey): one line per converted file, none for the grey one.
+    assert result.stderr.splitlines() == [
+        f"note: {tmp_path / name}: colour (RGB) images converted to grey, as the model takes"
+        for name in ("colour.png", "colour.npy")
+    ]
+    rows = result.stdout.splitlines()[1:]
+    assert len(rows) == 4 and rows[-1].startswith(grey)
+    assert all(row.split()[2] in " ".join(fashion_mnist.CLASS_NAMES) for row in rows)

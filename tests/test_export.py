@@ -28,10 +28,10 @@ from shared import (
 )
 
 from mnist_flax import layout
+from mnist_flax.datasets import fashion_mnist
 from mnist_flax.records import files
 from mnist_flax.serving import model_card, onnx_graph
 from mnist_flax.tracking import wandb_files
-from mnist_flax.training import input_pipeline
 
 MODELS = SERVED_MODELS
 
@@ -149,9 +149,7 @@ def test_the_model_card_holds_the_runs_record(runs, name):
     predictions = files.read_predictions(os.path.join(run, layout.PREDICTIONS))
     for row in card["per_class_accuracy"]:
         mine = predictions["label"] == row["label"]
-        assert (
-            row["examples"] == mine.sum() and row["class"] == input_pipeline.CLASS_NAMES["fashion_mnist"][row["label"]]
-        )
+        assert row["examples"] == mine.sum() and row["class"] == fashion_mnist.CLASS_NAMES[row["label"]]
         assert row["accuracy"] == pytest.approx((predictions["predicted"][mine] == row["label"]).mean())
     assert card["files"] == {"model.onnx": os.path.getsize(os.path.join(folder, "model.onnx"))}
     assert card["format"] == {"name": "onnx", "file": "model.onnx", "opset": 17, "ir_version": 8,

@@ -664,7 +664,7 @@ NO_TENSORFLOW_SCRIPT = textwrap.dedent(
     datasets = input_pipeline.load_datasets(config.data)
     model = models.create(config.model, num_classes=10)
     tx = steps.make_optimizer(config.optimizer, 10, 1)
-    state = steps.create_train_state(model, tx, seed=0)
+    state = steps.create_train_state(model, tx, seed=0, input_shape=(28, 28, 1))
     split = input_pipeline.to_device(datasets.train)
     order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, len(datasets.train), 50)
     step = steps.make_train_step(config, steps_per_epoch=order.shape[0])

@@ -120,6 +120,28 @@ def arrays(name: str, class_names, source: str, train: Split, test: Split, valid
     return Arrays(description, train, test, validation)
 
 
+# Runs recorded before the description was: every data set was one of the MNIST family, 28x28 grey in 10 classes.
+LEGACY_IMAGE_SHAPE = (28, 28, 1)
+LEGACY_NAMES = ("fashion_mnist", "mnist")
+
+
+def recorded(fields: dict | None, name: str | None = None) -> Description:
+    """The description a run recorded (`Description.to_dict`'s form); for a run recorded before there was one,
+    its data set `name` as every data set then was: 28x28 grey, Fashion-MNIST's or MNIST's 10 classes (the
+    labels as text for another name). Source and fingerprint are then unknown ("")."""
+    if fields:
+        return Description.from_dict(fields)
+    name = name or "fashion_mnist"
+    class_names = module(name).CLASS_NAMES if name in LEGACY_NAMES else tuple(str(label) for label in range(10))
+    return Description(name, LEGACY_IMAGE_SHAPE, class_names, source="", fingerprint="")
+
+
+def describe_shape(description: Description) -> str:
+    """ "fashion_mnist (28x28x1, 10 classes)": how a refusal names a data set."""
+    height, width, channels = description.image_shape
+    return f"{description.name} ({height}x{width}x{channels}, {description.num_classes} classes)"
+
+
 # ---------------------------------------------------------------- the registry
 
 

@@ -116,6 +116,7 @@ class CheckpointPredictor(Predictor):
         self.variables = trained.variables
         self.function = jax.jit(trained.probabilities_fn())
         self.step = trained.step
+        self.image_shape = tuple(trained.image_shape)  # (height, width, channels): what predict fits images to
         super().__init__(trained.checkpoint, trained.class_names, trained.data_name)
 
     def _run(self, pixels):

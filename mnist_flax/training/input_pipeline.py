@@ -17,10 +17,6 @@ from mnist_flax import datasets
 from mnist_flax.datasets import Split
 from mnist_flax.errors import ConfigError
 
-# The constants of the MNIST family, for the consumers that do not read the run's recorded description yet.
-NUM_CLASSES = 10
-IMAGE_SHAPE = (28, 28, 1)
-CLASS_NAMES = {name: list(datasets.module(name).CLASS_NAMES) for name in ("mnist", "fashion_mnist")}
 # The validation split is a fixed draw, the same for every run seed, so runs
 # with different seeds are selected on the same examples.
 SPLIT_SEED = 20_231_129
@@ -65,8 +61,9 @@ def _head(split: Split, count: int) -> Split:
 
 
 def load_datasets(data_config: ml_collections.ConfigDict) -> Datasets:
-    """Loads the configured data set (its module in mnist_flax/datasets), holds out validation, takes subsets."""
-    loaded = datasets.load(data_config)
+    """Loads the configured data set (its module in mnist_flax/datasets, its "auto" fields decided), holds out
+    validation, takes subsets."""
+    loaded = datasets.load(datasets.resolve(data_config))
     full_train, validation = loaded.train, loaded.validation
     if validation is None:
         if data_config.validation_size >= len(full_train):

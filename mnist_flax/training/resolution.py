@@ -14,7 +14,6 @@ from mnist_flax.config import schema
 from mnist_flax.config.schema import auto_or_int
 from mnist_flax.errors import ConfigError
 from mnist_flax.tracking import wandb_run
-from mnist_flax.training import input_pipeline
 
 CPU_STEPS_PER_CALL = 3
 ACCELERATOR_STEPS_PER_CALL = 50
@@ -72,22 +71,27 @@ def batch_split(value, per_device_batch: int, backend: str, stateful: bool = Fal
     return pieces
 
 
-def has_state(model_config) -> bool:
-    """Whether the model has collections besides "params" (BatchNorm's batch statistics); shapes only."""
-    model = models.create(model_config, input_pipeline.NUM_CLASSES)
-    dummy = jax.ShapeDtypeStruct((1, *input_pipeline.IMAGE_SHAPE), jax.numpy.float32)
+def has_state(model_config, description: datasets.Description) -> bool:
+    """Whether the model, built for the data set `description` describes, has collections besides "params"
+    (BatchNorm's batch statistics); shapes only."""
+    model = models.create(model_config, description.num_classes)
+    dummy = jax.ShapeDtypeStruct((1, *description.image_shape), jax.numpy.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
     return any(name != "params" for name in variables)
 
 
 def resolve(
-    config: ml_collections.ConfigDict, backend: str | None = None, num_devices: int | None = None
+    config: ml_collections.ConfigDict,
+    description: datasets.Description,
+    backend: str | None = None,
+    num_devices: int | None = None,
 ) -> ml_collections.ConfigDict:
     """The concrete config of this run: every "auto" decided, batch sizes checked against the devices, the result
     validated.
 
     Args:
       config: the config as the file and the overrides give it, validated (`schema.validate`; not changed).
+      description: the data set's (datasets.Description): the model is probed at its image shape and classes.
       backend: "cpu", "gpu", "tpu"; default: JAX's default backend.
       num_devices: devices the batch is split over; default: every device of every process.
     """
@@ -99,7 +103,7 @@ def resolve(
     fields = config.to_dict()
     per_device = config.batch_size // num_devices
     fields["model"] = models.own_fields(config.model)
-    pieces = batch_split(config.train.batch_split, per_device, backend, has_state(fields["model"]))
+    pieces = batch_split(config.train.batch_split, per_device, backend, has_state(fields["model"], description))
     if per_device % pieces:
         raise ConfigError(f"train.batch_split: {pieces} pieces do not divide the batch of {per_device} on each device")
     fused = steps_per_call(config.train.steps_per_call, backend)
