@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from unittest import mock
@@ -229,3 +230,61 @@ def write_distribution(site, name: str, version: str) -> None:
     info = site / f"{name}-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\nA description.\n")
+
+
+# ---------------------------------------------------------------- TFDS without a network
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """A machine with no network: every name lookup fails at once, as offline; returns the hosts asked for.
+
+    Blocks `socket.getaddrinfo`, which every TCP connection from Python starts
+    with (`socket.create_connection`, urllib3 under requests), so neither the
+    reachability check nor a TFDS download can leave the machine, and no proxy
+    is set.
+    """
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    hosts = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        hosts.append((host, port))
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return hosts
+
+
+MOCK_EXAMPLES = 64
+
+
+def write_tfds_metadata(data_dir: str, name: str, num_examples: int) -> str:
+    """Writes what TFDS's download_and_prepare leaves beside the records: dataset_info.json and features.json.
+
+    Built by TFDS from the data set's own builder (features from its code, the
+    train and test splits with `num_examples` each), so `builder.is_prepared()`
+    holds and `tfds.testing.mock_data(policy=USE_FILES)` reads it, as it reads
+    the real metadata files.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(
+                    name=split,
+                    shard_lengths=[num_examples],
+                    num_bytes=0,
+                    filename_template=tfds.core.ShardedFileTemplate(
+                        data_dir=builder.data_path, dataset_name=builder.name, split=split, filetype_suffix="tfrecord"
+                    ),
+                )
+                for split in ("train", "test")
+            ]
+        )
+    )
+    builder.data_path.mkdir(parents=True, exist_ok=True)
+    builder.info.write_to_directory(builder.data_path)
+    return str(builder.data_path)

@@ -94,7 +94,10 @@ def test_config_argument_selects_the_data_set(spec):
 
 def test_config_argument_is_validated():
     config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py:cifar10"))
-    with pytest.raises(ConfigError, match="data.name: unknown data set 'cifar10' \\(registered: fashion_mnist"):
+    with pytest.raises(
+        ConfigError,
+        match="data.name: unknown data set 'cifar10' \\(registered: digits, emnist, fashion_mnist, kmnist, mnist\\)",
+    ):
         schema.validate(config)
 
 
@@ -359,7 +362,9 @@ BAD_INPUTS = [
         "unknown_schedule", ("--config.optimizer.schedule=step",), ("optimizer.schedule", "'step'", "warmup_cosine")
     ),
     BadInput(
-        "unknown_data_set", ("--config.data.name=cifar10",), ("data.name", "'cifar10'", "registered: fashion_mnist")
+        "unknown_data_set",
+        ("--config.data.name=cifar10",),
+        ("data.name", "'cifar10'", "registered: digits, emnist, fashion_mnist, kmnist, mnist"),
     ),
     # A data set's module declares its fields, as a model's does.
     BadInput(

@@ -7,7 +7,15 @@ import os
 import numpy as np
 import pytest
 from conftest import run_main
-from shared import assert_one_line_error, copy_run, mlp_run_args, run_in_process, snapshot
+from shared import (
+    MOCK_EXAMPLES,
+    assert_one_line_error,
+    copy_run,
+    mlp_run_args,
+    run_in_process,
+    snapshot,
+    write_tfds_metadata,
+)
 
 from mnist_flax import datasets, layout
 from mnist_flax.config import schema
@@ -235,3 +243,134 @@ def test_predict_converts_images_of_other_channels_and_says_so(finished_mlp_run,
     rows = result.stdout.splitlines()[1:]
     assert len(rows) == 4 and rows[-1].startswith(grey)
     assert all(row.split()[2] in " ".join(fashion_mnist.CLASS_NAMES) for row in rows)
+
+
+# ---------------------------------------------------------------- the built-in data sets beyond Fashion-MNIST and MNIST
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "tfds_name", "num_classes", "first_names"),
+    [
+        ("kmnist", {}, "kmnist", 10, ("o", "ki", "su")),
+        ("emnist", {"variant": "balanced"}, "emnist/balanced", 47, ("0", "1", "2")),
+        ("emnist", {"variant": "letters"}, "emnist/letters", 37, ("-", "A/a", "B/b")),
+    ],
+)
+def test_tfds_data_sets_through_mock_data(tmp_path, no_network, name, fields, tfds_name, num_classes, first_names):
+    # The real tfds.builder / tfds.load run against TFDS's own test facility (tfds.testing.mock_data): random
+    # records of the data set's real features, read from a data_dir that holds its real metadata.
+    tfds = pytest.importorskip("tensorflow_datasets")
+    tfds_dir = str(tmp_path / "tensorflow_datasets")
+    write_tfds_metadata(tfds_dir, tfds_name, MOCK_EXAMPLES)
+    config = schema.load_config_file(f"configs/default.py:{name}").data
+    config.update({"tfds_data_dir": tfds_dir, "validation_size": 16, **fields})
+    mock = tfds.testing.mock_data(
+        num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=tfds_dir
+    )
+    with mock:
+        loaded = input_pipeline.load_datasets(config)
+        raw_images, raw_labels = tfds.as_numpy(
+            tfds.load(tfds_name, split="test", batch_size=-1, as_supervised=True, data_dir=tfds_dir)
+        )
+    description = loaded.description
+    assert description.name == name and description.source == f"tfds:{tfds_name}"
+    assert description.image_shape == (28, 28, 1) and description.num_classes == num_classes
+    assert description.class_names[:3] == first_names
+    # TFDS declares the classes: as many as its features say.
+    assert tfds.builder(tfds_name, data_dir=tfds_dir).info.features["label"].num_classes == num_classes
+    assert (len(loaded.train), len(loaded.validation), len(loaded.test)) == (MOCK_EXAMPLES - 16, 16, MOCK_EXAMPLES)
+    np.testing.assert_array_equal(loaded.test.labels, raw_labels)
+    if name == "emnist":  # EMNIST's images are stored transposed: turned upright here
+        np.testing.assert_array_equal(loaded.test.images, raw_images.transpose(0, 2, 1, 3))
+        assert not np.array_equal(loaded.test.images, raw_images)
+    else:
+        np.testing.assert_array_equal(loaded.test.images, raw_images)
+    assert no_network == []  # a prepared cache needs no network
+
+
+def test_tfds_only_data_sets_refuse_idx_fields_and_unknown_variants():
+    with pytest.raises(ConfigError, match="data.local_dir: the kmnist data set has no field 'local_dir'"):
+        datasets.check(data_config(name="kmnist", local_dir="/data"))
+    assert "local_dir" not in datasets.own_fields(data_config(name="kmnist"))  # at its default: left out
+    config = schema.load_config_file("configs/default.py:emnist").data
+    assert config.variant == "balanced"  # the config file's argument adds the data set's own fields
+    config.variant = "greek"
+    with pytest.raises(ConfigError) as error:
+        input_pipeline.load_datasets(config)
+    assert str(error.value) == (
+        "data.variant: unknown EMNIST variant 'greek' (choose from balanced, bymerge, byclass, letters, digits, mnist)"
+    )
+
+
+def test_kmnist_without_network_is_one_line_saying_how_to_get_it(tmp_path, no_network):
+    pytest.importorskip("tensorflow_datasets")
+    tfds_dir = str(tmp_path / "tensorflow_datasets")
+    with pytest.raises(DataError) as error:
+        input_pipeline.load_datasets(data_config(name="kmnist", tfds_data_dir=tfds_dir))
+    message = str(error.value)
+    assert message.startswith(f"kmnist is not in the TFDS cache ({tfds_dir}/kmnist/")
+    assert "tfds build kmnist" in message and "--config.data.tfds_data_dir=DIR" in message and "\n" not in message
+
+
+def test_digits_is_scikit_learns_bundled_set_split_by_a_fixed_draw():
+    from sklearn.datasets import load_digits
+
+    loaded = input_pipeline.load_datasets(data_config(name="digits"))
+    description = loaded.description
+    assert description.image_shape == (8, 8, 1) and description.class_names == tuple("0123456789")
+    assert description.source == "sklearn:digits"
+    # All 1,797 images, each in one split: 20% test, 10% validation (validation_size does not apply).
+    assert (len(loaded.train), len(loaded.validation), len(loaded.test)) == (1258, 180, 359)
+    every = np.concatenate([loaded.train.images, loaded.validation.images, loaded.test.images])
+    bunch = load_digits()
+    assert sorted(map(bytes, every.reshape(len(every), -1))) == sorted(
+        map(bytes, np.round(bunch.images * 255 / 16).astype(np.uint8).reshape(len(every), -1))
+    )
+    assert every.max() == 255 and every.min() == 0  # 16 dots -> 255
+    # The same draw every time.
+    again = input_pipeline.load_datasets(data_config(name="digits"))
+    np.testing.assert_array_equal(again.test.images, loaded.test.images)
+    assert again.description.fingerprint == description.fingerprint
+    # The MNIST family's fields at their defaults are left out; set, they are one line.
+    assert set(datasets.own_fields(data_config(name="digits"))) == set(datasets.GENERIC_FIELDS)
+    config = schema.load_config_file("configs/default.py:digits")
+    config.data.local_dir = "/data"
+    with pytest.raises(ConfigError, match="data.local_dir: the digits data set has no field 'local_dir'"):
+        schema.validate(config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_file", ["configs/cnn.py", "configs/mlp.py"])
+def test_a_run_on_digits_learns(config_file, tmp_path, capsys):
+    # A real run on the real (bundled) data: 8x8 images, another shape than the MNIST family's, through every
+    # consumer of the description: the model's sizes, the metrics, data.json, predict.
+    workdir = str(tmp_path / "run")
+    args = [f"--config={config_file}:digits", f"--workdir={workdir}", "--config.num_epochs=15"]
+    result = run_main([*args, "--config.wandb.mode=disabled", "--config.tensorboard=False"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files.read_json(os.path.join(workdir, layout.DATA))["image_shape"] == [8, 8, 1]
+    final = files.read_json(os.path.join(workdir, layout.FINAL_METRICS))
+    accuracy = final["test"]["accuracy"]
+    with capsys.disabled():
+        print(f"\n{config_file} on digits: test accuracy {accuracy:.4f} (359 images; chance 0.1)")
+    assert accuracy > 0.85  # well above chance (0.1): it learns
+    assert len(final["test"]["confusion_matrix"]) == 10
+    np.save(tmp_path / "eight.npy", np.full((2, 8, 8), 200, np.uint8))
+    predicted = run_in_process("predict", workdir, str(tmp_path / "eight.npy"), "--top", "10")
+    assert predicted.returncode == 0 and predicted.stderr == "", predicted.stderr
+    assert len(predicted.stdout.splitlines()) == 1 + 2 * 10
+
+
+@pytest.mark.slow
+def test_init_from_a_run_of_another_image_shape_is_refused(finished_mlp_run, tmp_path):
+    fresh = str(tmp_path / "digits")
+    result = run_main(
+        ["--config=configs/mlp.py:digits", f"--workdir={fresh}", f"--config.init_from={finished_mlp_run}"]
+    )
+    assert_one_line_error(
+        result,
+        f"init_from: {finished_mlp_run}/checkpoints/",
+        "the checkpoint was trained on fashion_mnist (28x28x1, 10 classes), "
+        "this run's data set is digits (8x8x1, 10 classes) (another image shape)",
+    )
+    assert not os.path.exists(fresh)

@@ -4,7 +4,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, write_idx
+from shared import MOCK_EXAMPLES, write_tfds_metadata
 
 from mnist_flax import datasets
 from mnist_flax.config import schema
@@ -271,7 +271,10 @@ def test_source_idx_without_files(no_standard_dirs):
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"name": "cifar10"}, "data.name: unknown data set 'cifar10' (registered: fashion_mnist, mnist"),
+        (
+            {"name": "cifar10"},
+            "data.name: unknown data set 'cifar10' (registered: digits, emnist, fashion_mnist, kmnist, mnist)",
+        ),
         ({"name": "MNIST"}, "data.name: unknown data set 'MNIST'"),
         ({"source": "http"}, "data.source: unknown source 'http' (choose from auto, idx, tfds)"),
     ],
@@ -280,27 +283,6 @@ def test_source_unknown_names(fields, expected):
     with pytest.raises(ConfigError) as error:
         datasets.resolve(data_config(**fields))
     assert str(error.value).startswith(expected)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """A machine with no network: every name lookup fails at once, as offline; returns the hosts asked for.
-
-    Blocks `socket.getaddrinfo`, which every TCP connection from Python starts
-    with (`socket.create_connection`, urllib3 under requests), so neither the
-    reachability check nor a TFDS download can leave the machine, and no proxy
-    is set.
-    """
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    hosts = []
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        hosts.append((host, port))
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return hosts
 
 
 @pytest.fixture
@@ -313,40 +295,6 @@ def tfds_dir(tmp_path, no_standard_dirs, no_network) -> str:
 def assert_offline_hint(message: str) -> None:
     assert "\n" not in message
     assert "--config.data.local_dir=DIR" in message and "--config.data.name=fashion_mnist" in message
-
-
-MOCK_EXAMPLES = 64
-
-
-def write_tfds_metadata(data_dir: str, name: str, num_examples: int) -> str:
-    """Writes what TFDS's download_and_prepare leaves beside the records: dataset_info.json and features.json.
-
-    Built by TFDS from the data set's own builder (features from its code, the
-    train and test splits with `num_examples` each), so `builder.is_prepared()`
-    holds and `tfds.testing.mock_data(policy=USE_FILES)` reads it, as it reads
-    the real metadata files.
-    """
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=data_dir)
-    builder.info.set_splits(
-        tfds.core.SplitDict(
-            [
-                tfds.core.SplitInfo(
-                    name=split,
-                    shard_lengths=[num_examples],
-                    num_bytes=0,
-                    filename_template=tfds.core.ShardedFileTemplate(
-                        data_dir=builder.data_path, dataset_name=name, split=split, filetype_suffix="tfrecord"
-                    ),
-                )
-                for split in ("train", "test")
-            ]
-        )
-    )
-    builder.data_path.mkdir(parents=True, exist_ok=True)
-    builder.info.write_to_directory(builder.data_path)
-    return str(builder.data_path)
 
 
 def test_mnist_through_tfds_mock_data(tfds_dir, no_network):

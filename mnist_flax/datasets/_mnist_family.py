@@ -1,6 +1,6 @@
-"""The MNIST family's two sources, shared by its data sets (mnist.py, fashion_mnist.py, kmnist.py, emnist.py):
-folders of IDX files (the format MNIST was published in; Debian packages Fashion-MNIST's) and
-tensorflow-datasets. All are 28x28 grey images.
+"""The MNIST family's two sources, shared by its data sets: folders of IDX files (the format MNIST was published
+in; Debian packages Fashion-MNIST's) and tensorflow-datasets (mnist.py and fashion_mnist.py read either: `load`;
+kmnist.py and emnist.py TFDS only: `load_tfds`). All are 28x28 grey images.
 
 `data.source`: "auto" reads IDX files from `data.local_dir` if set, else from the data set's standard folder if it
 exists, else through TFDS; "idx" or "tfds" force one. `data.tfds_data_dir` is TFDS's cache folder.
@@ -190,6 +190,25 @@ def resolve(name: str, data_config, standard_dir: str) -> dict:
     """The fields as the run records them: the source decided, and the IDX folder where it is "idx"."""
     source, location = resolve_source(name, data_config, standard_dir)
     return {"source": source, "local_dir": location} if source == "idx" else {"source": source}
+
+
+def tfds_only_hint(tfds_name: str) -> str:
+    """What to do when a TFDS-only data set cannot be had: prepare its cache where there is a network."""
+    return (
+        f"prepare it where there is a network (`tfds build {tfds_name}`, or one run there) and pass its cache "
+        "folder as --config.data.tfds_data_dir=DIR; or train on Fashion-MNIST offline: apt install "
+        "dataset-fashion-mnist and --config.data.name=fashion_mnist"
+    )
+
+
+def load_tfds(name: str, tfds_name: str, data_config, class_names, transpose: bool = False) -> Arrays:
+    """Data set `name`'s train and test splits through TFDS's `tfds_name` (e.g. "emnist/balanced"), described;
+    `transpose`: each image's rows and columns swapped (EMNIST's are stored transposed)."""
+    hint = tfds_only_hint(tfds_name)
+    splits = [load_tfds_split(tfds_name, split, data_config.tfds_data_dir, hint) for split in ("train", "test")]
+    if transpose:
+        splits = [Split(split.images.transpose(0, 2, 1, 3), split.labels) for split in splits]
+    return arrays(name, class_names, f"tfds:{tfds_name}", *splits)
 
 
 def load(name: str, data_config, standard_dir: str, class_names) -> Arrays:
