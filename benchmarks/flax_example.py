@@ -14,7 +14,7 @@ import numpy as np
 
 from benchmarks import pieces
 from benchmarks.common import HostData
-from mnist_flax.training import input_pipeline, steps
+from mnist_flax.training import steps
 
 
 class HostFedContender:
@@ -43,9 +43,9 @@ class HostFedContender:
         def predict(params, images):
             return jax.nn.log_softmax(apply_fn({"params": params}, images, train=False))
 
-        batch = jax.ShapeDtypeStruct((self.batch_size, *input_pipeline.IMAGE_SHAPE), jnp.float32)
+        batch = jax.ShapeDtypeStruct((self.batch_size, *self.train_images.shape[1:]), jnp.float32)
         labels = jax.ShapeDtypeStruct((self.batch_size,), jnp.int32)
-        eval_batch = jax.ShapeDtypeStruct((config.eval_batch_size, *input_pipeline.IMAGE_SHAPE), jnp.float32)
+        eval_batch = jax.ShapeDtypeStruct((config.eval_batch_size, *self.train_images.shape[1:]), jnp.float32)
         start = time.perf_counter()
         self.step_fn = jax.jit(train_step).lower(self.state, batch, labels).compile()
         self.predict = jax.jit(predict).lower(self.state.params, eval_batch).compile()

@@ -45,7 +45,7 @@ def train_state(config: ml_collections.ConfigDict, model: nn.Module, steps_per_e
     """The library's optimizer, schedule and initial state; returns (state, schedule)."""
     schedule = steps.make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
     tx = steps.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
-    return steps.create_train_state(model, tx, config.seed), schedule
+    return steps.create_train_state(model, tx, config.seed, input_shape=(28, 28, 1)), schedule
 
 
 class StepTimer:

@@ -7,6 +7,7 @@ A workdir (`python main.py --workdir=DIR`; docs/runs.md says what each file hold
     config.json            the resolved config, as trained
     config_requested.json  the config as the file and overrides gave it, before "auto" fields were resolved
     config_changes.json    how the config differs from its config file
+    data.json              the data set's description: name, image shape, class names, source, fingerprint
     config_history.json    each earlier start's config, when a resume changed a field (only then)
     provenance.json        the code (git commit, dirty flag), the data's fingerprints, the environment
     metrics.jsonl          every scalar written, one JSON object per line
@@ -29,6 +30,7 @@ CONFIG = "config.json"
 CONFIG_REQUESTED = "config_requested.json"
 CONFIG_CHANGES = "config_changes.json"
 CONFIG_HISTORY = "config_history.json"
+DATA = "data.json"  # what every reader of the run takes the image shape and the class names from
 PROVENANCE = "provenance.json"
 METRICS = "metrics.jsonl"
 FINAL_METRICS = "final_metrics.json"
@@ -75,6 +77,7 @@ WANDB_CONFIG_CHANGES = "config_changes"
 WANDB_CONFIG_REQUESTED = "config_requested"
 WANDB_PROVENANCE = "provenance"
 WANDB_CONFIG_HISTORY = "config_history"
+WANDB_DATA = "data_set"  # the data set's description (data.json)
 WANDB_EXTRA_KEYS = (
     WANDB_GIT_PREFIX,
     WANDB_OVERRIDES,
@@ -82,6 +85,7 @@ WANDB_EXTRA_KEYS = (
     WANDB_CONFIG_REQUESTED,
     WANDB_PROVENANCE,
     WANDB_CONFIG_HISTORY,
+    WANDB_DATA,
     "_wandb",  # W&B's own
 )
 # The W&B summary's keys for a run that stopped early: why (one line), and its status (one of STOPPED_STATUSES).

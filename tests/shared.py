@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from unittest import mock
@@ -23,7 +24,7 @@ from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, start_main, tiny_overr
 
 from mnist_flax import layout
 from mnist_flax.config import schema
-from mnist_flax.training import input_pipeline
+from mnist_flax.datasets import _mnist_family
 
 # ---------------------------------------------------------------- the one-epoch MLP run
 
@@ -142,7 +143,7 @@ def run_in_process(*args: str, cwd: str | None = None, env: dict | None = None) 
 
 def split_images(data_dir: str) -> np.ndarray:
     """The test split's images as the runs read them: uint8 [N, 28, 28]."""
-    return input_pipeline.read_idx(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz"), input_pipeline.IMAGES_MAGIC)
+    return _mnist_family.read_idx(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz"), _mnist_family.IMAGES_MAGIC)
 
 
 def snapshot(folder: str) -> dict:
@@ -262,3 +263,61 @@ def tiny_config(config_file: str, data_dir: str, **fields) -> ml_collections.Con
 def checkpoint_steps(workdir: str) -> set[int]:
     """The steps of a workdir's checkpoints."""
     return {int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()}
+
+
+# ---------------------------------------------------------------- TFDS without a network
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """A machine with no network: every name lookup fails at once, as offline; returns the hosts asked for.
+
+    Blocks `socket.getaddrinfo`, which every TCP connection from Python starts
+    with (`socket.create_connection`, urllib3 under requests), so neither the
+    reachability check nor a TFDS download can leave the machine, and no proxy
+    is set.
+    """
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    hosts = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        hosts.append((host, port))
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return hosts
+
+
+MOCK_EXAMPLES = 64
+
+
+def write_tfds_metadata(data_dir: str, name: str, num_examples: int) -> str:
+    """Writes what TFDS's download_and_prepare leaves beside the records: dataset_info.json and features.json.
+
+    Built by TFDS from the data set's own builder (features from its code, the
+    train and test splits with `num_examples` each), so `builder.is_prepared()`
+    holds and `tfds.testing.mock_data(policy=USE_FILES)` reads it, as it reads
+    the real metadata files.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(
+                    name=split,
+                    shard_lengths=[num_examples],
+                    num_bytes=0,
+                    filename_template=tfds.core.ShardedFileTemplate(
+                        data_dir=builder.data_path, dataset_name=builder.name, split=split, filetype_suffix="tfrecord"
+                    ),
+                )
+                for split in ("train", "test")
+            ]
+        )
+    )
+    builder.data_path.mkdir(parents=True, exist_ok=True)
+    builder.info.write_to_directory(builder.data_path)
+    return str(builder.data_path)

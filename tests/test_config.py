@@ -15,9 +15,11 @@ import pytest
 from conftest import REPO_ROOT, run_main, tiny_overrides, write_idx
 from shared import MLP_RUN_SETTINGS
 
-from mnist_flax import layout
+from mnist_flax import datasets, layout
 from mnist_flax.config import diff, schema
 from mnist_flax.errors import ConfigError
+
+FASHION_MNIST = datasets.recorded(None, "fashion_mnist")  # the default data set: 28x28x1, 10 classes
 
 CONFIG_FILES = sorted(
     os.path.relpath(path, REPO_ROOT)
@@ -92,7 +94,10 @@ def test_config_argument_selects_the_data_set(spec):
 
 def test_config_argument_is_validated():
     config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py:cifar10"))
-    with pytest.raises(ConfigError, match="data.name: unknown value 'cifar10'"):
+    with pytest.raises(
+        ConfigError,
+        match="data.name: unknown data set 'cifar10' \\(registered: digits, emnist, fashion_mnist, kmnist, mnist\\)",
+    ):
         schema.validate(config)
 
 
@@ -137,7 +142,7 @@ def test_auto_or_integer_fields_as_given_on_the_command_line(value):
     assert resolution.scan_unroll(config.train.scan_unroll, 7, backend="cpu") == int(value)
     assert resolution.batch_split(config.train.batch_split, 128, backend="cpu") == int(value)
     config.batch_size = 100 * int(value)  # the pieces must divide the batch
-    resolved = resolution.resolve(config, backend="cpu", num_devices=1)
+    resolved = resolution.resolve(config, FASHION_MNIST, backend="cpu", num_devices=1)
     assert (resolved.train.steps_per_call, resolved.train.scan_unroll) == (int(value), int(value))
     assert resolved.train.batch_split == int(value)
 
@@ -158,9 +163,9 @@ def test_auto_fused_steps_per_backend():
     config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py"))
     assert (config.train.steps_per_call, config.train.scan_unroll) == ("auto", "auto")
     # CPU: a few steps a call, written out with no loop; accelerators: many steps in a scan.
-    cpu = resolution.resolve(config, backend="cpu", num_devices=1)
+    cpu = resolution.resolve(config, FASHION_MNIST, backend="cpu", num_devices=1)
     assert (cpu.train.steps_per_call, cpu.train.scan_unroll) == (3, 3)
-    gpu = resolution.resolve(config, backend="gpu", num_devices=1)
+    gpu = resolution.resolve(config, FASHION_MNIST, backend="gpu", num_devices=1)
     assert (gpu.train.steps_per_call, gpu.train.scan_unroll) == (50, 1)
 
 
@@ -273,6 +278,10 @@ def bad_config_files(tmp_path_factory) -> str:
         "from configs import mlp\n\n\ndef get_config(arg=None):\n    config = mlp.get_config(arg)\n"
         "    config.model.dense_feature = (64,)\n    return config\n"
     )
+    (directory / "misspelt_data_field.py").write_text(
+        "from configs import mlp\n\n\ndef get_config(arg=None):\n    config = mlp.get_config(arg)\n"
+        "    config.data.local_folder = '/data'\n    return config\n"
+    )
     return str(directory)
 
 
@@ -352,7 +361,18 @@ BAD_INPUTS = [
     BadInput(
         "unknown_schedule", ("--config.optimizer.schedule=step",), ("optimizer.schedule", "'step'", "warmup_cosine")
     ),
-    BadInput("unknown_data_set", ("--config.data.name=cifar10",), ("data.name", "'cifar10'", "fashion_mnist")),
+    BadInput(
+        "unknown_data_set",
+        ("--config.data.name=cifar10",),
+        ("data.name", "'cifar10'", "registered: digits, emnist, fashion_mnist, kmnist, mnist"),
+    ),
+    # A data set's module declares its fields, as a model's does.
+    BadInput(
+        "field_the_data_set_does_not_declare",
+        (),
+        ("data.local_folder: the fashion_mnist data set has no field 'local_folder'", "source, local_dir"),
+        config="{configs}/misspelt_data_field.py",
+    ),
     # A stray positional argument (e.g. a value after a space: `--config.seed 3` is fine, `stray` is not).
     BadInput("unexpected_argument", ("stray",), ("unexpected arguments: stray",)),
     # Config files.

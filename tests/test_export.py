@@ -32,11 +32,11 @@ from shared import (
 )
 
 from mnist_flax import layout, models
+from mnist_flax.datasets import _mnist_family, fashion_mnist
 from mnist_flax.errors import ConfigError
 from mnist_flax.records import files
 from mnist_flax.serving import model_card
 from mnist_flax.tracking import wandb_files
-from mnist_flax.training import input_pipeline
 
 MODELS = SERVED_MODELS
 
@@ -94,10 +94,10 @@ def test_every_registered_model_exports_to_onnx_that_computes_what_jax_does(name
 
     from mnist_flax.serving import export
 
-    read = input_pipeline.read_idx
-    train = read(os.path.join(fashion_dir, "train-images-idx3-ubyte.gz"), input_pipeline.IMAGES_MAGIC)[:1280, ..., None]
-    labels = read(os.path.join(fashion_dir, "train-labels-idx1-ubyte.gz"), input_pipeline.LABELS_MAGIC)[:1280]
-    test = read(os.path.join(fashion_dir, "t10k-images-idx3-ubyte.gz"), input_pipeline.IMAGES_MAGIC)[:500, ..., None]
+    read = _mnist_family.read_idx
+    train = read(os.path.join(fashion_dir, "train-images-idx3-ubyte.gz"), _mnist_family.IMAGES_MAGIC)[:1280, ..., None]
+    labels = read(os.path.join(fashion_dir, "train-labels-idx1-ubyte.gz"), _mnist_family.LABELS_MAGIC)[:1280]
+    test = read(os.path.join(fashion_dir, "t10k-images-idx3-ubyte.gz"), _mnist_family.IMAGES_MAGIC)[:500, ..., None]
     model = briefly_trained(name, train, labels.astype(np.int32))
     payload, details = export.onnx_model(model, {"class_names": model.class_names})
     session = onnxruntime.InferenceSession(payload, providers=["CPUExecutionProvider"])
@@ -255,9 +255,7 @@ def test_the_model_card_holds_the_runs_record(runs, name):
     predictions = files.read_predictions(os.path.join(run, layout.PREDICTIONS))
     for row in card["per_class_accuracy"]:
         mine = predictions["label"] == row["label"]
-        assert (
-            row["examples"] == mine.sum() and row["class"] == input_pipeline.CLASS_NAMES["fashion_mnist"][row["label"]]
-        )
+        assert row["examples"] == mine.sum() and row["class"] == fashion_mnist.CLASS_NAMES[row["label"]]
         assert row["accuracy"] == pytest.approx((predictions["predicted"][mine] == row["label"]).mean())
     assert card["files"] == {"model.onnx": os.path.getsize(os.path.join(folder, "model.onnx"))}
     checked = card["format"].pop("checked")

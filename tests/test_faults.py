@@ -50,7 +50,9 @@ def _run_until(args, trigger: str, sig: int) -> tuple[int, str]:
 def _assert_checkpoints_restore(workdir):
     config = load_config_file("configs/mlp.py")
     model = models.create(config.model, num_classes=10)
-    target = steps.create_train_state(model, steps.make_optimizer(config.optimizer, 20, EPOCHS), 0)
+    target = steps.create_train_state(
+        model, steps.make_optimizer(config.optimizer, 20, EPOCHS), 0, input_shape=(28, 28, 1)
+    )
     manager = checkpointing.Checkpoints(
         os.path.join(workdir, "checkpoints"),
         ml_collections.ConfigDict({"max_to_keep": 3, "keep_best": True, "async_save": False}),

@@ -4,7 +4,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -15,11 +14,14 @@ import ml_collections
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, write_idx
+from shared import MOCK_EXAMPLES, write_tfds_metadata
 
+from mnist_flax import datasets
 from mnist_flax.config import schema
+from mnist_flax.datasets import _mnist_family, fashion_mnist, mnist
+from mnist_flax.datasets._mnist_family import IMAGES_MAGIC, LABELS_MAGIC
 from mnist_flax.errors import ConfigError, DataError
 from mnist_flax.training import input_pipeline
-from mnist_flax.training.input_pipeline import IMAGES_MAGIC, LABELS_MAGIC
 
 
 def data_config(**fields) -> ml_collections.ConfigDict:
@@ -28,6 +30,11 @@ def data_config(**fields) -> ml_collections.ConfigDict:
     for key, value in fields.items():
         config[key] = value
     return config
+
+
+def resolve_source(config) -> tuple[str, str]:
+    """Where the configured data set of the MNIST family is read from: ("idx", folder) or ("tfds", name)."""
+    return _mnist_family.resolve_source(config.name, config, datasets.module(config.name).STANDARD_DIR)
 
 
 def image_hashes(images: np.ndarray) -> list[str]:
@@ -63,8 +70,8 @@ def test_read_idx_round_trip(tmp_path, compress):
     write_idx(images_path, images, compress)
     write_idx(labels_path, labels, compress)
 
-    read_images = input_pipeline.read_idx(images_path, IMAGES_MAGIC)
-    read_labels = input_pipeline.read_idx(labels_path, LABELS_MAGIC)
+    read_images = _mnist_family.read_idx(images_path, IMAGES_MAGIC)
+    read_labels = _mnist_family.read_idx(labels_path, LABELS_MAGIC)
     assert read_images.dtype == np.uint8 and read_images.shape == (7, 28, 28)
     assert read_labels.dtype == np.uint8 and read_labels.shape == (7,)
     np.testing.assert_array_equal(read_images, images)
@@ -75,14 +82,14 @@ def test_header_is_big_endian(tmp_path):
     # Bytes written out by hand: magic 0x00000801, one size (3), then the labels.
     path = tmp_path / "hand_written"
     path.write_bytes(bytes.fromhex("0000080100000003") + bytes([4, 0, 9]))
-    np.testing.assert_array_equal(input_pipeline.read_idx(str(path), LABELS_MAGIC), [4, 0, 9])
+    np.testing.assert_array_equal(_mnist_family.read_idx(str(path), LABELS_MAGIC), [4, 0, 9])
 
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gzip", "raw"])
 def test_load_idx_split(tmp_path, compress):
     images, labels = random_split(11)
     write_split(tmp_path, "t10k", images, labels, compress)
-    split = input_pipeline.load_idx_split(str(tmp_path), "test")
+    split = _mnist_family.load_idx_split(str(tmp_path), "test")
     assert split.images.shape == (11, 28, 28, 1) and split.images.dtype == np.uint8
     assert split.labels.shape == (11,) and split.labels.dtype == np.int32
     np.testing.assert_array_equal(split.images[..., 0], images)
@@ -98,14 +105,14 @@ def test_missing_file(tmp_path):
     write_split(tmp_path, "train", images, labels)
     os.remove(tmp_path / "train-labels-idx1-ubyte.gz")
     with pytest.raises(DataError) as error:
-        input_pipeline.load_idx_split(str(tmp_path), "train")
+        _mnist_family.load_idx_split(str(tmp_path), "train")
     assert str(tmp_path) in str(error.value)
     assert "missing train-labels-idx1-ubyte.gz" in str(error.value)
 
 
 def test_missing_folder():
     with pytest.raises(DataError, match="data.local_dir: /nonexistent/mnist is not a folder"):
-        input_pipeline.resolve_source(data_config(local_dir="/nonexistent/mnist"))
+        resolve_source(data_config(local_dir="/nonexistent/mnist"))
 
 
 def test_unreadable_path(tmp_path):
@@ -113,7 +120,7 @@ def test_unreadable_path(tmp_path):
     folder = tmp_path / "train-images-idx3-ubyte.gz"
     folder.mkdir()
     with pytest.raises(DataError, match=f"cannot read {folder}: Is a directory"):
-        input_pipeline.read_idx(str(folder), IMAGES_MAGIC)
+        _mnist_family.read_idx(str(folder), IMAGES_MAGIC)
 
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gzip", "raw"])
@@ -122,7 +129,7 @@ def test_truncated_data(tmp_path, compress):
     path = tmp_path / ("images.gz" if compress else "images")
     path.write_bytes(gzip.compress(raw) if compress else raw)
     with pytest.raises(DataError) as error:
-        input_pipeline.read_idx(str(path), IMAGES_MAGIC)
+        _mnist_family.read_idx(str(path), IMAGES_MAGIC)
     message = str(error.value)
     assert message.startswith(f"{path}: ")
     assert "header says 4x28x28 = 3136 bytes of data, file has 3036 (truncated)" in message
@@ -132,14 +139,14 @@ def test_trailing_bytes(tmp_path):
     path = tmp_path / "labels"
     path.write_bytes(idx_bytes(np.arange(5, dtype=np.uint8)) + b"\x00\x00")
     with pytest.raises(DataError, match="header says 5 = 5 bytes of data, file has 7 \\(trailing bytes\\)"):
-        input_pipeline.read_idx(str(path), LABELS_MAGIC)
+        _mnist_family.read_idx(str(path), LABELS_MAGIC)
 
 
 def test_truncated_header(tmp_path):
     path = tmp_path / "images"
     path.write_bytes(idx_bytes(random_split(1)[0])[:10])  # magic and 1.5 of the 3 sizes
     with pytest.raises(DataError, match=f"{path}: truncated header"):
-        input_pipeline.read_idx(str(path), IMAGES_MAGIC)
+        _mnist_family.read_idx(str(path), IMAGES_MAGIC)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\x00"], ids=["empty", "two_bytes"])
@@ -147,7 +154,7 @@ def test_too_short(tmp_path, content):
     path = tmp_path / "labels"
     path.write_bytes(content)
     with pytest.raises(DataError, match=f"{path}: too short to be an IDX file \\({len(content)} bytes\\)"):
-        input_pipeline.read_idx(str(path), LABELS_MAGIC)
+        _mnist_family.read_idx(str(path), LABELS_MAGIC)
 
 
 def test_truncated_gzip(tmp_path):
@@ -156,7 +163,7 @@ def test_truncated_gzip(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(DataError) as error:
-        input_pipeline.load_idx_split(str(tmp_path), "train")
+        _mnist_family.load_idx_split(str(tmp_path), "train")
     assert str(error.value).startswith(f"{path}: corrupt or truncated gzip data")
 
 
@@ -166,7 +173,7 @@ def test_corrupt_gzip(tmp_path):
     payload[-6] ^= 0xFF  # a byte of the CRC-32 trailer
     path.write_bytes(bytes(payload))
     with pytest.raises(DataError, match=f"{path}: corrupt or truncated gzip data"):
-        input_pipeline.read_idx(str(path), LABELS_MAGIC)
+        _mnist_family.read_idx(str(path), LABELS_MAGIC)
 
 
 def test_images_file_given_as_labels(tmp_path):
@@ -175,7 +182,7 @@ def test_images_file_given_as_labels(tmp_path):
     labels_path = tmp_path / "train-labels-idx1-ubyte.gz"
     shutil.copy(tmp_path / "train-images-idx3-ubyte.gz", labels_path)
     with pytest.raises(DataError) as error:
-        input_pipeline.load_idx_split(str(tmp_path), "train")
+        _mnist_family.load_idx_split(str(tmp_path), "train")
     assert str(error.value) == (f"{labels_path}: wrong magic number 0x00000803, expected IDX labels (0x00000801)")
 
 
@@ -183,21 +190,21 @@ def test_labels_file_given_as_images(tmp_path):
     path = tmp_path / "labels.gz"
     write_idx(str(path), np.zeros(3, np.uint8))
     with pytest.raises(DataError, match="wrong magic number 0x00000801, expected IDX images \\(0x00000803\\)"):
-        input_pipeline.read_idx(str(path), IMAGES_MAGIC)
+        _mnist_family.read_idx(str(path), IMAGES_MAGIC)
 
 
 def test_not_an_idx_file(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(b"<html>404 Not Found</html>"))
     with pytest.raises(DataError, match=f"{path}: wrong magic number 0x3c68746d"):
-        input_pipeline.read_idx(str(path), IMAGES_MAGIC)
+        _mnist_family.read_idx(str(path), IMAGES_MAGIC)
 
 
 def test_count_mismatch(tmp_path):
     images, labels = random_split(10)
     write_split(tmp_path, "train", images, labels[:9])
     with pytest.raises(DataError) as error:
-        input_pipeline.load_idx_split(str(tmp_path), "train")
+        _mnist_family.load_idx_split(str(tmp_path), "train")
     assert str(error.value) == f"{tmp_path}: train has 10 images but 9 labels"
 
 
@@ -207,7 +214,7 @@ def test_label_out_of_range(tmp_path):
     labels[8] = 255
     write_split(tmp_path, "t10k", images, labels)
     with pytest.raises(DataError) as error:
-        input_pipeline.load_idx_split(str(tmp_path), "test")
+        _mnist_family.load_idx_split(str(tmp_path), "test")
     labels_path = tmp_path / "t10k-labels-idx1-ubyte.gz"
     assert str(error.value) == f"{labels_path}: label 10 at index 6 is out of range 0..9"
 
@@ -216,7 +223,7 @@ def test_wrong_image_size(tmp_path):
     images, labels = random_split(4, size=(32, 32))
     write_split(tmp_path, "train", images, labels)
     with pytest.raises(DataError) as error:
-        input_pipeline.load_idx_split(str(tmp_path), "train")
+        _mnist_family.load_idx_split(str(tmp_path), "train")
     images_path = tmp_path / "train-images-idx3-ubyte.gz"
     assert str(error.value) == f"{images_path}: images are (32, 32), expected 28x28"
 
@@ -227,33 +234,36 @@ def test_wrong_image_size(tmp_path):
 @pytest.fixture
 def no_standard_dirs(monkeypatch, tmp_path):
     """No data set is installed in its standard folder."""
-    missing = {name: str(tmp_path / "not_installed" / name) for name in input_pipeline.DATASETS}
-    monkeypatch.setattr(input_pipeline, "STANDARD_DIRS", missing)
+    missing = {}
+    for module in (mnist, fashion_mnist):
+        missing[module.NAME] = str(tmp_path / "not_installed" / module.NAME)
+        monkeypatch.setattr(module, "STANDARD_DIR", missing[module.NAME])
     return missing
 
 
 def test_source_local_dir(tiny_data_dir, no_standard_dirs):
-    assert input_pipeline.resolve_source(data_config(local_dir=tiny_data_dir)) == ("idx", tiny_data_dir)
+    assert resolve_source(data_config(local_dir=tiny_data_dir)) == ("idx", tiny_data_dir)
     # local_dir wins over an installed standard folder, and works for either name.
-    assert input_pipeline.resolve_source(data_config(name="mnist", local_dir=tiny_data_dir)) == ("idx", tiny_data_dir)
+    assert resolve_source(data_config(name="mnist", local_dir=tiny_data_dir)) == ("idx", tiny_data_dir)
 
 
 def test_source_standard_dir(monkeypatch, tmp_path):
-    monkeypatch.setattr(input_pipeline, "STANDARD_DIRS", {"fashion_mnist": str(tmp_path), "mnist": "/nonexistent"})
-    assert input_pipeline.resolve_source(data_config()) == ("idx", str(tmp_path))
-    assert input_pipeline.resolve_source(data_config(source="idx")) == ("idx", str(tmp_path))
+    monkeypatch.setattr(fashion_mnist, "STANDARD_DIR", str(tmp_path))
+    monkeypatch.setattr(mnist, "STANDARD_DIR", "/nonexistent")
+    assert resolve_source(data_config()) == ("idx", str(tmp_path))
+    assert resolve_source(data_config(source="idx")) == ("idx", str(tmp_path))
     # "tfds" is forced even where the files are installed.
-    assert input_pipeline.resolve_source(data_config(source="tfds")) == ("tfds", "fashion_mnist")
+    assert resolve_source(data_config(source="tfds")) == ("tfds", "fashion_mnist")
 
 
 def test_source_falls_back_to_tfds(no_standard_dirs):
-    assert input_pipeline.resolve_source(data_config()) == ("tfds", "fashion_mnist")
-    assert input_pipeline.resolve_source(data_config(name="mnist")) == ("tfds", "mnist")
+    assert resolve_source(data_config()) == ("tfds", "fashion_mnist")
+    assert resolve_source(data_config(name="mnist")) == ("tfds", "mnist")
 
 
 def test_source_idx_without_files(no_standard_dirs):
     with pytest.raises(DataError) as error:
-        input_pipeline.resolve_source(data_config(name="mnist", source="idx"))
+        resolve_source(data_config(name="mnist", source="idx"))
     message = str(error.value)
     assert no_standard_dirs["mnist"] in message and "--config.data.local_dir=DIR" in message
 
@@ -261,36 +271,18 @@ def test_source_idx_without_files(no_standard_dirs):
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"name": "cifar10"}, "data.name: unknown data set 'cifar10' (choose from mnist, fashion_mnist)"),
+        (
+            {"name": "cifar10"},
+            "data.name: unknown data set 'cifar10' (registered: digits, emnist, fashion_mnist, kmnist, mnist)",
+        ),
         ({"name": "MNIST"}, "data.name: unknown data set 'MNIST'"),
         ({"source": "http"}, "data.source: unknown source 'http' (choose from auto, idx, tfds)"),
     ],
 )
 def test_source_unknown_names(fields, expected):
     with pytest.raises(ConfigError) as error:
-        input_pipeline.resolve_source(data_config(**fields))
+        datasets.resolve(data_config(**fields))
     assert str(error.value).startswith(expected)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """A machine with no network: every name lookup fails at once, as offline; returns the hosts asked for.
-
-    Blocks `socket.getaddrinfo`, which every TCP connection from Python starts
-    with (`socket.create_connection`, urllib3 under requests), so neither the
-    reachability check nor a TFDS download can leave the machine, and no proxy
-    is set.
-    """
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    hosts = []
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        hosts.append((host, port))
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return hosts
 
 
 @pytest.fixture
@@ -305,40 +297,6 @@ def assert_offline_hint(message: str) -> None:
     assert "--config.data.local_dir=DIR" in message and "--config.data.name=fashion_mnist" in message
 
 
-MOCK_EXAMPLES = 64
-
-
-def write_tfds_metadata(data_dir: str, name: str, num_examples: int) -> str:
-    """Writes what TFDS's download_and_prepare leaves beside the records: dataset_info.json and features.json.
-
-    Built by TFDS from the data set's own builder (features from its code, the
-    train and test splits with `num_examples` each), so `builder.is_prepared()`
-    holds and `tfds.testing.mock_data(policy=USE_FILES)` reads it, as it reads
-    the real metadata files.
-    """
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=data_dir)
-    builder.info.set_splits(
-        tfds.core.SplitDict(
-            [
-                tfds.core.SplitInfo(
-                    name=split,
-                    shard_lengths=[num_examples],
-                    num_bytes=0,
-                    filename_template=tfds.core.ShardedFileTemplate(
-                        data_dir=builder.data_path, dataset_name=name, split=split, filetype_suffix="tfrecord"
-                    ),
-                )
-                for split in ("train", "test")
-            ]
-        )
-    )
-    builder.data_path.mkdir(parents=True, exist_ok=True)
-    builder.info.write_to_directory(builder.data_path)
-    return str(builder.data_path)
-
-
 def test_mnist_through_tfds_mock_data(tfds_dir, no_network):
     # The real tfds.builder / tfds.load / as_dataset run against TFDS's own test
     # facility: only the records are generated (random, deterministic), the
@@ -351,7 +309,7 @@ def test_mnist_through_tfds_mock_data(tfds_dir, no_network):
         num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=tfds_dir
     ):
         assert tfds.builder("mnist", data_dir=tfds_dir).is_prepared()
-        full_train = input_pipeline.load_tfds_split("mnist", "train", tfds_dir)
+        full_train = _mnist_family.load_tfds_split("mnist", "train", tfds_dir)
         datasets = input_pipeline.load_datasets(config)
     assert datasets.source == "tfds:mnist" and datasets.name == "mnist"
     assert (len(datasets.train), len(datasets.validation), len(datasets.test)) == (48, 16, MOCK_EXAMPLES)
@@ -381,7 +339,7 @@ def test_mnist_through_tfds_without_network(tfds_dir, no_network):
     assert message.startswith(f"mnist is not in the TFDS cache ({tfds_dir}/mnist/3.0.1)")
     assert "cannot be reached" in message
     assert_offline_hint(message)
-    assert no_network == [(input_pipeline.TFDS_DOWNLOAD_HOST, 443)]
+    assert no_network == [(_mnist_family.TFDS_DOWNLOAD_HOST, 443)]
     assert not os.path.exists(os.path.join(tfds_dir, "downloads"))
 
 
@@ -390,16 +348,16 @@ def test_mnist_through_tfds_failing_load(tfds_dir, no_network, monkeypatch):
     # the real tfds.load tries it and fails; one try per file, not TFDS's seven with backoff.
     from tensorflow_datasets.core.download import downloader
 
-    monkeypatch.setattr(input_pipeline, "_download_host_reachable", lambda timeout=5.0: True)
+    monkeypatch.setattr(_mnist_family, "_download_host_reachable", lambda timeout=5.0: True)
     monkeypatch.setattr(downloader, "MAX_RETRIES", 0)
     with pytest.raises(DataError) as error:
         input_pipeline.load_datasets(data_config(name="mnist", tfds_data_dir=tfds_dir))
     message = str(error.value)
     assert message.startswith("mnist could not be loaded through tensorflow-datasets (")
-    assert input_pipeline.TFDS_DOWNLOAD_HOST in message
+    assert _mnist_family.TFDS_DOWNLOAD_HOST in message
     assert_offline_hint(message)
     # tfds.load did try to download MNIST.
-    assert (input_pipeline.TFDS_DOWNLOAD_HOST, 443) in no_network
+    assert (_mnist_family.TFDS_DOWNLOAD_HOST, 443) in no_network
     assert os.path.isdir(os.path.join(tfds_dir, "downloads"))
 
 
@@ -413,12 +371,12 @@ def test_download_host_reachable(monkeypatch):
         attempts.append((address, timeout))
         raise OSError("Network is unreachable")
 
-    monkeypatch.setattr(input_pipeline.socket, "create_connection", unreachable)
-    assert input_pipeline._download_host_reachable(timeout=0.5) is False
-    assert attempts == [((input_pipeline.TFDS_DOWNLOAD_HOST, 443), 0.5)]
+    monkeypatch.setattr(_mnist_family.socket, "create_connection", unreachable)
+    assert _mnist_family._download_host_reachable(timeout=0.5) is False
+    assert attempts == [((_mnist_family.TFDS_DOWNLOAD_HOST, 443), 0.5)]
     # With a proxy, the connection is the proxy's business: no direct attempt.
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    assert input_pipeline._download_host_reachable() is True
+    assert _mnist_family._download_host_reachable() is True
     assert len(attempts) == 1
 
 
@@ -432,7 +390,7 @@ def test_tfds_not_installed(monkeypatch, no_standard_dirs):
 
 
 def test_validation_split(tiny_data_dir):
-    full = input_pipeline.load_idx_split(tiny_data_dir, "train")
+    full = _mnist_family.load_idx_split(tiny_data_dir, "train")
     datasets = input_pipeline.load_datasets(data_config(local_dir=tiny_data_dir, validation_size=200))
     assert (len(datasets.train), len(datasets.validation), len(datasets.test)) == (1000, 200, 300)
     assert datasets.source == f"idx:{tiny_data_dir}" and datasets.name == "fashion_mnist"
@@ -458,7 +416,7 @@ def test_validation_split_is_fixed(tiny_data_dir):
     np.testing.assert_array_equal(first.validation.images, second.validation.images)
     assert len(first.validation) == 300 and len(first.train) == 900
     # A held-out set drawn at random, not the head or tail of the file.
-    full = input_pipeline.load_idx_split(tiny_data_dir, "train")
+    full = _mnist_family.load_idx_split(tiny_data_dir, "train")
     assert not np.array_equal(first.validation.images, full.images[:300])
     assert not np.array_equal(first.validation.images, full.images[-300:])
 
@@ -607,7 +565,8 @@ def test_augment_repeats_with_the_key():
 
 def test_fashion_mnist_files(fashion_dir, monkeypatch):
     # Found in the standard folder with no local_dir set (as the default config trains).
-    monkeypatch.setattr(input_pipeline, "STANDARD_DIRS", {"fashion_mnist": fashion_dir, "mnist": "/nonexistent"})
+    monkeypatch.setattr(fashion_mnist, "STANDARD_DIR", fashion_dir)
+    monkeypatch.setattr(mnist, "STANDARD_DIR", "/nonexistent")
     datasets = input_pipeline.load_datasets(data_config(validation_size=5000))
     assert datasets.source == f"idx:{fashion_dir}"
     assert (len(datasets.train), len(datasets.validation), len(datasets.test)) == (55000, 5000, 10000)
@@ -653,7 +612,7 @@ NO_TENSORFLOW_SCRIPT = textwrap.dedent(
     datasets = input_pipeline.load_datasets(config.data)
     model = models.create(config.model, num_classes=10)
     tx = steps.make_optimizer(config.optimizer, 10, 1)
-    state = steps.create_train_state(model, tx, seed=0)
+    state = steps.create_train_state(model, tx, seed=0, input_shape=(28, 28, 1))
     split = input_pipeline.to_device(datasets.train)
     order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, len(datasets.train), 50)
     step = steps.make_train_step(config, steps_per_epoch=order.shape[0])

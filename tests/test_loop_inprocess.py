@@ -15,8 +15,9 @@ import pytest
 from shared import BATCH_SIZE, STEPS_PER_EPOCH, checkpoint_steps, tiny_config
 
 from mnist_flax import layout
+from mnist_flax.datasets import _mnist_family
 from mnist_flax.errors import ConfigError, MnistFlaxError
-from mnist_flax.training import input_pipeline, loop
+from mnist_flax.training import loop
 
 TEST_EXAMPLES = 300
 # The tiny data set is a bright block at one of ten places: a trained model
@@ -87,7 +88,7 @@ def test_mlp_trains_and_writes_its_records(mlp_run, tiny_data_dir):
     np.testing.assert_array_equal(probs.argmax(axis=1), table[:, 2].astype(int))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(table[:, 3], probs.max(axis=1), atol=1e-6)
-    test_labels = input_pipeline.load_idx_split(tiny_data_dir, "test").labels
+    test_labels = _mnist_family.load_idx_split(tiny_data_dir, "test").labels
     np.testing.assert_array_equal(table[:, 1].astype(int), test_labels)
     assert np.mean(table[:, 2] == table[:, 1]) == pytest.approx(report["test"]["accuracy"], abs=1e-6)
 

@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_flax import models
+from mnist_flax import datasets, models
 from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError
 from mnist_flax.training import resolution, steps
+
+FASHION_MNIST = datasets.recorded(None, "fashion_mnist")  # the default data set: 28x28x1, 10 classes
 
 # Float32 tolerances for the batch split: the same products summed in another order (measured: logits within
 # 1.5e-7, gradients within 1.5e-6 of the largest gradient of the same parameter); a wrong interleave or a
@@ -225,7 +227,7 @@ def test_a_split_of_a_stateful_models_batch_is_refused():
     config.wandb.mode = "disabled"
     config.train.batch_split = "2"
     with pytest.raises(ConfigError, match="BatchNorm"):
-        resolution.resolve(config, backend="cpu", num_devices=1)
+        resolution.resolve(config, FASHION_MNIST, backend="cpu", num_devices=1)
 
 
 @pytest.mark.parametrize(
@@ -252,7 +254,7 @@ def test_resolution_splits_the_cnn_and_not_the_resnet():
     for name, pieces in (("cnn", 8), ("resnet", 1)):
         config = schema.load_config_file(f"configs/{name}.py")
         config.wandb.mode = "disabled"
-        assert resolution.resolve(config, backend="cpu", num_devices=1).train.batch_split == pieces
+        assert resolution.resolve(config, FASHION_MNIST, backend="cpu", num_devices=1).train.batch_split == pieces
 
 
 # ---------------------------------------------------------------- the registry and bad input

@@ -8,9 +8,11 @@ import ml_collections
 import pytest
 from conftest import REPO_ROOT, run_main, tiny_overrides
 
-from mnist_flax import layout
+from mnist_flax import datasets, layout
 from mnist_flax.config import schema
 from mnist_flax.training import periodic, resolution
+
+FASHION_MNIST = datasets.recorded(None, "fashion_mnist")  # the default data set: 28x28x1, 10 classes
 
 
 def _config(num_epochs, log_every, eval_every, checkpoint_every) -> ml_collections.ConfigDict:
@@ -102,11 +104,13 @@ def _default():
 
 def test_resolver_gives_each_backend_its_values():
     config = _default()
-    cpu = resolution.resolve(config, backend="cpu", num_devices=1)
+    cpu = resolution.resolve(config, FASHION_MNIST, backend="cpu", num_devices=1)
     assert (cpu.train.steps_per_call, cpu.train.scan_unroll, cpu.train.batch_split) == (3, 3, 8)
-    gpu = resolution.resolve(config, backend="gpu", num_devices=1)
+    gpu = resolution.resolve(config, FASHION_MNIST, backend="gpu", num_devices=1)
     assert (gpu.train.steps_per_call, gpu.train.scan_unroll, gpu.train.batch_split) == (50, 1, 1)
-    four = resolution.resolve(config, backend="cpu", num_devices=4)  # 32 examples a device: 2 pieces of 16
+    four = resolution.resolve(
+        config, FASHION_MNIST, backend="cpu", num_devices=4
+    )  # 32 examples a device: 2 pieces of 16
     assert four.train.batch_split == 2
     assert config.train.steps_per_call == "auto"  # the config given is not changed
     for resolved in (cpu, gpu, four):
@@ -118,10 +122,10 @@ def test_resolver_checks_the_batch_against_the_devices():
 
     config = _default()
     with pytest.raises(ConfigError, match="batch_size: 128 does not split evenly over 3 devices"):
-        resolution.resolve(config, backend="cpu", num_devices=3)
+        resolution.resolve(config, FASHION_MNIST, backend="cpu", num_devices=3)
     config.train.batch_split = "3"
     with pytest.raises(ConfigError, match="3 pieces do not divide the batch of 128"):
-        resolution.resolve(config, backend="cpu", num_devices=1)
+        resolution.resolve(config, FASHION_MNIST, backend="cpu", num_devices=1)
 
 
 @pytest.mark.parametrize("config_name", ["cnn", "mlp"])

@@ -163,23 +163,35 @@ def test_colour_any_size_jpeg_and_inverted_images(runs, inputs, tmp_path):
     assert np.abs(probabilities(json.loads(result.stdout)) - expected(runs["cnn"])["probs"][:3]).max() < TOLERANCE
 
 
+GREY_28 = (28, 28, 1)  # the image shape of the runs' data set (Fashion-MNIST), as they recorded it
+
+
 def test_images_are_read_as_the_docs_say(tmp_path):
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (28, 28), dtype=np.uint8)
     Image.fromarray(grey, mode="L").save(tmp_path / "grey.png")
-    read = images.read(str(tmp_path / "grey.png"))
-    assert read.kind == "image" and not read.indexed and np.array_equal(read.pixels, grey[None])
+    read = images.fit(images.read(str(tmp_path / "grey.png")), GREY_28)
+    assert read.kind == "image" and not read.indexed and np.array_equal(read.pixels, grey[None, ..., None])
+    assert read.note == ""  # grey, as the model takes: nothing converted
     colour = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
     Image.fromarray(colour, mode="RGB").save(tmp_path / "colour.png")
     luma = Image.fromarray(colour, mode="RGB").convert("L").resize((28, 28), Image.Resampling.LANCZOS)
-    assert np.array_equal(images.read(str(tmp_path / "colour.png")).pixels[0], np.asarray(luma))
+    fitted = images.fit(images.read(str(tmp_path / "colour.png")), GREY_28)
+    assert np.array_equal(fitted.pixels[0, ..., 0], np.asarray(luma))
+    assert fitted.note == f"{tmp_path / 'colour.png'}: colour (RGB) images converted to grey, as the model takes"
+    # A colour model takes it as it is (resized); a grey picture is repeated into its three channels.
+    rgb = images.fit(images.read(str(tmp_path / "colour.png")), (40, 30, 3))
+    assert np.array_equal(rgb.pixels[0], colour) and rgb.note == ""
+    repeated = images.fit(images.read(str(tmp_path / "grey.png")), (28, 28, 3))
+    assert np.array_equal(repeated.pixels[0], np.stack([grey] * 3, axis=-1))
+    assert "grey images converted" in repeated.note
     weighted = colour @ np.array([0.299, 0.587, 0.114])  # ITU-R 601-2 luma, as Pillow's "L"
     assert np.abs(np.asarray(Image.fromarray(colour).convert("L"), float) - weighted).max() <= 1
     np.save(tmp_path / "one.npy", grey)
-    assert images.read(str(tmp_path / "one.npy")).pixels.shape == (1, 28, 28)
+    assert images.fit(images.read(str(tmp_path / "one.npy")), GREY_28).pixels.shape == (1, 28, 28, 1)
     write_idx(str(tmp_path / "raw-idx"), np.stack([grey, grey]), compress=False)
-    read = images.read(str(tmp_path / "raw-idx"))
-    assert read.kind == "idx" and read.indexed and read.pixels.shape == (2, 28, 28)
+    read = images.fit(images.read(str(tmp_path / "raw-idx")), GREY_28)
+    assert read.kind == "idx" and read.indexed and read.pixels.shape == (2, 28, 28, 1)
     assert np.array_equal(images.invert(read.pixels), 255 - read.pixels)
 
 
@@ -207,7 +219,7 @@ def test_bad_images_are_data_errors(tmp_path):
     }
     for name, message in cases.items():
         with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            images.read(str(tmp_path / name))
+            images.fit(images.read(str(tmp_path / name)), GREY_28)
 
 
 def test_exports_of_before_the_channel_axis_still_load(tmp_path):

@@ -18,9 +18,10 @@ from conftest import REPO_ROOT, SUBPROCESS_ENV, run_main, start_main, tiny_overr
 from mnist_flax import layout
 from mnist_flax.commands import sync
 from mnist_flax.config import schema
+from mnist_flax.datasets import fashion_mnist
 from mnist_flax.records import provenance
 from mnist_flax.tracking import wandb_files, wandb_run
-from mnist_flax.training import checkpointing, input_pipeline
+from mnist_flax.training import checkpointing
 
 FAKE_TOKEN = "f" * 8 + "0123456789abcdef0123456789abcdef"
 
@@ -112,7 +113,7 @@ def test_the_logged_roc_curves_are_those_of_the_predictions(offline_run):
     (logged,) = glob.glob(os.path.join(run_dir, "files", "media", "table", "test", "predictions_*.table.json"))
     rows = np.array(json.loads(open(logged).read())["data"])
     predictions = {"label": rows[:, 1].astype(int), "probs": rows[:, 4:]}
-    names = input_pipeline.CLASS_NAMES["fashion_mnist"]
+    names = fashion_mnist.CLASS_NAMES
     curves = {}
     for name, fpr, tpr in table["data"]:
         curves.setdefault(name, []).append((fpr, tpr))

@@ -25,7 +25,9 @@ def _setup(model_name="cnn", learning_rate=1e-3, batch_size=32, num_examples=256
     images = jnp.asarray(images[..., None])
     labels = jnp.asarray(labels.astype(np.int32))
     model = models.create(config.model, num_classes=10)
-    state = steps.create_train_state(model, steps.make_optimizer(config.optimizer, 1, 1), seed=0)
+    state = steps.create_train_state(
+        model, steps.make_optimizer(config.optimizer, 1, 1), seed=0, input_shape=(28, 28, 1)
+    )
     return config, state, images, labels
 
 
@@ -232,7 +234,9 @@ def test_the_step_with_injected_hyperparameters_trains_as_plain_optax(recipe):
     order = input_pipeline.epoch_order(jax.random.PRNGKey(1), 0, steps_per_epoch * batch, batch)
     model = models.create(config.model, num_classes=10)
     total = steps_per_epoch * config.num_epochs
-    plain = steps.create_train_state(model, _plain_optax(config.optimizer, total, steps_per_epoch), seed=0)
+    plain = steps.create_train_state(
+        model, _plain_optax(config.optimizer, total, steps_per_epoch), seed=0, input_shape=(28, 28, 1)
+    )
 
     @jax.jit
     def plain_step(state, batch_images, batch_labels):
@@ -245,7 +249,7 @@ def test_the_step_with_injected_hyperparameters_trains_as_plain_optax(recipe):
 
     tx = steps.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
     step_fn = steps.make_train_step(config, steps_per_epoch, steps_per_call=3, unroll=3)
-    carry = _carry(steps.create_train_state(model, tx, seed=0))
+    carry = _carry(steps.create_train_state(model, tx, seed=0, input_shape=(28, 28, 1)))
     for step in range(total):
         rows = order[step % steps_per_epoch]
         plain = plain_step(plain, images[rows], labels[rows])
@@ -265,7 +269,11 @@ def test_a_sweep_over_the_injected_hyperparameters_shares_one_program(optimizer)
     def program(**overrides):
         config = _recipe({"optimizer.name": optimizer, "optimizer.grad_clip_norm": 1.0, **overrides})
         model = models.create(config.model, num_classes=10)
-        carry = _carry(steps.create_train_state(model, steps.make_optimizer(config.optimizer, 3, 2), seed=0))
+        carry = _carry(
+            steps.create_train_state(
+                model, steps.make_optimizer(config.optimizer, 3, 2), seed=0, input_shape=(28, 28, 1)
+            )
+        )
         images, labels = jnp.zeros((96, 28, 28, 1), jnp.uint8), jnp.zeros((96,), jnp.int32)
         order = jnp.zeros((3, 32), jnp.int32)
         step_fn = steps.make_train_step(config, 3, steps_per_call=3, unroll=3)
@@ -287,9 +295,13 @@ def test_a_sweep_over_the_injected_hyperparameters_shares_one_program(optimizer)
 def test_a_resumed_state_trains_with_its_configs_hyperparameters():
     config = _recipe({})
     model = models.create(config.model, num_classes=10)
-    saved = steps.create_train_state(model, steps.make_optimizer(config.optimizer, 3, 2), seed=0)
+    saved = steps.create_train_state(
+        model, steps.make_optimizer(config.optimizer, 3, 2), seed=0, input_shape=(28, 28, 1)
+    )
     config.optimizer.learning_rate = 0.5
-    fresh = steps.create_train_state(model, steps.make_optimizer(config.optimizer, 3, 2), seed=0)
+    fresh = steps.create_train_state(
+        model, steps.make_optimizer(config.optimizer, 3, 2), seed=0, input_shape=(28, 28, 1)
+    )
     resumed = steps.with_config_hyperparameters(saved, fresh)
     assert float(saved.opt_state.hyperparams["learning_rate"]) == pytest.approx(3e-3)
     assert float(resumed.opt_state.hyperparams["learning_rate"]) == 0.5

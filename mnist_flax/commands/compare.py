@@ -305,13 +305,15 @@ def curves_figure(records: list[runs.RunRecord], labels: list[str], colours: lis
     return _png(figure)
 
 
-def confusion_figure(matrix: list[list[int]]) -> str:
-    """One run's test confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
+def confusion_figure(matrix: list[list[int]], class_names=None) -> str:
+    """One run's test confusion matrix (rows: true class, columns: predicted), counts written in the cells, the
+    axes labelled with the run's recorded class names (where they are as many as the rows)."""
     import numpy as np
     from matplotlib.figure import Figure
 
     counts = np.asarray(matrix)
-    figure = Figure(figsize=(4.2, 3.8))
+    size = max(1.0, len(counts) / 10)  # 10 classes in 4.2 x 3.8 inches; more classes, a larger figure
+    figure = Figure(figsize=(4.2 * size, 3.8 * size))
     ax = figure.subplots()
     shown = ax.imshow(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
     for (true, predicted), count in np.ndenumerate(counts):
@@ -319,6 +321,9 @@ def confusion_figure(matrix: list[list[int]]) -> str:
             dark = shown.norm(shown.get_array()[true, predicted]) > 0.5
             ax.text(predicted, true, str(count), ha="center", va="center", fontsize=7, color="w" if dark else "k")
     ax.set(xlabel="predicted", ylabel="true", xticks=range(len(counts)), yticks=range(len(counts)))
+    if class_names is not None and len(class_names) == len(counts):
+        ax.set_xticklabels(class_names, rotation=90, fontsize=7)
+        ax.set_yticklabels(class_names, fontsize=7)
     return _png(figure)
 
 
@@ -361,7 +366,7 @@ def render_html(
     notes = "".join(f"<li>{html.escape(_note(row))}</li>" for row in rows if row["status"] != "finished")
     curves = curves_figure(records, labels, colours, x_axis)
     matrices = [
-        (label, confusion_figure(r.final["test"]["confusion_matrix"]))
+        (label, confusion_figure(r.final["test"]["confusion_matrix"], r.data.class_names if r.data else None))
         for r, label in zip(records, labels, strict=True)
         if ((r.final or {}).get("test") or {}).get("confusion_matrix")
     ]

@@ -12,13 +12,12 @@ from collections.abc import Iterable
 
 import ml_collections
 
-from mnist_flax import models
+from mnist_flax import datasets, models
 from mnist_flax.errors import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CHOICES = {
-    "data.name": ("mnist", "fashion_mnist"),
     "data.source": ("auto", "idx", "tfds"),
     "optimizer.name": ("sgd", "momentum", "adam", "adamw"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),
@@ -129,8 +128,8 @@ def auto_or_int(value):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every known field's value and the model section against the model's fields; raises ConfigError
-    naming the first bad one."""
+    """Checks every known field's value, the model section against the model's fields and the data section
+    against the data set's; raises ConfigError naming the first bad one."""
     flat = flatten(config)
     for name, choices in CHOICES.items():
         if name in flat and flat[name] not in choices:
@@ -140,6 +139,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _check_range(name, flat[name], bounds)
     if flat.get("model.dropout_rate", 0.0) >= 1.0:
         raise ConfigError(f"model.dropout_rate: {flat['model.dropout_rate']!r} is out of range (must be in [0, 1))")
+    if "data" in config:
+        datasets.check(config.data)  # the data set's own fields, declared by its module
     model = {name.removeprefix("model."): value for name, value in flat.items() if name.startswith("model.")}
     if model:
         models.check(model)  # the model's own fields, declared by its module

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mnist_flax import layout
+from mnist_flax import datasets, layout
 from mnist_flax.config import schema
 from mnist_flax.errors import ConfigError, MnistFlaxError, first_line
 from mnist_flax.records import files
@@ -38,7 +38,9 @@ class RunRecord:
     each with "step"; `final` is `final_metrics.json` (for a W&B source, the
     same keys rebuilt from the summary and history), None until the run
     finished. `predictions` is as `files.read_predictions` gives it. `status`
-    is one of layout.STATUSES; `stopped` says why a run stopped early (`stopped.json`).
+    is one of layout.STATUSES; `stopped` says why a run stopped early (`stopped.json`). `data` is the data
+    set's description as the run recorded it (`data.json`; for a run recorded before there was one, its data set
+    as every data set then was: datasets.recorded): readers take its image shape and class names from here.
     """
 
     name: str
@@ -54,6 +56,7 @@ class RunRecord:
     wandb_id: str | None
     status: str
     stopped: dict | None = None
+    data: datasets.Description | None = None
 
     @property
     def finished(self) -> bool:
@@ -198,6 +201,7 @@ def _load_workdir(path: str, history: bool, predictions: bool) -> RunRecord:
         or ((final or {}).get("wandb") or {}).get("run_id"),
         status=status,
         stopped=stopped,
+        data=datasets.recorded(files.read_json(os.path.join(path, layout.DATA), None), config.get("data.name")),
     )
 
 
@@ -312,6 +316,7 @@ def _from_wandb(
         wandb_id=wandb_id,
         status=status,
         stopped=stopped,
+        data=datasets.recorded(config.get(layout.WANDB_DATA), fields.get("data.name")),
     )
 
 

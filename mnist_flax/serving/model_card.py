@@ -16,14 +16,15 @@ import numpy as np
 MODEL_FILES = {"onnx": "model.onnx", "jax": "model.jaxexport"}
 JSON_NAME = "model_card.json"
 MARKDOWN_NAME = "model_card.md"
+# The input's and the output's shapes are the data set's, as the run recorded it: [N, height, width, channels] in,
+# [N, classes] out (`build`).
 INPUT = {
     "name": "images",
     "dtype": "uint8",
-    "shape": ["N", 28, 28],
-    "description": "raw grey images, 0-255, a light object on black as in the data set files; N is dynamic",
+    "description": "raw images, 0-255, as in the data set the model was trained on; N is dynamic",
 }
-OUTPUT = {"name": "probabilities", "dtype": "float32", "shape": ["N", 10], "description": "class probabilities"}
-PREPROCESSING = "inside the model: pixels / 255 as float32 (steps.preprocess), the image as one channel"
+OUTPUT = {"name": "probabilities", "dtype": "float32", "description": "class probabilities"}
+PREPROCESSING = "inside the model: pixels / 255 as float32 (steps.preprocess)"
 VERSIONS = ("jax", "flax", "onnx", "onnxruntime")
 
 
@@ -61,13 +62,14 @@ def build(record, trained, provenance: dict, config: dict, fmt: dict, files: dic
             "checkpoint": trained.checkpoint,
         },
         "format": fmt,
-        "input": INPUT,
-        "output": OUTPUT,
+        "input": {**INPUT, "shape": ["N", *trained.image_shape]},
+        "output": {**OUTPUT, "shape": ["N", len(trained.class_names)]},
         "preprocessing": PREPROCESSING,
         "class_names": trained.class_names,
         "data": {
             "name": trained.data_name,
             "source": (final.get("data") or {}).get("source"),
+            "image_shape": list(trained.image_shape),
             "fingerprint": provenance.get("data"),
         },
         "git": provenance.get("git") or record.git,

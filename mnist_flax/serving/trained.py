@@ -18,10 +18,10 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from mnist_flax import layout, models
+from mnist_flax import datasets, layout, models
 from mnist_flax.errors import CheckpointError, ConfigError, MnistFlaxError, first_line
 from mnist_flax.records import files, runs
-from mnist_flax.training import checkpointing, input_pipeline, steps
+from mnist_flax.training import checkpointing, steps
 
 
 @dataclasses.dataclass
@@ -33,6 +33,7 @@ class TrainedModel:
     step: int  # the training step of the checkpoint
     checkpoint: str  # the checkpoint step folder the parameters were read from
     model_state: dict = dataclasses.field(default_factory=dict)  # the model's other collections (batch_stats)
+    data: dict | None = None  # the data set's description as the run recorded it (data.json; a checkpoint's "data")
 
     @property
     def model_config(self) -> dict:
@@ -43,13 +44,20 @@ class TrainedModel:
         return self.config["data"]["name"]
 
     @property
+    def description(self) -> datasets.Description:
+        """The data set it was trained on, as recorded (a run recorded before there was one: as its data set then
+        was, 28x28 grey in 10 classes)."""
+        return datasets.recorded(self.data, self.data_name)
+
+    @property
     def class_names(self) -> list[str]:
-        return class_names(self.data_name)
+        """The classes its outputs stand for, in label order."""
+        return list(self.description.class_names)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(height, width, channels) of the images the model takes."""
-        return input_pipeline.IMAGE_SHAPE
+        return self.description.image_shape
 
     @property
     def variables(self) -> dict:
@@ -58,23 +66,21 @@ class TrainedModel:
 
     def module(self):
         """The Flax module its recorded config names (fields of older runs that models no longer have left out)."""
-        return models.create(ml_collections.ConfigDict(self.model_config), num_classes=len(self.class_names))
+        return models.create(ml_collections.ConfigDict(self.model_config), num_classes=self.description.num_classes)
 
     def probabilities_fn(self) -> Callable:
         """fn(variables, images) -> class probabilities [N, classes] float32, for uint8 images [N, height, width,
-        channels] (`image_shape`): the model's own preprocessing (steps.preprocess) and the model in evaluation
-        (train=False: BatchNorm by its running averages), then a softmax. Every export format holds this function."""
-        module = self.module()
+        channels] (`image_shape`; grey ones also as [N, height, width]): the model's own preprocessing
+        (steps.preprocess) and the model in evaluation (train=False: BatchNorm by its running averages), then a
+        softmax. Every export format holds this function."""
+        module, grey = self.module(), self.image_shape[-1] == 1
 
         def probabilities(variables, images):
+            if grey and images.ndim == 3:
+                images = images[..., None]  # [N, H, W, 1], as the training's batches
             return jax.nn.softmax(module.apply(variables, steps.preprocess(images), train=False), axis=-1)
 
         return probabilities
-
-
-def class_names(data_name: str) -> list[str]:
-    """The class names of a data set, in label order (the labels as text for an unknown one)."""
-    return list(input_pipeline.CLASS_NAMES.get(data_name, [str(c) for c in range(input_pipeline.NUM_CLASSES)]))
 
 
 # ---------------------------------------------------------------- where a model comes from
@@ -108,7 +114,7 @@ def from_run(workdir: str) -> TrainedModel:
     else:
         raise CheckpointError(f"run {record.path} has no checkpoint (no complete step in {directory})")
     config = files.read_json(os.path.join(record.path, layout.CONFIG))
-    return _load(saved, step, config)
+    return _load(saved, step, config, files.read_json(os.path.join(record.path, layout.DATA), None))
 
 
 def from_checkpoints(location: str) -> TrainedModel:
@@ -122,7 +128,7 @@ def from_checkpoints(location: str) -> TrainedModel:
         raise CheckpointError(
             f"{saved.path(step)}: the checkpoint's metadata names no model config (not an mnist_flax model)"
         )
-    return _load(saved, step, config)
+    return _load(saved, step, config, meta.get("data"))
 
 
 def _saved(location: str, owner: str) -> checkpointing.SavedCheckpoints:
@@ -167,10 +173,11 @@ def download(reference: str) -> str:
 # ---------------------------------------------------------------- parameters, checked
 
 
-def _load(saved: checkpointing.SavedCheckpoints, step: int | None, config: dict) -> TrainedModel:
-    """The parameters of a checkpoint step, checked against the model that `config` describes."""
+def _load(saved: checkpointing.SavedCheckpoints, step: int | None, config: dict, data: dict | None) -> TrainedModel:
+    """The parameters of a checkpoint step, checked against the model that `config` describes for the data set
+    `data` describes (datasets.Description's dict; None for a run recorded before there was one)."""
     folder = saved.path(step)
-    trained = TrainedModel(config=config, params={}, step=0, checkpoint=folder)
+    trained = TrainedModel(config=config, params={}, step=0, checkpoint=folder, data=data)
     try:
         module = trained.module()
     except (ConfigError, KeyError, TypeError, ValueError) as e:
@@ -181,9 +188,7 @@ def _load(saved: checkpointing.SavedCheckpoints, step: int | None, config: dict)
         params = {name.replace("Conv3x3_", "Conv_"): value for name, value in params.items()}
     model_state = (state.get("model_state") if isinstance(state, dict) else None) or {}
     expected = dict(
-        jax.eval_shape(
-            lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_pipeline.IMAGE_SHAPE)), train=False)
-        )
+        jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, *trained.image_shape)), train=False))
     )
     mismatch = _mismatch(expected, {"params": params, **model_state} if isinstance(params, dict) else None)
     if mismatch:

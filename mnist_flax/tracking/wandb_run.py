@@ -281,7 +281,7 @@ class Tracker:
         for i in wrong:
             table.add_data(
                 int(i),
-                wandb.Image(images[i, :, :, 0]),
+                wandb.Image(images[i, :, :, 0] if images.shape[-1] == 1 else images[i]),  # grey, or colour as it is
                 class_names[labels[i]],
                 class_names[predicted[i]],
                 float(probs[i].max()),

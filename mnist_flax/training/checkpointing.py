@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mnist_flax import layout
+from mnist_flax import datasets, layout
 from mnist_flax.errors import CheckpointError, first_line
 
 BEST_METRIC = "val_accuracy"
@@ -239,6 +239,13 @@ class SavedCheckpoints:
             return f"a {model['name']} ({fields})"
         except (CheckpointError, KeyError, TypeError, AttributeError):  # an older or foreign checkpoint
             return None
+
+
+def data_set(meta: dict) -> datasets.Description:
+    """The data set a checkpoint's metadata describes ("data"); for one saved before it did, its config's data
+    set as every data set then was (datasets.recorded)."""
+    name = ((meta.get("config") or {}).get("data") or {}).get("name")
+    return datasets.recorded(meta.get("data"), name)
 
 
 def parent_checkpoint(location: str) -> tuple[str, str] | None:

@@ -11,6 +11,7 @@ the change happened.
 
 import jax
 
+from mnist_flax import datasets
 from mnist_flax.config import diff, schema
 from mnist_flax.errors import ConfigError, DataError, MnistFlaxError
 from mnist_flax.records import provenance
@@ -86,9 +87,10 @@ def check_resume(config, meta: dict, record: dict, step: int, directory: str, fl
     saved = meta.get("provenance") or {}
     differing = provenance.compare_data(saved.get("data"), record["data"])
     if differing and not config.resume.allow_data_changes:
+        source = f" from {config.data.source}" if "source" in config.data else ""  # a data set with one source has none
         raise DataError(
             f"resuming at step {step} on other data: the {', '.join(differing)} split(s) differ from the data the "
-            f"checkpoint was trained on ({config.data.name} from {config.data.source}); use the original files, a "
+            f"checkpoint was trained on ({config.data.name}{source}); use the original files, a "
             "new --workdir, or --config.resume.allow_data_changes=True"
         )
     check_environment(config, saved.get("environment"), record["environment"], step)
@@ -99,6 +101,30 @@ def check_resume(config, meta: dict, record: dict, step: int, directory: str, fl
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             print(f"resuming at step {step} with changed fields (recorded in config_history.json): {listed}")
     return history
+
+
+def check_data_set(saved, current, what: str) -> None:
+    """Refuses a checkpoint trained on a data set of other classes or another image shape than this run's: its
+    model's input and output sizes are not this run's. `what` says which checkpoint ("resuming at step 20 of
+    DIR", "init_from: DIR"); `saved` and `current` are datasets.Description (the checkpoint's as it recorded it).
+
+    Raises:
+      DataError: naming both data sets, before anything of the run is changed.
+    """
+    differs = [
+        label
+        for label, differ in (
+            ("another image shape", saved.image_shape != current.image_shape),
+            ("other classes", saved.num_classes != current.num_classes),
+        )
+        if differ
+    ]
+    if differs:
+        raise DataError(
+            f"{what}: the checkpoint was trained on {datasets.describe_shape(saved)}, this run's data set is "
+            f"{datasets.describe_shape(current)} ({' and '.join(differs)}): its model does not fit; train a new "
+            "run from scratch (no init_from) or in a new --workdir"
+        )
 
 
 def check_environment(config, saved: dict | None, current: dict, step: int) -> None:

@@ -111,13 +111,15 @@ def train_and_evaluate(
     schema.validate(config)
     distributed.initialize(config.distributed)  # before any other JAX call
     compile_cache.enable(config.compile_cache)  # before anything compiles
-    resolved = resolution.resolve(config)
+    # The data first: the model's input and output sizes (and the batch split's probe) follow from its description.
+    data = input_pipeline.load_datasets(config.data)
+    resolved = resolution.resolve(config, data.description)
     created = files.first_missing_folder(workdir) if distributed.is_primary() else None
     workdir = files.prepare_workdir(workdir)
     lock = files.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext()
     with lock, _StopSignal() as stop, checkpointing.quiet_closed_loop_callbacks():
         try:
-            run, state = setup(resolved, config, workdir, overrides or {}, config_changes or {}, on_validation)
+            run, state = setup(resolved, config, workdir, data, overrides or {}, config_changes or {}, on_validation)
         except BaseException:  # refused (bad data, a batch larger than the split, ...): leave no empty workdir
             files.remove_unused(workdir, created)
             raise
@@ -141,12 +143,13 @@ def train_and_evaluate(
 
 
 def setup(
-    config, requested, workdir: str, overrides: dict, config_changes: dict, on_validation=()
+    config, requested, workdir: str, datasets, overrides: dict, config_changes: dict, on_validation=()
 ) -> tuple[Setup, LoopState]:
-    """Data, model, state (resumed or fresh), tracking and the compiled steps: a run ready to train."""
+    """Model, state (resumed or fresh), tracking and the compiled steps for the loaded `datasets`
+    (input_pipeline.Datasets): a run ready to train."""
     started = time.perf_counter()
     mesh = distributed.make_mesh()
-    datasets = input_pipeline.load_datasets(config.data)
+    description = datasets.description
     if config.batch_size > len(datasets.train):
         raise ConfigError(
             f"batch_size: {config.batch_size} is larger than the training split ({len(datasets.train)} examples)"
@@ -155,13 +158,13 @@ def setup(
     record = {"git": provenance.git_info(), "data": provenance.data_fingerprint(datasets)}
     record["environment"] = provenance.environment()
     flat = schema.flatten(config)
-    checkpoints, resumed_from, config_history = _open_checkpoints(config, flat, workdir, record)
+    checkpoints, resumed_from, config_history = _open_checkpoints(config, flat, workdir, record, description)
     preload = _preload_records(config)  # the data and the resume are checked: the records will be needed
-    model = models.create(config.model, num_classes=len(input_pipeline.CLASS_NAMES[datasets.name]))
+    model = models.create(config.model, num_classes=description.num_classes)
     schedule = steps.make_schedule(config.optimizer, steps_per_epoch, config.num_epochs)  # for the logs
     tx = steps.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
-    state = distributed.put_replicated(steps.create_train_state(model, tx, config.seed), mesh)
-    state, best, best_variables = _restore(config, checkpoints, resumed_from, state)
+    state = distributed.put_replicated(steps.create_train_state(model, tx, config.seed, description.image_shape), mesh)
+    state, best, best_variables = _restore(config, checkpoints, resumed_from, state, description)
     device_data = {
         "train": input_pipeline.to_device(datasets.train, mesh=mesh),
         "validation": input_pipeline.to_device(datasets.validation, config.eval_batch_size, mesh=mesh),
@@ -218,8 +221,9 @@ def _preload_records(config) -> threading.Thread:
     return thread
 
 
-def _open_checkpoints(config, flat: dict, workdir: str, record: dict):
-    """(checkpoints or None, the step to resume from or None, the config history), the resume checked."""
+def _open_checkpoints(config, flat: dict, workdir: str, record: dict, description):
+    """(checkpoints or None, the step to resume from or None, the config history), the resume checked: its
+    data set's image shape and classes (`description`, this run's), then the config and the data."""
     if not config.checkpoint.enabled:
         return None, None, []
     checkpoints = checkpointing.Checkpoints(os.path.join(workdir, layout.CHECKPOINTS), config.checkpoint)
@@ -228,6 +232,8 @@ def _open_checkpoints(config, flat: dict, workdir: str, record: dict):
         return checkpoints, None, []
     # Before the state is restored: a change of model would otherwise fail there, less clearly.
     meta = checkpoints.read_meta(resumed_from)
+    where = f"resuming at step {resumed_from} of {checkpoints.directory}"
+    drift.check_data_set(checkpointing.data_set(meta), description, where)
     retired = [f for f in models.RETIRED_FIELDS if f in (meta.get("config") or {}).get("model", {})]
     if retired:
         raise ConfigError(
@@ -254,6 +260,7 @@ def _start_records(run: Setup, requested, overrides: dict, config_changes: dict)
             layout.CONFIG_REQUESTED: requested.to_dict(),
             layout.CONFIG_CHANGES: config_changes,
             layout.PROVENANCE: record,
+            layout.DATA: run.datasets.description.to_dict(),
         }
         if config_history:
             payloads[layout.CONFIG_HISTORY] = config_history
@@ -264,6 +271,7 @@ def _start_records(run: Setup, requested, overrides: dict, config_changes: dict)
     extra = {
         layout.WANDB_PROVENANCE: {**record, "environment": environment},
         layout.WANDB_CONFIG_HISTORY: config_history,
+        layout.WANDB_DATA: run.datasets.description.to_dict(),
     }
     tracker = wandb_run.Tracker.start(
         config, workdir, record["git"], overrides, config_changes, primary, requested.to_dict(), extra, run.flat
@@ -285,8 +293,9 @@ def _start_records(run: Setup, requested, overrides: dict, config_changes: dict)
     return tracker, writer
 
 
-def _restore(config, checkpoints, resumed_from: int | None, state):
-    """(state, best, best_variables): where the run starts."""
+def _restore(config, checkpoints, resumed_from: int | None, state, description):
+    """(state, best, best_variables): where the run starts (an `init_from` checked against this run's data set,
+    `description`, before it is restored)."""
     best = {"val_accuracy": -1.0, "step": None}
     # 1. This run's own latest checkpoint: a resumed run continues exactly where it stopped.
     if resumed_from is not None:
@@ -300,6 +309,7 @@ def _restore(config, checkpoints, resumed_from: int | None, state):
             from mnist_flax.tracking import wandb_run
 
             path = wandb_run.download_model_artifact(path)
+        _check_init_from(path, description)
         restored, _ = checkpointing.restore_from_directory(path, state)
         state = state.replace(params=restored.params, model_state=restored.model_state)
     # 3. Else fresh parameters from the seed.
@@ -310,6 +320,20 @@ def _restore(config, checkpoints, resumed_from: int | None, state):
     if best["step"] is not None and best["step"] != step and best["step"] in checkpoints.all_steps():
         best_variables = checkpoints.restore(best["step"], state)[0].variables()
     return state, best, best_variables
+
+
+def _check_init_from(path: str, description) -> None:
+    """Refuses (DataError) an `init_from` checkpoint trained on a data set of other classes or image shape; one
+    that cannot be read is left to `restore_from_directory` to report."""
+    try:
+        saved = checkpointing.SavedCheckpoints(path)
+        step = None if saved.folder else saved.manager.latest_step()
+        if saved.folder is None and step is None:
+            return
+        meta = saved.read_meta(step)
+    except checkpointing.CheckpointError:
+        return
+    drift.check_data_set(checkpointing.data_set(meta), description, f"init_from: {saved.path(step)}")
 
 
 def _is_artifact_reference(path: str) -> bool:
@@ -432,7 +456,7 @@ def finish(run: Setup, state: LoopState) -> dict:
         "compile_seconds": run.compile_stats["seconds"],
         "compilations": {k: v for k, v in run.compile_stats.items() if k != "seconds"},
         "seconds": seconds,
-        "data": {"name": datasets.name, "source": datasets.source},
+        "data": datasets.description.to_dict(),
         "git": tracker.git,
         "provenance": {k: v for k, v in run.provenance.items() if k != "git"},
         "wandb": {"mode": tracker.mode, "run_id": tracker.run_id},
@@ -444,7 +468,7 @@ def finish(run: Setup, state: LoopState) -> dict:
             os.remove(os.path.join(workdir, layout.STOPPED))
     tracker.log_results(
         test_report, test_log_probs, test_labels, datasets.test.images, predictions_path,
-        config.wandb.log_misclassified, input_pipeline.CLASS_NAMES[datasets.name],
+        config.wandb.log_misclassified, list(datasets.description.class_names),
     )  # fmt: skip
     tracker.set_summary(
         {

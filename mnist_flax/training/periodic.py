@@ -200,6 +200,7 @@ class Checkpointer(PeriodicAction):
             "metrics": epoch_metrics,
             "provenance": setup.provenance,
             "config_history": setup.config_history,
+            "data": setup.datasets.description.to_dict(),  # what a reader of the checkpoint alone builds from
         }
         has_val = "val_accuracy" in epoch_metrics
         self.checkpoints.save(

@@ -2,19 +2,18 @@
 
 Every "auto" is decided here, for this backend and device count, and nowhere
 else: steps per call, scan unroll, the batch split, the data source, the W&B
-mode; the model section keeps the model's own fields. The result is validated
+mode; the model and data sections keep the model's and the data set's own fields. The result is validated
 once, written to `config.json`, and everything downstream reads concrete values.
 """
 
 import jax
 import ml_collections
 
-from mnist_flax import models
+from mnist_flax import datasets, models
 from mnist_flax.config import schema
 from mnist_flax.config.schema import auto_or_int
 from mnist_flax.errors import ConfigError
 from mnist_flax.tracking import wandb_run
-from mnist_flax.training import input_pipeline
 
 CPU_STEPS_PER_CALL = 3
 ACCELERATOR_STEPS_PER_CALL = 50
@@ -72,22 +71,27 @@ def batch_split(value, per_device_batch: int, backend: str, stateful: bool = Fal
     return pieces
 
 
-def has_state(model_config) -> bool:
-    """Whether the model has collections besides "params" (BatchNorm's batch statistics); shapes only."""
-    model = models.create(model_config, input_pipeline.NUM_CLASSES)
-    dummy = jax.ShapeDtypeStruct((1, *input_pipeline.IMAGE_SHAPE), jax.numpy.float32)
+def has_state(model_config, description: datasets.Description) -> bool:
+    """Whether the model, built for the data set `description` describes, has collections besides "params"
+    (BatchNorm's batch statistics); shapes only."""
+    model = models.create(model_config, description.num_classes)
+    dummy = jax.ShapeDtypeStruct((1, *description.image_shape), jax.numpy.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
     return any(name != "params" for name in variables)
 
 
 def resolve(
-    config: ml_collections.ConfigDict, backend: str | None = None, num_devices: int | None = None
+    config: ml_collections.ConfigDict,
+    description: datasets.Description,
+    backend: str | None = None,
+    num_devices: int | None = None,
 ) -> ml_collections.ConfigDict:
     """The concrete config of this run: every "auto" decided, batch sizes checked against the devices, the result
     validated.
 
     Args:
       config: the config as the file and the overrides give it, validated (`schema.validate`; not changed).
+      description: the data set's (datasets.Description): the model is probed at its image shape and classes.
       backend: "cpu", "gpu", "tpu"; default: JAX's default backend.
       num_devices: devices the batch is split over; default: every device of every process.
     """
@@ -99,16 +103,13 @@ def resolve(
     fields = config.to_dict()
     per_device = config.batch_size // num_devices
     fields["model"] = models.own_fields(config.model)
-    pieces = batch_split(config.train.batch_split, per_device, backend, has_state(fields["model"]))
+    pieces = batch_split(config.train.batch_split, per_device, backend, has_state(fields["model"], description))
     if per_device % pieces:
         raise ConfigError(f"train.batch_split: {pieces} pieces do not divide the batch of {per_device} on each device")
     fused = steps_per_call(config.train.steps_per_call, backend)
     unroll = scan_unroll(config.train.scan_unroll, fused, backend)
     fields["train"].update(steps_per_call=fused, scan_unroll=unroll, batch_split=pieces)
-    source, location = input_pipeline.resolve_source(config.data)
-    fields["data"]["source"] = source
-    if source == "idx":
-        fields["data"]["local_dir"] = location
+    fields["data"] = datasets.resolve(config.data)  # the data set's own fields, "auto" decided
     # Only "auto" asks for a stored key (importing wandb); every mode exports an .env's WANDB_TOKEN for wandb.
     token = wandb_run.read_token(stored=config.wandb.mode == "auto")
     fields["wandb"]["mode"] = wandb_run.resolve_mode(config.wandb.mode, token)

@@ -136,7 +136,7 @@ def preprocess(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 255.0
 
 
-def create_train_state(model, tx, seed: int, input_shape=input_pipeline.IMAGE_SHAPE) -> TrainState:
+def create_train_state(model, tx, seed: int, input_shape: tuple[int, int, int]) -> TrainState:
     """Initialises the model's variables (params and any other collections) and the optimizer state."""
     rng = jax.random.PRNGKey(seed)
     init_rng, state_rng = jax.random.split(rng)
