@@ -11,9 +11,11 @@ prepared TFDS cache, or `--config.data.local_dir` with the IDX files).
 
 import ml_collections
 
+from mnist_flax import datasets
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the default config. `arg` may name the data set (mnist, fashion_mnist)."""
+    """Returns the default config. `arg` may name the data set (mnist, fashion_mnist, folder, ...)."""
     config = ml_collections.ConfigDict()
 
     config.seed = 0
@@ -43,6 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.augment = ml_collections.ConfigDict()
     config.data.augment.flip = False  # mirror left-right with probability 1/2
     config.data.augment.max_shift = 0  # move by up to this many pixels each way
+    # Another data set's own fields (its module's FIELDS), at their defaults, so an override can set them:
+    # `--config=configs/default.py:folder --config.data.folder=DIR` (docs/add_a_dataset.md).
+    if config.data.name in datasets.registered():  # else validate() names the registered ones
+        for field, value in datasets.fields(config.data.name).items():
+            if field not in config.data:
+                config.data[field] = value
 
     # The model section is `name` and that model's own fields (mnist_flax/models/NAME.py declares them).
     config.model = ml_collections.ConfigDict()
