@@ -271,7 +271,7 @@ def test_source_idx_without_files(no_standard_dirs):
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"name": "cifar10"}, "data.name: unknown data set 'cifar10' (registered: fashion_mnist, mnist"),
+        ({"name": "cifar10"}, "data.name: unknown data set 'cifar10' (registered: fashion_mnist, folder, mnist"),
         ({"name": "MNIST"}, "data.name: unknown data set 'MNIST'"),
         ({"source": "http"}, "data.source: unknown source 'http' (choose from auto, idx, tfds)"),
     ],
