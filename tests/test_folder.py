@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import run_main
 from PIL import Image
-from shared import assert_one_line_error
+from shared import assert_one_line_error, run_cli
 
 from mnist_flax import datasets, layout
 from mnist_flax.datasets import folder
@@ -264,14 +264,16 @@ def test_bad_input_through_the_command_changes_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_on_a_folder_learns_and_its_second_start_reads_the_cache(tmp_path, cache):
+def test_a_colour_folder_trains_reads_its_cache_again_and_exports_and_predicts_at_its_own_shape(tmp_path, cache):
+    """24x24 colour images in four classes: another shape and class count than the MNIST family's, end to end."""
     root = write_folder(tmp_path / "images", per_class=40)
     workdir = tmp_path / "run"
     args = [
         f"--workdir={workdir}",
         "--config=configs/default.py:folder",
         f"--config.data.folder={root}",
-        "--config.data.image_size=28",  # one number: a square
+        "--config.data.image_size=24",  # one number: a square
+        "--config.data.channels=3",
         "--config.num_epochs=2",
         "--config.batch_size=16",
         "--config.eval_batch_size=16",
@@ -285,7 +287,9 @@ def test_a_run_on_a_folder_learns_and_its_second_start_reads_the_cache(tmp_path,
     report = json.loads((workdir / layout.FINAL_METRICS).read_text())
     assert report["test"]["accuracy"] >= 0.75  # chance is 0.25
     recorded = json.loads((workdir / layout.CONFIG).read_text())["data"]
-    assert recorded["folder"] == root and recorded["image_size"] == [28, 28] and recorded["channels"] == 1
+    assert recorded["folder"] == root and recorded["image_size"] == [24, 24] and recorded["channels"] == 3
+    described = json.loads((workdir / layout.DATA).read_text())
+    assert described["image_shape"] == [24, 24, 3] and described["class_names"] == list(CLASSES)
     (entry,) = os.listdir(cache)
     decoded_at = os.path.getmtime(os.path.join(cache, entry))
     # The second start (an evaluation of the run's best checkpoint) reads the cache: the entry is not written again,
@@ -297,3 +301,16 @@ def test_a_run_on_a_folder_learns_and_its_second_start_reads_the_cache(tmp_path,
     assert second.returncode == 0, second.stderr[-3000:]
     assert os.listdir(cache) == [entry] and os.path.getmtime(os.path.join(cache, entry)) == decoded_at
     assert json.loads((evaluated / layout.FINAL_METRICS).read_text())["test"] == report["test"]
+    # Exported as ONNX for 24x24x3 images in four classes; predict fits a picture to that shape, as the run does.
+    exported = run_cli("export", str(workdir), "--no-wandb")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    card = json.loads((workdir / "export" / "model_card.json").read_text())
+    assert card["input"]["shape"] == ["N", 24, 24, 3] and card["output"]["shape"] == ["N", 4]
+    image = os.path.join(root, "top", "001.png")
+    answers = []
+    for model in (str(workdir / "export"), str(workdir)):
+        predicted = run_cli("predict", model, image, "--json")
+        assert predicted.returncode == 0, predicted.stderr[-3000:]
+        answers.append(json.loads(predicted.stdout))
+    assert [answer["model"]["class_names"] for answer in answers] == [list(CLASSES)] * 2
+    assert answers[0]["predictions"][0]["class"] == answers[1]["predictions"][0]["class"]

@@ -161,10 +161,15 @@ def onnx_model(model, metadata: dict) -> tuple[bytes, dict]:
       ConfigError: jax2onnx cannot convert the model, or its ONNX does not compute what JAX does.
     """
     import jax
-    import jax2onnx
     import onnx
     import onnxruntime
 
+    try:
+        import jax2onnx
+    except ImportError as e:  # an environment not made from uv.lock
+        raise ConfigError(
+            f"export --format onnx needs jax2onnx ({e}); make setup installs it from uv.lock (pip: requirements.txt)"
+        ) from None
     name = model.model_config["name"]
     version = metadata_version("jax2onnx")
     refused = f"export --format onnx: jax2onnx {version} cannot convert the {name} model"
