@@ -96,7 +96,8 @@ def test_config_argument_is_validated():
     config = schema.load_config_file(os.path.join(REPO_ROOT, "configs/default.py:cifar10"))
     with pytest.raises(
         ConfigError,
-        match="data.name: unknown data set 'cifar10' \\(registered: digits, emnist, fashion_mnist, kmnist, mnist\\)",
+        match="data.name: unknown data set 'cifar10' "
+        "\\(registered: digits, emnist, fashion_mnist, folder, kmnist, mnist\\)",
     ):
         schema.validate(config)
 

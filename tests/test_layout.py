@@ -14,6 +14,7 @@ LAYERS = [
     "errors",
     "layout",
     "models",
+    "datasets",
     "config",
     "tracking",
     "records",
