@@ -273,7 +273,7 @@ def test_source_idx_without_files(no_standard_dirs):
     [
         (
             {"name": "cifar10"},
-            "data.name: unknown data set 'cifar10' (registered: digits, emnist, fashion_mnist, folder, kmnist, mnist)",
+            f"data.name: unknown data set 'cifar10' (registered: {', '.join(datasets.registered())})",
         ),
         ({"name": "MNIST"}, "data.name: unknown data set 'MNIST'"),
         ({"source": "http"}, "data.source: unknown source 'http' (choose from auto, idx, tfds)"),
