@@ -321,3 +321,23 @@ def write_tfds_metadata(data_dir: str, name: str, num_examples: int) -> str:
     builder.data_path.mkdir(parents=True, exist_ok=True)
     builder.info.write_to_directory(builder.data_path)
     return str(builder.data_path)
+
+
+# ---------------------------------------------------------------- a docs page performed literally
+
+
+def page_files(page: str) -> dict[str, str]:
+    """{path: text} of every ```python block a docs page introduces with its path in backticks."""
+    text = open(page).read()
+    return dict(re.findall(r"^`([\w/.]+\.py)`:\n\n```python\n(.*?)```", text, flags=re.S | re.M))
+
+
+def checkout_copy(destination) -> str:
+    """The tracked files of the checkout (`git ls-files`), as a user's fork has them."""
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    for name in listed.stdout.splitlines():
+        source = os.path.join(REPO_ROOT, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.join(destination, os.path.dirname(name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(destination, name))
+    return str(destination)

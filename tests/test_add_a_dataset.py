@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, make_learnable_split
 from PIL import Image
+from shared import checkout_copy, page_files
 
 from mnist_flax import layout
 
@@ -21,27 +21,10 @@ PAGE = os.path.join(REPO_ROOT, "docs", "add_a_dataset.md")
 TINY = {"batch_size": 50, "eval_batch_size": 100, "log_every_steps": 5, "wandb.mode": "offline", "tensorboard": False}
 
 
-def page_files() -> dict[str, str]:
-    """{path: text} of every ```python block the page introduces with its path in backticks."""
-    text = open(PAGE).read()
-    return dict(re.findall(r"^`([\w/.]+\.py)`:\n\n```python\n(.*?)```", text, flags=re.S | re.M))
-
-
 def page_commands() -> list[list[str]]:
     """Every command of the page's ```bash blocks, in order, as arguments."""
     blocks = re.findall(r"^```bash\n(.*?)```", open(PAGE).read(), flags=re.S | re.M)
     return [shlex.split(line) for block in blocks for line in block.splitlines() if line.strip()]
-
-
-def checkout_copy(destination) -> str:
-    """The tracked files of the checkout (`git ls-files`), as a user's fork has them."""
-    listed = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    for name in listed.stdout.splitlines():
-        source = os.path.join(REPO_ROOT, name)
-        if os.path.isfile(source):
-            os.makedirs(os.path.join(destination, os.path.dirname(name)), exist_ok=True)
-            shutil.copy2(source, os.path.join(destination, name))
-    return str(destination)
 
 
 def write_npz(path: str) -> np.ndarray:
@@ -69,7 +52,7 @@ def write_image_folder(root: str, per_class: int = 60) -> None:
 
 
 def test_the_page_shows_a_module_a_config_and_the_commands():
-    assert set(page_files()) == {"mnist_flax/datasets/npz.py", "configs/npz.py"}
+    assert set(page_files(PAGE)) == {"mnist_flax/datasets/npz.py", "configs/npz.py"}
     commands = page_commands()
     assert [command[:2] for command in commands] == [["python", "main.py"]] * 3 + [["python", "-m"]] * 3
     assert commands[0][2] == "--config=configs/default.py:folder" and commands[1][2] == "--config=configs/npz.py"
@@ -79,7 +62,7 @@ def test_the_page_shows_a_module_a_config_and_the_commands():
 @pytest.mark.slow
 def test_the_pages_steps_train_resume_export_predict_and_compare(tmp_path):
     fork = checkout_copy(tmp_path / "fork")
-    for path, text in page_files().items():
+    for path, text in page_files(PAGE).items():
         with open(os.path.join(fork, path), "w") as f:
             f.write(text)
     x_test = write_npz(os.path.join(fork, "data", "mnist.npz"))

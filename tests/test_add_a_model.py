@@ -11,16 +11,11 @@ import sys
 import pytest
 from conftest import REPO_ROOT, SUBPROCESS_ENV, make_learnable_split, tiny_overrides
 from PIL import Image
+from shared import checkout_copy, page_files
 
 from mnist_flax import layout
 
 PAGE = os.path.join(REPO_ROOT, "docs", "add_a_model.md")
-
-
-def page_files() -> dict[str, str]:
-    """{path: text} of every ```python block the page introduces with its path in backticks."""
-    text = open(PAGE).read()
-    return dict(re.findall(r"^`([\w/.]+\.py)`:\n\n```python\n(.*?)```", text, flags=re.S | re.M))
 
 
 def page_commands() -> list[list[str]]:
@@ -29,19 +24,8 @@ def page_commands() -> list[list[str]]:
     return [line.split() for line in block.splitlines() if line.strip()]
 
 
-def checkout_copy(destination) -> str:
-    """The tracked files of the checkout (`git ls-files`), as a user's fork has them."""
-    listed = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    for name in listed.stdout.splitlines():
-        source = os.path.join(REPO_ROOT, name)
-        if os.path.isfile(source):
-            os.makedirs(os.path.join(destination, os.path.dirname(name)), exist_ok=True)
-            shutil.copy2(source, os.path.join(destination, name))
-    return str(destination)
-
-
 def test_the_page_shows_a_model_file_and_a_config_file():
-    assert set(page_files()) == {"mnist_flax/models/tiny_convnet.py", "configs/tiny_convnet.py"}
+    assert set(page_files(PAGE)) == {"mnist_flax/models/tiny_convnet.py", "configs/tiny_convnet.py"}
     commands = page_commands()
     assert [command[:3] for command in commands] == [
         ["python", "main.py", "--config=configs/tiny_convnet.py"],
@@ -56,7 +40,7 @@ def test_the_page_shows_a_model_file_and_a_config_file():
 @pytest.mark.slow
 def test_the_pages_steps_train_resume_export_predict_and_compare_a_new_model(tmp_path, tiny_data_dir, finished_mlp_run):
     fork = checkout_copy(tmp_path / "fork")
-    for path, text in page_files().items():
+    for path, text in page_files(PAGE).items():
         with open(os.path.join(fork, path), "w") as f:
             f.write(text)
     # The page's paths, in the fork: its run, the README's MLP run (the shared tiny MLP run), a picture to classify.
